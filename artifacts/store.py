@@ -1,0 +1,198 @@
+"""The artifact store: every stage output is a directory keyed by what produced it.
+
+Layout under the run directory::
+
+    RUN/<stage>/<key>/manifest.json   written last; its presence means "complete"
+    RUN/<stage>/<key>/<files...>      the stage's tables, tensors, model files
+    RUN/.tmp/                         directories being built; never read, wiped on start
+
+A key hashes (stage name, stage VERSION, canonical config, upstream digests), so a
+re-run finds finished work by recomputing keys: no database, no Prefect cache.  An
+artifact's *digest* hashes its files' contents only, so a recomputed-but-identical
+upstream does not invalidate anything downstream.  Every lookup re-checks file
+digests; a corrupted artifact is deleted and rebuilt, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from .digest import canonical_json, file_digest, text_digest, value_digest
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+log = logging.getLogger("bonsai.store")
+
+
+@dataclass(frozen=True)
+class ArtifactRef:
+    """What flows between stages: a small, picklable pointer, never a tensor or a model."""
+
+    stage: str
+    key: str
+    path: str
+    digest: str
+
+    def file(self, name: str) -> Path:
+        return Path(self.path) / name
+
+    def manifest(self) -> dict:
+        return json.loads(self.file(MANIFEST).read_text())
+
+    def info(self) -> dict:
+        """The small JSON summary the stage returned when it built this artifact."""
+        return self.manifest().get("info", {})
+
+
+def external_ref(stage: str, path: str | os.PathLike, digest: str) -> ArtifactRef:
+    """A ref to something outside the store (the parent model, a data source)."""
+    return ArtifactRef(stage=stage, key=digest[:20], path=str(Path(path).resolve()), digest=digest)
+
+
+def _library_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for name in ("torch", "transformers", "polars", "sklearn"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            out[name] = getattr(mod, "__version__", "?")
+    return out
+
+
+class Store:
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # keys -------------------------------------------------------------------------------
+    def key(self, stage: str, version: str, config: Any, inputs: Sequence[ArtifactRef]) -> str:
+        upstream = [(r.stage, r.digest) for r in inputs]
+        return value_digest([stage, version, config, upstream])[:20]
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    # lookup -----------------------------------------------------------------------------
+    def lookup(self, stage: str, key: str) -> ArtifactRef | None:
+        """The finished artifact, or None.  Corrupted ones are removed (with a warning)."""
+        where = self.path(stage, key)
+        manifest_path = where / MANIFEST
+        if not manifest_path.is_file():
+            return None
+        problem = self._verify(where)
+        if problem is not None:
+            log.warning("artifact %s/%s is corrupted (%s); recomputing it", stage, key, problem)
+            shutil.rmtree(where, ignore_errors=True)
+            return None
+        manifest = json.loads(manifest_path.read_text())
+        return ArtifactRef(stage=stage, key=key, path=str(where), digest=manifest["digest"])
+
+    def _verify(self, where: Path) -> str | None:
+        try:
+            manifest = json.loads((where / MANIFEST).read_text())
+            files = manifest["files"]
+        except (OSError, ValueError, KeyError) as exc:
+            return f"unreadable manifest: {exc.__class__.__name__}"
+        for name, expected in files.items():
+            target = where / name
+            if not target.is_file():
+                return f"{name} is missing"
+            if target.stat().st_size != expected["bytes"] or file_digest(target) != expected["sha256"]:
+                return f"{name}: digest mismatch"
+        if _content_digest(files) != manifest.get("digest"):
+            return "manifest digest mismatch"
+        return None
+
+    # build ------------------------------------------------------------------------------
+    def produce(
+        self,
+        stage: str,
+        version: str,
+        config: Any,
+        inputs: Sequence[ArtifactRef],
+        build: Callable[[Path], Mapping[str, Any] | None],
+    ) -> ArtifactRef:
+        """Return the artifact for (stage, version, config, inputs), building it if needed.
+
+        ``build(tmp_dir)`` writes the stage's files into an empty directory and may return
+        a small JSON-able dict kept in the manifest as ``info``.  The directory is renamed
+        into place only after the manifest is written: a killed build leaves nothing that
+        a later lookup would read.
+        """
+        key = self.key(stage, version, config, inputs)
+        found = self.lookup(stage, key)
+        if found is not None:
+            return found
+        tmp = self.root / ".tmp" / f"{stage}-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        started = time.time()
+        try:
+            info = dict(build(tmp) or {})
+            files = {
+                p.relative_to(tmp).as_posix(): {"sha256": file_digest(p), "bytes": p.stat().st_size}
+                for p in sorted(tmp.rglob("*"))
+                if p.is_file()
+            }
+            manifest = {
+                "format": FORMAT,
+                "stage": stage,
+                "version": version,
+                "key": key,
+                "config": json.loads(canonical_json(config)),
+                "inputs": [{"stage": r.stage, "key": r.key, "digest": r.digest} for r in inputs],
+                "files": files,
+                "digest": _content_digest(files),
+                "info": json.loads(canonical_json(info)),
+                "libraries": _library_versions(),
+                "wall_s": round(time.time() - started, 3),
+            }
+            write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+            final = self.path(stage, key)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                done = self.lookup(stage, key)
+                if done is not None:  # another process finished the same work first
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    return done
+                shutil.rmtree(final, ignore_errors=True)  # a leftover without a valid manifest
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return ArtifactRef(stage=stage, key=key, path=str(final), digest=manifest["digest"])
+
+    def clear_partial(self) -> int:
+        """Remove directories left by killed builds.  Call only while holding the run lock."""
+        tmp = self.root / ".tmp"
+        if not tmp.is_dir():
+            return 0
+        stale = list(tmp.iterdir())
+        for p in stale:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        return len(stale)
+
+
+def _content_digest(files: Mapping[str, Mapping[str, Any]]) -> str:
+    return text_digest(canonical_json({name: meta["sha256"] for name, meta in files.items()}))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

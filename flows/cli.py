@@ -1,0 +1,143 @@
+"""`bonsai`: the command line.  User errors are one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+from contextlib import contextmanager
+
+from bonsai.stages.config import build_config, config_fields, load_preset
+from bonsai.stages.errors import UserError
+
+PREFECT_DEFAULTS = {
+    # The ephemeral server needs 12-15 s to start on two cores; Prefect's default is 20 s.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Send the stages' own log lines (progress included) to the Prefect run logs as well.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "bonsai",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's default prints the whole usage first
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        raise SystemExit(2)
+
+
+def prefect_environment() -> None:
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+class _HideUserErrors(logging.Filter):
+    """Keep Prefect's console from printing a traceback for bad input; the CLI prints the
+    one-line message itself.  The Prefect UI (API log handler) still gets everything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, UserError):
+            return False
+        return "UserError" not in record.getMessage()
+
+
+@contextmanager
+def quiet_user_errors():
+    handlers = [h for name in ("", "prefect") for h in logging.getLogger(name).handlers]
+    hide = _HideUserErrors()
+    for handler in handlers:
+        handler.addFilter(hide)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hide)
+
+
+def _setup_logging() -> None:
+    """Prefect's logging setup (run when it is imported) owns the console; the stages'
+    ``bonsai.*`` loggers propagate to it.  Transformers' own progress bars are turned off:
+    the stages report progress as log lines, which also reach the Prefect UI."""
+    prefect_environment()
+    import prefect  # noqa: F401  (configures logging)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("bonsai").setLevel(logging.INFO)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    kinds = {"float": float, "int": int, "str": str}
+    for f in config_fields():
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if f.name == "alphas":
+            parser.add_argument(flag, dest=f.name, default=None, help=help_text + "; comma-separated")
+            continue
+        parser.add_argument(flag, dest=f.name, default=None, type=kinds[f.type],
+                            choices=f.metadata["choices"], help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bonsai", description="Structured pruning of causal LMs with forward passes only.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    prune = sub.add_parser("prune", help="prune a local Hugging Face causal LM (resumable)")
+    prune.add_argument("--model", required=True, metavar="DIR", help="local model directory (config, weights, tokenizer)")
+    prune.add_argument("--data", required=True, metavar="SOURCE",
+                       help=".txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG[:SPLIT]] already on disk")
+    prune.add_argument("--out", required=True, metavar="RUN", help="run directory (created, or resumed)")
+    prune.add_argument("--config", metavar="PRESET", help="YAML preset of the options below (flags override it)")
+    _add_config_flags(prune)
+    prune.set_defaults(handler=cmd_prune)
+
+    demo = sub.add_parser("demo", help="train a tiny parent, prune it to 50%%, compare (about 5 min on 2 CPU cores)")
+    demo.add_argument("--out", default="bonsai-demo", metavar="DIR", help="where the demo run goes (default: %(default)s)")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    preset = load_preset(args.config) if args.config else {}
+    config = build_config(preset, {f.name: getattr(args, f.name) for f in config_fields()})
+    from .setup import open_run, prepare
+
+    prepared = prepare(args.model, args.data, args.out, config)
+    open_run(prepared, probe=True)  # refuse a locked or different run before Prefect starts (15 s)
+    _setup_logging()
+    from .pipelines import prune_flow
+    from .report import iteration_table
+
+    with quiet_user_errors():
+        summary = prune_flow(args.model, args.data, args.out, dataclasses.asdict(config))
+    print(iteration_table(summary))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _setup_logging()
+    from .demo import DemoSettings
+    from .pipelines import demo_flow
+
+    with quiet_user_errors():
+        result = demo_flow(args.out, dataclasses.asdict(DemoSettings()))
+    print(result["report"])
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        sys.stderr.write(f"bonsai: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("bonsai: interrupted; run the same command again to resume\n")
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,47 @@
+"""How the wiring runs a stage: inline, or as a Prefect task.
+
+The pruning loop is written once (flows/prune.py) against this small interface, so the
+Prefect flow and a plain in-process run are the same code path with different executors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, Sequence
+
+
+class Executor(Protocol):
+    def __call__(self, name: str, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+    def map(self, name: str, fn: Callable[..., Any], calls: Sequence[tuple]) -> list[Any]: ...
+
+
+class Inline:
+    """Each stage is a plain function call in this process."""
+
+    def __call__(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+    def map(self, name: str, fn: Callable[..., Any], calls: Sequence[tuple]) -> list[Any]:
+        return [fn(*args) for args in calls]
+
+
+class PrefectTasks:
+    """Each stage is a Prefect task run, named after the stage and its iteration/shard.
+
+    Prefect's result cache is off: the artifact store is the source of truth, so a resumed
+    run works with PREFECT_HOME wiped, and no model or tensor is ever hashed or pickled.
+    Shards run one after another here, because they share this process's one model.
+    """
+
+    def _task(self, name: str, fn: Callable[..., Any]):
+        from prefect import task
+        from prefect.cache_policies import NO_CACHE
+
+        stage = name.split("-")[0]
+        return task(fn, name=stage, task_run_name=name, cache_policy=NO_CACHE, persist_result=False)
+
+    def __call__(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._task(name, fn)(*args)
+
+    def map(self, name: str, fn: Callable[..., Any], calls: Sequence[tuple]) -> list[Any]:
+        return [self._task(f"{name}-shard{i:03d}", fn)(*args) for i, args in enumerate(calls)]

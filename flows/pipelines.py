@@ -1,0 +1,28 @@
+"""The Prefect flows.  Each is a thin shell: the wiring lives in prune.py / demo.py.
+
+Importing this module imports Prefect; the CLI does so only when a command needs it, after
+it has set Prefect's environment defaults (see cli.prefect_environment).
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from bonsai.stages.config import PruneConfig
+
+from .executors import PrefectTasks
+from .prune import run_prune
+
+
+@flow(name="bonsai-prune", persist_result=False, validate_parameters=False)
+def prune_flow(model: str, data: str, out: str, config: dict) -> dict:
+    """Prune MODEL on DATA to the configured sparsity, into OUT (resumes what OUT holds)."""
+    return run_prune(model, data, out, PruneConfig(**config), PrefectTasks())
+
+
+@flow(name="bonsai-demo", persist_result=False, validate_parameters=False)
+def demo_flow(out: str, settings: dict) -> dict:
+    """Train (or reuse) a tiny parent, prune it, evaluate parent against pruned model."""
+    from .demo import DemoSettings, run_demo
+
+    return run_demo(out, DemoSettings(**settings), PrefectTasks())

@@ -1,0 +1,92 @@
+"""`bonsai prune`: Algorithm 1 as a DAG of stages, wired once, run by an executor.
+
+    calibration
+    for each iteration l (until the target sparsity):
+        priors(l)  ->  masks(l)  ->  evaluate(l, shard 0..k)  ->  importance(l)  ->  select(l)
+    export  ->  publish RUN/model
+
+Every stage reads and writes the run's artifact store, so running the same command again
+skips everything already done and continues with the first missing artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from bonsai.artifacts import ArtifactRef, write_text_atomic
+from bonsai.stages import calibration, evaluate, export, importance, masks, priors, select
+from bonsai.stages.config import PruneConfig
+from bonsai.stages.errors import UserError
+
+from .executors import Executor, Inline
+from .setup import Prepared, open_run, prepare
+
+log = logging.getLogger("bonsai.prune")
+
+SUMMARY_FILE = "summary.json"
+EVALUATING = ("regression", "perturbed-prior")
+
+
+def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
+    """The wiring of Algorithm 1.  Returns the summary also written to RUN/summary.json."""
+    cfg, store, parent, device = p.config, p.run.store, p.parent, p.config.device
+    calib = execute("calibration", calibration.run, parent, p.data,
+                    calibration.CalibrationConfig(cfg.seq_len, cfg.calib_pool, cfg.calib_samples), store)
+    sampled = 2 * -(-cfg.masks_per_iter // 2) if cfg.estimator in EVALUATING else 0
+    previous: ArtifactRef | None = None
+    iterations = []
+    for it in range(2 * cfg.iterations):  # more than p / p_iter only if candidates ran short
+        tag = f"it{it:02d}"
+        pri = execute(f"priors-{tag}", priors.run, parent, calib, previous,
+                      priors.PriorsConfig(it, cfg.seed, cfg.calib_samples, cfg.batch_size, cfg.dtype), store, device)
+        msk = execute(f"masks-{tag}", masks.run, pri,
+                      masks.MasksConfig(it, cfg.prune_frac, sampled, cfg.prior, cfg.seed), store)
+        shard_cfgs = [
+            evaluate.EvaluateConfig(it, shard, cfg.shard_size, cfg.seed, cfg.calib_samples, cfg.batch_size,
+                                    cfg.dtype, cfg.prior if cfg.estimator == "perturbed-prior" else None)
+            for shard in range(evaluate.shard_count(sampled, cfg.shard_size))
+        ]
+        evals = execute.map(f"evaluate-{tag}", evaluate.run,
+                            [(parent, calib, previous, msk, c, store, device) for c in shard_cfgs])
+        imp = execute(f"importance-{tag}", importance.run, msk, evals,
+                      importance.ImportanceConfig(it, cfg.estimator, cfg.penalty, cfg.alpha_grid, cfg.cv_folds,
+                                                  cfg.seed), store)
+        previous = execute(f"select-{tag}", select.run, pri, imp, previous,
+                           select.SelectConfig(it, cfg.sparsity, cfg.prune_frac), store)
+        row = {**previous.info(), **_fit_summary(imp), "sub_models": sampled}
+        iterations.append(row)
+        log.info("iteration %d: sparsity %.3f (target %.3f), %d heads and %d channels left",
+                 it, row["sparsity"], cfg.sparsity, row["heads_left"], row["channels_left"])
+        if row["sparsity"] >= cfg.sparsity - 1e-9:
+            break
+        if row["candidates"] == 0:
+            log.warning("no units left to prune; stopping at sparsity %.3f", row["sparsity"])
+            break
+    exported = execute("export", export.run, parent, previous, export.ExportConfig(), store)
+    model_dir = execute("publish", export.publish, exported, p.run.path / "model")
+    summary = {"model": model_dir, "parent": parent.path, "config": cfg.identity(), "iterations": iterations}
+    write_text_atomic(p.run.path / SUMMARY_FILE, json.dumps(summary, indent=1, sort_keys=True))
+    return summary
+
+
+def _fit_summary(imp: ArtifactRef) -> dict:
+    info = imp.info()
+    return {"cv_kendall_tau": info.get("cv_kendall_tau"), "alpha": info.get("alpha"),
+            "non_finite": info.get("masks_non_finite", 0)}
+
+
+def run_prune(model: str, data: str, out: str, config: PruneConfig, execute: Executor = Inline()) -> dict:
+    """Prepare, lock, run, unlock: the whole of `bonsai prune` without Prefect."""
+    prepared = prepare(model, data, out, config)
+    resuming = open_run(prepared)
+    if resuming:
+        log.info("resuming the run in %s", prepared.run.path)
+    try:
+        return prune_stages(prepared, execute)
+    except UserError:
+        if not resuming:
+            prepared.run.discard_if_empty()  # bad input found mid-run: leave no half-run behind
+        raise
+    finally:
+        prepared.run.close()

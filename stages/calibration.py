@@ -1,0 +1,88 @@
+"""Calibration stage: cut the text source into fixed-length token windows.
+
+Documents are tokenized with the model's own tokenizer (BOS as the tokenizer adds it at a
+document's start, EOS appended at its end), concatenated, and cut into non-overlapping
+windows of ``seq_len`` tokens; the first ``pool`` windows are kept.  Each iteration then
+draws its ``calib_samples`` windows from this pool with its own seeded generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from bonsai.artifacts import ArtifactRef, Store
+
+from .data import documents
+from .errors import UserError
+from .model_io import load_tokenizer
+from .progress import Progress
+from .rng import generator
+
+VERSION = "1"
+FILE = "windows.parquet"
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    seq_len: int
+    pool: int
+    min_windows: int
+
+
+def run(parent: ArtifactRef, data: ArtifactRef, cfg: CalibrationConfig, store: Store) -> ArtifactRef:
+    def build(out: Path) -> dict:
+        tokenizer = load_tokenizer(parent.path)
+        windows, tokens_read = cut_windows(tokenizer, data.path, cfg.seq_len, cfg.pool)
+        if len(windows) < cfg.min_windows:
+            need = cfg.min_windows * cfg.seq_len
+            raise UserError(
+                f"--data {data.path}: {tokens_read} tokens make {len(windows)} windows of {cfg.seq_len}; "
+                f"calibration needs {cfg.min_windows} windows ({need} tokens): give more text or lower "
+                f"--calib-samples / --seq-len"
+            )
+        table = pl.DataFrame(
+            {"window": list(range(len(windows))), "tokens": windows},
+            schema={"window": pl.Int32, "tokens": pl.List(pl.Int32)},
+        )
+        table.write_parquet(out / FILE)
+        return {"windows": len(windows), "tokens_read": tokens_read}
+
+    return store.produce("calibration", VERSION, cfg, [parent, data], build)
+
+
+def cut_windows(tokenizer, spec: str, seq_len: int, pool: int) -> tuple[list[list[int]], int]:
+    eos = tokenizer.eos_token_id
+    progress = Progress("calibration: tokenizing", pool, "windows")
+    buffer: list[int] = []
+    windows: list[list[int]] = []
+    read = 0
+    for text, starts, ends in documents(spec):
+        ids = tokenizer(text, add_special_tokens=starts)["input_ids"]
+        if ends and eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        read += len(ids)
+        buffer.extend(ids)
+        while len(buffer) >= seq_len and len(windows) < pool:
+            windows.append(buffer[:seq_len])
+            del buffer[:seq_len]
+            progress.advance()
+        if len(windows) >= pool:
+            break
+    return windows, read
+
+
+def draw(calibration: ArtifactRef, seed: int, iteration: int, count: int) -> list[int]:
+    """The window ids iteration ``iteration`` uses: a seeded draw without replacement."""
+    total = int(calibration.info()["windows"])
+    order = torch.randperm(total, generator=generator(seed, "windows", iteration))
+    return order[:count].tolist()
+
+
+def load_windows(calibration: ArtifactRef, ids: list[int]) -> torch.Tensor:
+    table = pl.read_parquet(calibration.file(FILE)).sort("window")
+    rows = table["tokens"].to_list()
+    return torch.tensor([rows[i] for i in ids], dtype=torch.long)

@@ -1,0 +1,48 @@
+"""Parent against pruned model: size, held-out perplexity and prefill speed, side by side."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from bonsai.artifacts import ArtifactRef, Store, external_ref
+
+from . import perplexity
+from .data import source_digest
+from .checkpoints import model_digest
+from .devices import resolve_device, resolve_dtype
+from .model_io import load_model, shared_models
+from .speed import prefill_tokens_per_s
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    seq_len: int
+    max_windows: int
+    batch_size: int
+    dtype: str
+    speed_batch: int = 8
+
+
+def compare(parent_dir: str, pruned_dir: str, text: str, cfg: CompareConfig, store: Store,
+            device: str = "auto") -> list[dict]:
+    """One row per model.  Perplexities are cached artifacts; speeds are measured now."""
+    shared_models().clear()
+    dev = resolve_device(device)
+    data = ArtifactRef("data", key="text", path=str(Path(text).resolve()), digest=source_digest(text))
+    ppl_cfg = perplexity.PerplexityConfig(cfg.seq_len, cfg.max_windows, cfg.batch_size, cfg.dtype)
+    rows = []
+    for name, directory in (("parent", parent_dir), ("pruned", pruned_dir)):
+        ref = external_ref("model", directory, model_digest(directory))
+        ppl = perplexity.run(ref, data, ppl_cfg, store, device).info()
+        model = load_model(directory, resolve_dtype(cfg.dtype, dev), dev)
+        rows.append({
+            "model": name,
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "perplexity": ppl["perplexity"],
+            "prefill_tokens_per_s": prefill_tokens_per_s(model, cfg.speed_batch, cfg.seq_len, dev),
+        })
+        del model
+    for row in rows:
+        row["speedup"] = row["prefill_tokens_per_s"] / rows[0]["prefill_tokens_per_s"]
+    return rows

@@ -1,0 +1,154 @@
+"""Evaluate stage: the utility of every sampled sub-model, one shard of masks per artifact.
+
+Rows are (mask, window) pairs in mask-major order, cut into batches of ``batch_size`` rows;
+each row carries its own mask, so one forward pass scores several sub-models when a batch
+is larger than the number of windows.  A shard is a separate artifact, so a kill loses at
+most the shard in progress, and shards can run on different workers.
+
+A sub-model whose NLL is not finite (float16 overflow, seen in the paper with few
+samples) is recorded with ``finite = false`` and left to the regression to drop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from bonsai.artifacts import ArtifactRef, Store, kill_point
+
+from . import masks as masks_stage
+from .calibration import draw, load_windows
+from .masking import Taps, unit_priors, weight_terms
+from .devices import resolve_device, resolve_dtype
+from .model_io import shared_models
+from .progress import Progress
+from .units import HEAD, read_keep_state
+from .utility import batches, row_nll
+
+VERSION = "1"
+UTILITIES = "utilities.parquet"
+PERTURBED_PRIORS = "perturbed_priors.parquet"
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    iteration: int
+    shard: int
+    shard_size: int
+    seed: int
+    calib_samples: int
+    batch_size: int
+    dtype: str
+    perturbed_prior: str | None = None  # also collect this prior under each sub-model
+
+
+def shard_count(masks: int, shard_size: int) -> int:
+    return math.ceil(masks / shard_size)
+
+
+def run(
+    parent: ArtifactRef,
+    calibration: ArtifactRef,
+    previous: ArtifactRef | None,
+    masks: ArtifactRef,
+    cfg: EvaluateConfig,
+    store: Store,
+    device: str = "auto",
+) -> ArtifactRef:
+    def build(out: Path) -> dict:
+        dev = resolve_device(device)
+        state = read_keep_state(previous) if previous is not None else None
+        model, family = shared_models().get(parent, state, resolve_dtype(cfg.dtype, dev), dev)
+        cands, table = masks_stage.read(masks)
+        first = cfg.shard * cfg.shard_size
+        table = table.slice(first, cfg.shard_size)
+        keep = masks_stage.keep_matrix(table)
+        windows = load_windows(calibration, draw(calibration, cfg.seed, cfg.iteration, cfg.calib_samples))
+        result = evaluate_masks(
+            model, family, windows, cands, keep, cfg.batch_size, dev,
+            label=f"evaluate (iteration {cfg.iteration}, shard {cfg.shard})",
+            collect=cfg.perturbed_prior,
+        )
+        nll, tokens = result["nll"], result["tokens"]
+        utility = -nll / tokens
+        pl.DataFrame(
+            {
+                "iteration": [cfg.iteration] * len(nll),
+                "shard": [cfg.shard] * len(nll),
+                "mask": table["mask"].to_list(),
+                "nll_sum": nll.tolist(),
+                "tokens": tokens.tolist(),
+                "utility": utility.tolist(),
+                "finite": np.isfinite(utility).tolist(),
+            },
+            schema={"iteration": pl.Int32, "shard": pl.Int32, "mask": pl.Int32, "nll_sum": pl.Float64,
+                    "tokens": pl.Int64, "utility": pl.Float64, "finite": pl.Boolean},
+        ).write_parquet(out / UTILITIES)
+        if cfg.perturbed_prior is not None:
+            pl.DataFrame(
+                {"candidate": cands["candidate"].to_list(), "prior_sum": result["prior_sum"].tolist(),
+                 "kept": result["prior_count"].tolist()},
+                schema={"candidate": pl.Int32, "prior_sum": pl.Float64, "kept": pl.Int64},
+            ).write_parquet(out / PERTURBED_PRIORS)
+        return {"masks": len(nll), "non_finite": int((~np.isfinite(utility)).sum())}
+
+    inputs = [parent, calibration, masks] + ([previous] if previous is not None else [])
+    return store.produce("evaluate", VERSION, cfg, inputs, build)
+
+
+def full_masks(taps: Taps, cands: pl.DataFrame, keep: np.ndarray, dtype, device) -> tuple[list, list]:
+    """Per layer, (masks, units) 0/1 tensors over the current units: 1 except dropped candidates."""
+    count = keep.shape[0]
+    heads = [torch.ones(count, s.groups, dtype=dtype) for s in taps.shapes]
+    channels = [torch.ones(count, s.channels, dtype=dtype) for s in taps.shapes]
+    for column, (layer, kind, position) in enumerate(cands.select("layer", "kind", "position").iter_rows()):
+        target = heads if kind == HEAD else channels
+        target[layer][:, position] = torch.from_numpy(keep[:, column].astype(np.float32)).to(dtype)
+    return [h.to(device) for h in heads], [c.to(device) for c in channels]
+
+
+@torch.no_grad()
+def evaluate_masks(model, family, windows, cands, keep, batch_size, device, label="evaluate", collect=None) -> dict:
+    """NLL sum and token count per mask (and the perturbed prior, when ``collect`` names one)."""
+    count, per_mask = keep.shape[0], windows.shape[0]
+    nll = np.zeros(count, dtype=np.float64)
+    tokens = np.full(count, per_mask * (windows.shape[1] - 1), dtype=np.int64)
+    dtype = next(model.parameters()).dtype
+    progress = Progress(label, count * per_mask, "rows")
+    with Taps(model, family, stat_groups=count if collect else 0) as taps:
+        heads, channels = full_masks(taps, cands, keep, dtype, device)
+        for start, stop in batches(count * per_mask, batch_size):
+            rows = torch.arange(start, stop)
+            mask_of, window_of = rows // per_mask, rows % per_mask
+            taps.set_masks([h[mask_of] for h in heads], [c[mask_of] for c in channels])
+            taps.row_group = mask_of.to(device) if collect else None
+            row = row_nll(model, windows[window_of].to(device)).numpy()
+            np.add.at(nll, mask_of.numpy(), row)
+            progress.advance(stop - start)
+            kill_point("evaluate-batch")
+        out = {"nll": nll, "tokens": tokens}
+        if collect:
+            out["prior_sum"], out["prior_count"] = _perturbed_prior(taps, cands, keep, collect, nll)
+    return out
+
+
+def _perturbed_prior(taps, cands, keep, metric, nll) -> tuple[np.ndarray, np.ndarray]:
+    """Per candidate: the prior summed over the finite sub-models that kept it, and how many."""
+    total = np.zeros(cands.height, dtype=np.float64)
+    kept = np.zeros(cands.height, dtype=np.int64)
+    where = list(cands.select("layer", "kind", "position").iter_rows())
+    weights = weight_terms(taps)
+    for mask in range(keep.shape[0]):
+        if not math.isfinite(nll[mask]):
+            continue
+        values = unit_priors(taps, group=mask, weights=weights)
+        for column, (layer, kind, position) in enumerate(where):
+            if keep[mask, column]:
+                total[column] += float(values[(layer, kind)][metric][position])
+                kept[column] += 1
+    return total, kept

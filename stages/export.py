@@ -1,0 +1,115 @@
+"""Export stage: the physically sliced model as a directory stock tools load.
+
+The parent is reloaded in the dtype it was saved in (slicing copies values exactly, so the
+export loses no precision to the pruning dtype), sliced to the final keep-state, and saved
+with ``save_pretrained`` (safetensors, sharded like any checkpoint), its tokenizer, a config
+carrying the per-layer sizes, and ``modeling_bonsai.py`` (see families/remote_code.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bonsai.artifacts import ArtifactRef, Store, kill_point
+
+from .families import EXPORT_PREFIX, Family
+from .checkpoints import inspect_model_dir
+from .devices import dtype_name, stored_dtype
+from .model_io import load_model, load_tokenizer, shared_models
+from .slicing import slice_model
+from .units import KeepState, layer_shapes, read_keep_state
+
+VERSION = "1"
+MODEL = "model"
+CODE_FILE = "modeling_bonsai.py"
+_TEMPLATE = Path(__file__).parent / "families" / "remote_code.py"
+_BASE_LINE = 'BASE_MODEL_TYPE = "llama"'
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    max_shard_size: str = "5GB"
+
+
+def run(parent: ArtifactRef, select: ArtifactRef, cfg: ExportConfig, store: Store) -> ArtifactRef:
+    def build(out: Path) -> dict:
+        shared_models().clear()  # the pruning model is no longer needed; free its memory first
+        info = inspect_model_dir(parent.path)
+        dtype = stored_dtype(parent.path)
+        model = load_model(parent.path, dtype, torch.device("cpu"))
+        keep = read_keep_state(select)
+        slice_model(model, info.family, keep.positions(KeepState.full(layer_shapes(model, info.family))))
+        target = out / MODEL
+        model.save_pretrained(target, max_shard_size=cfg.max_shard_size)
+        kill_point("export")
+        base = info.model_type.removeprefix(EXPORT_PREFIX)
+        config = pruned_config(model.config.to_dict(), base, info.family, keep, dtype)
+        (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (target / CODE_FILE).write_text(remote_code(base))
+        load_tokenizer(parent.path).save_pretrained(target)
+        params = sum(p.numel() for p in model.parameters())
+        provenance = {"parent": parent.path, "parent_digest": parent.digest, "parameters": params,
+                      "layer_num_key_value_heads": config["layer_num_key_value_heads"],
+                      "layer_intermediate_sizes": config["layer_intermediate_sizes"]}
+        (target / "bonsai.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        return {"parameters": params, "dtype": dtype_name(dtype)}
+
+    return store.produce("export", VERSION, cfg, [parent, select], build)
+
+
+def pruned_config(parent: dict, base: str, family: Family, keep: KeepState, dtype: torch.dtype) -> dict:
+    config = {k: v for k, v in parent.items() if not k.startswith("_")}
+    config.update(
+        model_type=EXPORT_PREFIX + base,
+        architectures=["BonsaiForCausalLM"],
+        auto_map={"AutoConfig": "modeling_bonsai.BonsaiConfig",
+                  "AutoModelForCausalLM": "modeling_bonsai.BonsaiForCausalLM"},
+        layer_num_key_value_heads=[len(g) for g in keep.groups],
+        layer_intermediate_sizes=[len(c) for c in keep.channels],
+        bonsai_layout=family.layout(),
+        dtype=dtype_name(dtype),
+    )
+    config.pop("torch_dtype", None)
+    return config
+
+
+def remote_code(base_model_type: str) -> str:
+    source = _TEMPLATE.read_text()
+    if source.count(_BASE_LINE) != 1:
+        raise RuntimeError(f"{_TEMPLATE} must contain the line {_BASE_LINE!r} exactly once")
+    return source.replace(_BASE_LINE, f'BASE_MODEL_TYPE = "{base_model_type}"')
+
+
+def publish(exported: ArtifactRef, destination: str | os.PathLike) -> str:
+    """Make ``destination`` (RUN/model) the exported model, replacing it atomically.
+
+    Files are hard-linked where the filesystem allows (a 13 GB model is not copied); an
+    edit to RUN/model then shows up as a corrupted artifact and is recomputed on the next run.
+    """
+    destination = Path(destination)
+    scratch = destination.parent / ".tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    fresh = scratch / f"publish-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(exported.file(MODEL), fresh, copy_function=_link_or_copy)
+    if destination.exists():
+        old = scratch / f"replaced-{uuid.uuid4().hex[:8]}"
+        os.replace(destination, old)
+        os.replace(fresh, destination)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(fresh, destination)
+    return str(destination)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

@@ -1,0 +1,131 @@
+"""Masks stage: which units are perturbed this iteration, and the sub-models to evaluate.
+
+Per layer and kind, the top (1 - 2 p_iter) of the current units by prior are fixed (always
+kept); the bottom 2 p_iter are the *candidates* (rounded up, so a layer with one head left
+still has a candidate).  Each sampled sub-model keeps half of every group of candidates,
+chosen without replacement with probability growing with the prior (Gumbel top-k on
+log prior), and is followed by its complement, which keeps the other half (Algorithm 1,
+lines 4-6; complements reduce the regression's variance, Covert & Lee 2020).
+
+Candidates also define what later stages may remove, whatever the estimator, so the
+Figure 2 ablations differ only in how importance is estimated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from bonsai.artifacts import ArtifactRef, Store
+
+from . import priors as priors_stage
+from .rng import generator
+
+VERSION = "1"
+CANDIDATES = "candidates.parquet"
+MASKS = "masks.parquet"
+
+log = logging.getLogger("bonsai.masks")
+
+
+@dataclass(frozen=True)
+class MasksConfig:
+    iteration: int
+    prune_frac: float
+    count: int  # sub-models to sample (0 for estimators that evaluate none)
+    prior: str
+    seed: int
+
+
+def run(priors: ArtifactRef, cfg: MasksConfig, store: Store) -> ArtifactRef:
+    def build(out: Path) -> dict:
+        table = priors_stage.read(priors)
+        cands = candidates(table, cfg.prune_frac, cfg.prior)
+        cands.write_parquet(out / CANDIDATES)
+        keep, pair, complement = sample(cands, cfg.count, generator(cfg.seed, "masks", cfg.iteration))
+        masks_table(cfg.iteration, keep, pair, complement).write_parquet(out / MASKS)
+        return {"candidates": cands.height, "masks": int(keep.shape[0])}
+
+    return store.produce("masks", VERSION, cfg, [priors], build)
+
+
+def candidates(priors: pl.DataFrame, prune_frac: float, prior: str) -> pl.DataFrame:
+    """The bottom ceil(2 p_iter n) units by prior in each (layer, kind) group of n units."""
+    values = priors[prior].to_numpy()
+    if not np.isfinite(values).all():
+        log.warning("%d non-finite %s priors treated as 0", int((~np.isfinite(values)).sum()), prior)
+    table = priors.with_columns(pl.Series("prior", np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)))
+    table = table.with_columns(
+        pl.col("prior").mean().over("layer", "kind").alias("group_prior_mean"),
+        pl.len().over("layer", "kind").alias("group_size"),
+    ).with_columns(
+        pl.when(pl.col("group_prior_mean") > 0)
+        .then(pl.col("prior") / pl.col("group_prior_mean"))
+        .otherwise(1.0)
+        .alias("prior_norm")
+    )
+    ranked = table.sort("layer", "kind", "prior", "unit").with_columns(
+        pl.int_range(pl.len()).over("layer", "kind").alias("rank")
+    )
+    quota = ranked["group_size"].map_elements(
+        lambda n: min(n, math.ceil(round(2 * prune_frac * n, 9))), return_dtype=pl.Int64
+    )
+    chosen = ranked.filter(pl.col("rank") < quota).sort("layer", "kind", "unit")
+    return chosen.select(
+        pl.int_range(pl.len(), dtype=pl.Int32).alias("candidate"),
+        "iteration", "layer", "kind", "unit", "position", "params", "prior", "prior_norm", "group_prior_mean",
+    )
+
+
+def sample(cands: pl.DataFrame, count: int, gen: torch.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keep bits (masks, candidates), pair id, is-complement) for ceil(count/2) pairs."""
+    pairs = math.ceil(count / 2)
+    n = cands.height
+    keep = np.zeros((pairs, n), dtype=bool)
+    if pairs and n:
+        log_prior = torch.from_numpy(np.log(np.maximum(cands["prior"].to_numpy(), 1e-30)))
+        groups = cands.with_row_index("i").group_by("layer", "kind", maintain_order=True).agg("i")
+        for members in groups["i"].to_list():
+            idx = torch.tensor(members, dtype=torch.long)
+            uniform = torch.rand(pairs, len(members), generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
+            keys = log_prior[idx].unsqueeze(0) - torch.log(-torch.log(uniform))
+            kept = keys.topk(len(members) - len(members) // 2, dim=1).indices
+            rows = torch.arange(pairs).unsqueeze(1).expand_as(kept)
+            keep[rows.numpy(), idx[kept].numpy()] = True
+    both = np.empty((2 * pairs, n), dtype=bool)
+    both[0::2], both[1::2] = keep, ~keep
+    pair = np.repeat(np.arange(pairs), 2)
+    complement = np.tile([False, True], pairs)
+    return both, pair, complement
+
+
+def masks_table(iteration: int, keep: np.ndarray, pair: np.ndarray, complement: np.ndarray) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "iteration": [iteration] * keep.shape[0],
+            "mask": list(range(keep.shape[0])),
+            "pair": pair.tolist(),
+            "complement": complement.tolist(),
+            "dropped": (~keep).sum(axis=1).tolist(),
+            "keep": [row.tolist() for row in keep],
+        },
+        schema={"iteration": pl.Int32, "mask": pl.Int32, "pair": pl.Int32, "complement": pl.Boolean,
+                "dropped": pl.Int32, "keep": pl.List(pl.Boolean)},
+    )
+
+
+def read(masks: ArtifactRef) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(candidates, masks) tables of a masks artifact."""
+    return pl.read_parquet(masks.file(CANDIDATES)), pl.read_parquet(masks.file(MASKS))
+
+
+def keep_matrix(masks: pl.DataFrame) -> np.ndarray:
+    if masks.height == 0:
+        return np.zeros((0, 0), dtype=bool)
+    return np.array(masks["keep"].to_list(), dtype=bool)

@@ -1,0 +1,59 @@
+"""Perplexity stage: exp(mean next-token NLL) over non-overlapping windows of a text source.
+
+Protocol (written next to the number): the source is tokenized as for calibration, cut
+into consecutive non-overlapping windows of ``seq_len`` tokens, the first ``max_windows``
+are scored, and each window scores its ``seq_len - 1`` next-token predictions with no
+context carried over from the window before.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bonsai.artifacts import ArtifactRef, Store
+
+from .calibration import cut_windows
+from .errors import UserError
+from .devices import resolve_device, resolve_dtype
+from .model_io import load_model, load_tokenizer
+from .utility import mean_nll
+
+VERSION = "1"
+FILE = "perplexity.json"
+
+
+@dataclass(frozen=True)
+class PerplexityConfig:
+    seq_len: int
+    max_windows: int
+    batch_size: int
+    dtype: str
+
+
+def run(model: ArtifactRef, data: ArtifactRef, cfg: PerplexityConfig, store: Store, device: str = "auto") -> ArtifactRef:
+    def build(out: Path) -> dict:
+        tokenizer = load_tokenizer(model.path)
+        windows, _ = cut_windows(tokenizer, data.path, cfg.seq_len, cfg.max_windows)
+        if not windows:
+            raise UserError(f"{data.path}: too little text for one window of {cfg.seq_len} tokens")
+        dev = resolve_device(device)
+        lm = load_model(model.path, resolve_dtype(cfg.dtype, dev), dev)
+        nll, tokens = mean_nll(lm, torch.tensor(windows, dtype=torch.long), cfg.batch_size, dev)
+        result = {
+            "perplexity": math.exp(nll) if nll < 700 else float("inf"),
+            "nll": nll,
+            "tokens": tokens,
+            "windows": len(windows),
+            "seq_len": cfg.seq_len,
+            "protocol": f"first {len(windows)} non-overlapping windows of {cfg.seq_len} tokens of {data.path}; "
+                        f"each scores its {cfg.seq_len - 1} next tokens, no context across windows",
+        }
+        (out / FILE).write_text(json.dumps(result, indent=1, sort_keys=True))
+        return result
+
+    return store.produce("perplexity", VERSION, cfg, [model, data], build)

@@ -1,0 +1,92 @@
+"""Priors stage: forward passes of the current model with activation taps.
+
+All three priors (wanda, activation, fluctuation; Appendix F) come from the same
+statistics, so all are written and the run's ``--prior`` only picks which one guides the
+sampling: the table lets an audit compare them.  The unmasked utility of the current model
+on this iteration's windows is recorded too, as the baseline sub-models are compared with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from bonsai.artifacts import ArtifactRef, Store, kill_point
+
+from .calibration import draw, load_windows
+from .masking import Taps, unit_priors
+from .devices import resolve_device, resolve_dtype
+from .model_io import shared_models
+from .progress import Progress
+from .units import KINDS, KeepState, read_keep_state
+from .utility import batches, row_nll
+
+VERSION = "1"
+FILE = "priors.parquet"
+METRICS = ("wanda", "activation", "fluctuation")
+
+
+@dataclass(frozen=True)
+class PriorsConfig:
+    iteration: int
+    seed: int
+    calib_samples: int
+    batch_size: int
+    dtype: str
+
+
+def run(
+    parent: ArtifactRef,
+    calibration: ArtifactRef,
+    previous: ArtifactRef | None,
+    cfg: PriorsConfig,
+    store: Store,
+    device: str = "auto",
+) -> ArtifactRef:
+    def build(out: Path) -> dict:
+        dev = resolve_device(device)
+        state = read_keep_state(previous) if previous is not None else None
+        model, family = shared_models().get(parent, state, resolve_dtype(cfg.dtype, dev), dev)
+        windows = load_windows(calibration, draw(calibration, cfg.seed, cfg.iteration, cfg.calib_samples))
+        progress = Progress(f"priors (iteration {cfg.iteration})", windows.shape[0], "windows")
+        nll, tokens = 0.0, 0
+        with Taps(model, family, stat_groups=1) as taps:
+            for start, stop in batches(windows.shape[0], cfg.batch_size):
+                ids = windows[start:stop].to(dev)
+                nll += float(row_nll(model, ids).sum())
+                tokens += ids.numel() - ids.shape[0]
+                progress.advance(stop - start)
+                kill_point("priors")
+        values = unit_priors(taps)
+        keep = state if state is not None else KeepState.full(taps.shapes)
+        rows: dict[str, list] = {k: [] for k in ("layer", "kind", "unit", "position", "params", *METRICS)}
+        for layer, shape in enumerate(taps.shapes):
+            for kind in KINDS:
+                metric = {m: values[(layer, kind)][m].tolist() for m in METRICS}
+                for position, unit in enumerate(keep.units(kind)[layer]):
+                    rows["layer"].append(layer)
+                    rows["kind"].append(kind)
+                    rows["unit"].append(unit)
+                    rows["position"].append(position)
+                    rows["params"].append(shape.params(kind))
+                    for m in METRICS:
+                        rows[m].append(metric[m][position])
+        table = pl.DataFrame(rows, schema_overrides={"layer": pl.Int32, "unit": pl.Int32, "position": pl.Int32,
+                                                     "params": pl.Int64})
+        table.insert_column(0, pl.lit(cfg.iteration, pl.Int32).alias("iteration")).write_parquet(out / FILE)
+        mean_nll = nll / max(tokens, 1)
+        return {
+            "model_params": sum(p.numel() for p in model.parameters()),
+            "baseline_nll": mean_nll if math.isfinite(mean_nll) else None,
+            "tokens": tokens,
+        }
+
+    inputs = [parent, calibration] + ([previous] if previous is not None else [])
+    return store.produce("priors", VERSION, cfg, inputs, build)
+
+
+def read(priors: ArtifactRef) -> pl.DataFrame:
+    return pl.read_parquet(priors.file(FILE))

@@ -1,0 +1,99 @@
+"""Select stage: remove the lowest-importance candidates, globally across layers.
+
+Iteration l's budget is cumulative: after it, min(p, (l+1) p_iter) of the parent's
+attention+MLP parameters are gone.  Candidates are removed in ascending importance until
+the budget is met, so the last removal may overshoot it by at most one unit (Eq. 2's greedy
+solution, as in the paper).  The output is the whole cumulative keep-state, not a delta:
+any iteration's model is the parent sliced by one table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from bonsai.artifacts import ArtifactRef, Store
+
+from . import importance as importance_stage
+from . import priors as priors_stage
+from .units import CHANNEL, HEAD, KEEP_FILE
+
+VERSION = "1"
+REMOVED = "removed.parquet"
+SUMMARY = "iteration.parquet"
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    iteration: int
+    sparsity: float
+    prune_frac: float
+
+
+def run(priors: ArtifactRef, importance: ArtifactRef, previous: ArtifactRef | None, cfg: SelectConfig,
+        store: Store) -> ArtifactRef:
+    def build(out: Path) -> dict:
+        current = priors_stage.read(priors)
+        if previous is None:
+            keep = current.select("layer", "kind", "unit", "params").with_columns(
+                pl.lit(True).alias("kept"), pl.lit(None, pl.Int32).alias("removed_iteration")
+            )
+        else:
+            keep = pl.read_parquet(previous.file(KEEP_FILE)).drop("iteration")
+        prunable = int(keep["params"].sum())
+        removed_before = int(keep.filter(~pl.col("kept"))["params"].sum())
+        target = min(cfg.sparsity, (cfg.iteration + 1) * cfg.prune_frac)
+        present = keep.filter(pl.col("kept")).select("layer", "kind", "unit")
+        ranked = (
+            importance_stage.read(importance)
+            .join(present, on=["layer", "kind", "unit"], how="semi")
+            .sort("importance", "prior_norm", "layer", "kind", "unit")
+        )
+        removed_params, count = removed_before, 0
+        for params in ranked["params"]:
+            if removed_params >= target * prunable:
+                break
+            removed_params += int(params)
+            count += 1
+        chosen = ranked.head(count).with_row_index("rank").select(
+            pl.lit(cfg.iteration, pl.Int32).alias("iteration"), pl.col("rank").cast(pl.Int32),
+            "layer", "kind", "unit", "params", "importance",
+        )
+        chosen.write_parquet(out / REMOVED)
+        gone = chosen.select("layer", "kind", "unit").with_columns(pl.lit(True).alias("gone"))
+        keep = (
+            keep.join(gone, on=["layer", "kind", "unit"], how="left")
+            .with_columns(
+                pl.when(pl.col("gone")).then(False).otherwise(pl.col("kept")).alias("kept"),
+                pl.when(pl.col("gone")).then(pl.lit(cfg.iteration, pl.Int32))
+                .otherwise(pl.col("removed_iteration")).alias("removed_iteration"),
+            )
+            .drop("gone")
+            .sort("layer", "kind", "unit")
+        )
+        keep.insert_column(0, pl.lit(cfg.iteration, pl.Int32).alias("iteration")).write_parquet(out / KEEP_FILE)
+        parent_params = int(priors.info()["model_params"]) + removed_before
+        left = keep.filter(pl.col("kept"))
+        summary = {
+            "iteration": cfg.iteration,
+            "target_sparsity": target,
+            "sparsity": removed_params / prunable,
+            "total_sparsity": removed_params / parent_params,
+            "removed_params": removed_params,
+            "prunable_params": prunable,
+            "parent_params": parent_params,
+            "model_params": parent_params - removed_params,
+            "candidates": ranked.height,
+            "removed_heads": int((chosen["kind"] == HEAD).sum()),
+            "removed_channels": int((chosen["kind"] == CHANNEL).sum()),
+            "heads_left": int((left["kind"] == HEAD).sum()),
+            "channels_left": int((left["kind"] == CHANNEL).sum()),
+        }
+        pl.DataFrame([summary]).write_parquet(out / SUMMARY)
+        return summary
+
+    inputs = [priors, importance] + ([previous] if previous is not None else [])
+    return store.produce("select", VERSION, cfg, inputs, build)
+

@@ -1,0 +1,81 @@
+"""Bad input through the real command line: one clear line, exit status 2, no traceback,
+nothing half-written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tiny
+from bonsai.artifacts import RunLock
+from cli import PRUNE_SMALL, bonsai
+
+
+def assert_one_line_error(result, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and fragment in errors[0], output
+
+
+def prune_args(model, data, out, *extra):
+    return ["prune", "--model", str(model), "--data", str(data), "--out", str(out), *PRUNE_SMALL, *extra]
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (["--sparsity", "1.5"], "--sparsity must be in (0, 1), got 1.5"),
+        (["--prior", "magnitude"], "argument --prior: invalid choice: 'magnitude'"),
+        (["--device", "cuda:7"], "--device cuda:7: no CUDA device is available here"),
+    ],
+)
+def test_bad_options(zoo, corpus, tmp_path, change, fragment):
+    result = bonsai(prune_args(zoo["llama"], corpus, tmp_path / "run", *change), tmp_path)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_required_flag(tmp_path):
+    assert_one_line_error(bonsai(["prune", "--data", "x", "--out", "y"], tmp_path), "--model")
+
+
+def test_model_problems(corpus, tmp_path):
+    assert_one_line_error(bonsai(prune_args(tmp_path / "nope", corpus, tmp_path / "r"), tmp_path),
+                          "no such directory")
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    assert_one_line_error(bonsai(prune_args(bert, corpus, tmp_path / "r"), tmp_path), "is not a causal language model")
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    (gpt2 / "model.safetensors").write_bytes(b"")
+    result = bonsai(prune_args(gpt2, corpus, tmp_path / "r"), tmp_path)
+    assert_one_line_error(result, "model type 'gpt2' is not supported; supported: llama, mistral, qwen2")
+    assert not (tmp_path / "r").exists()
+
+
+def test_too_little_text_found_inside_the_flow(prefect_api, zoo, tmp_path):
+    short = tiny.text_file(tmp_path, "short.txt", sentences=3)
+    result = bonsai(prune_args(zoo["llama"], short, tmp_path / "run"), tmp_path)
+    assert_one_line_error(result, "calibration needs 4 windows")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_of_another_config_or_in_use_is_refused(prefect_api, zoo, corpus, tmp_path):
+    out = tmp_path / "run"
+    first = bonsai(prune_args(zoo["llama"], corpus, out), tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "pruned model:" in first.stdout
+    other = bonsai(prune_args(zoo["llama"], corpus, out, "--seed", "1"), tmp_path)
+    assert_one_line_error(other, "holds a different run (--seed: 0 there, 1 now)")
+    other_model = bonsai(prune_args(zoo["qwen2"], corpus, out), tmp_path)
+    assert_one_line_error(other_model, "a different --model")
+    with RunLock(out):
+        busy = bonsai(prune_args(zoo["llama"], corpus, out), tmp_path)
+    assert_one_line_error(busy, "is in use by another bonsai process (pid")
+    again = bonsai(prune_args(zoo["llama"], corpus, out), tmp_path)
+    assert again.returncode == 0 and "resuming" in again.stderr

@@ -1,0 +1,74 @@
+"""The config schema: validation, presets, and the CLI flags derived from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bonsai.flows.cli import build_parser
+from bonsai.stages.config import PruneConfig, build_config, config_fields, load_preset
+from bonsai.stages.errors import UserError
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_preset_is_valid(preset):
+    config = build_config(load_preset(preset))
+    assert isinstance(config, PruneConfig)
+
+
+def test_there_are_presets():
+    assert {p.stem for p in CONFIGS} >= {"paper-llama2-7b", "tiny-cpu"}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"sparsity": 1.5}, "--sparsity must be in (0, 1)"),
+        ({"sparsity": 0.0}, "--sparsity must be in (0, 1)"),
+        ({"prune_frac": 0.7}, "--prune-frac must be in (0, 0.5]"),
+        ({"prior": "magnitude"}, "--prior must be one of wanda, activation, fluctuation"),
+        ({"masks_per_iter": 0}, "--masks-per-iter must be at least 1"),
+        ({"seq_len": "long"}, "--seq-len: cannot use 'long'"),
+    ],
+)
+def test_bad_values_are_one_clear_line(overrides, message):
+    with pytest.raises(UserError) as err:
+        build_config({}, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_preset_key_is_named(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("sparsity: 0.4\nmask-count: 3\n")
+    with pytest.raises(UserError) as err:
+        load_preset(preset)
+    assert "mask_count" in str(err.value)
+
+
+def test_flags_override_preset_and_dashes_work(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("sparsity: 0.4\nprune-frac: 0.1\nalphas: [0.01, 0.1]\n")
+    config = build_config(load_preset(preset), {"sparsity": 0.3})
+    assert (config.sparsity, config.prune_frac, config.alphas) == (0.3, 0.1, (0.01, 0.1))
+
+
+def test_iteration_count_is_robust_to_float_noise():
+    assert PruneConfig(sparsity=0.5, prune_frac=0.05).iterations == 10
+    assert PruneConfig(sparsity=0.5, prune_frac=0.3).iterations == 2
+
+
+def test_device_is_not_part_of_the_run_identity():
+    assert "device" not in PruneConfig().identity() and "sparsity" in PruneConfig().identity()
+
+
+def test_every_field_is_a_prune_flag_with_the_issue_names():
+    args = build_parser().parse_args(["prune", "--model", "m", "--data", "d", "--out", "o", "--masks-per-iter", "4",
+                                      "--prune-frac", "0.1", "--calib-samples", "2", "--seq-len", "16",
+                                      "--prior", "activation", "--estimator", "perturbed-prior", "--seed", "3",
+                                      "--device", "cpu", "--dtype", "float32", "--sparsity", "0.3"])
+    for field in config_fields():
+        assert hasattr(args, field.name)
+    assert (args.masks_per_iter, args.estimator, args.seed) == (4, "perturbed-prior", 3)

@@ -1,0 +1,124 @@
+"""`bonsai prune` end to end, in process (the same wiring the Prefect flow runs)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+import tiny
+from bonsai.artifacts import file_digest
+from bonsai.flows.prune import run_prune
+from bonsai.stages.config import build_config
+from bonsai.stages.errors import UserError
+
+SMALL = dict(sparsity=0.5, prune_frac=0.25, masks_per_iter=12, calib_samples=4, seq_len=32, batch_size=8,
+             shard_size=4, calib_pool=32, cv_folds=3)
+README = Path(__file__).parent.parent / "README.md"
+
+
+def prune(zoo, corpus, out, spec="llama-gqa", **changes):
+    return run_prune(str(zoo[spec]), str(corpus), str(out), build_config({}, {**SMALL, **changes}))
+
+
+@pytest.fixture(scope="module")
+def finished(zoo, corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    return out, prune(zoo, corpus, out)
+
+
+@pytest.mark.parametrize("spec", list(tiny.SPECS))
+def test_each_family_reaches_the_target_and_exports(zoo, corpus, tmp_path, spec):
+    from transformers import AutoModelForCausalLM
+
+    summary = prune(zoo, corpus, tmp_path / "run", spec)
+    last = summary["iterations"][-1]
+    assert last["sparsity"] >= 0.5 and len(summary["iterations"]) == 2
+    model = AutoModelForCausalLM.from_pretrained(summary["model"], trust_remote_code=True)
+    assert sum(p.numel() for p in model.parameters()) == last["model_params"]
+    ids = torch.randint(0, model.config.vocab_size, (1, 8))
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+@pytest.mark.parametrize("estimator", ["prior-only", "perturbed-prior", "random"])
+def test_every_estimator_prunes(zoo, corpus, tmp_path, estimator):
+    summary = prune(zoo, corpus, tmp_path / "run", estimator=estimator)
+    assert summary["iterations"][-1]["sparsity"] >= 0.5
+    evaluated = list((tmp_path / "run" / "evaluate").glob("*/utilities.parquet"))
+    assert bool(evaluated) == (estimator == "perturbed-prior")
+
+
+def readme_tables() -> list[tuple[str, list[str]]]:
+    text = README.read_text()
+    section = text.split("## Auditing a run", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[1].startswith("`RUN/"):
+            rows.append((cells[1].strip("`")[len("RUN/"):], re.findall(r"`([a-z_]+)`", cells[2])))
+    return rows
+
+
+def test_readme_documents_the_audit_tables_a_run_writes(finished):
+    out, summary = finished
+    tables = readme_tables()
+    assert len(tables) >= 9
+    iterations = list(range(len(summary["iterations"])))
+    for pattern, columns in tables:
+        frame = pl.read_parquet(str(out / pattern))
+        assert columns and set(columns) <= set(frame.columns), pattern
+        assert set(frame.columns) <= set(columns), f"{pattern}: undocumented columns"
+        if "iteration" in frame.columns:
+            assert sorted(frame["iteration"].unique().to_list()) == iterations, pattern
+
+
+def test_audit_tables_join_into_one_story(finished):
+    out, summary = finished
+    masks = pl.read_parquet(str(out / "masks/*/masks.parquet"))
+    utilities = pl.read_parquet(str(out / "evaluate/*/utilities.parquet"))
+    assert masks.join(utilities, on=["iteration", "mask"]).height == masks.height == 2 * SMALL["masks_per_iter"]
+    removed = pl.read_parquet(str(out / "select/*/removed.parquet"))
+    importance = pl.read_parquet(str(out / "importance/*/importance.parquet"))
+    joined = removed.join(importance, on=["iteration", "layer", "kind", "unit"])
+    assert joined.height == removed.height
+    last = len(summary["iterations"]) - 1
+    final = pl.read_parquet(str(out / "select/*/keep.parquet")).filter(pl.col("iteration") == last)
+    assert final.filter(~pl.col("kept")).height == removed.height
+
+
+def test_rerunning_builds_nothing_and_returns_the_same(finished, zoo, corpus):
+    out, summary = finished
+    manifests = {p: p.stat().st_mtime_ns for p in out.glob("*/*/manifest.json")}
+    again = prune(zoo, corpus, out)
+    assert again == summary
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/*/manifest.json")} == manifests
+
+
+def test_two_runs_give_the_same_bytes(finished, zoo, corpus, tmp_path):
+    out, _ = finished
+    prune(zoo, corpus, tmp_path / "again")
+    assert file_digest(out / "model" / "model.safetensors") == file_digest(tmp_path / "again/model/model.safetensors")
+    for table in ("masks/*/masks.parquet", "evaluate/*/utilities.parquet", "importance/*/importance.parquet"):
+        assert pl.read_parquet(str(out / table)).equals(pl.read_parquet(str(tmp_path / "again" / table)))
+
+
+def test_a_different_config_on_the_same_run_is_refused(finished, zoo, corpus):
+    out, _ = finished
+    with pytest.raises(UserError, match=r"holds a different run \(--sparsity: 0.5 there, 0.3 now\)"):
+        prune(zoo, corpus, out, sparsity=0.3)
+
+
+def test_too_little_data_is_refused_and_leaves_nothing(zoo, tmp_path):
+    short = tiny.text_file(tmp_path, "short.txt", sentences=3)
+    with pytest.raises(UserError, match="calibration needs 4 windows"):
+        run_prune(str(zoo["llama"]), str(short), str(tmp_path / "run"), build_config({}, SMALL))
+    assert not (tmp_path / "run").exists()
+
+
+def test_seq_len_beyond_the_context_is_refused(zoo, corpus, tmp_path):
+    with pytest.raises(UserError, match="exceeds the model's context"):
+        prune(zoo, corpus, tmp_path / "run", seq_len=4096)
+    assert not (tmp_path / "run").exists()

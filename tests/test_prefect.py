@@ -1,0 +1,39 @@
+"""The Prefect flow against a real (temporary) Prefect server."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from bonsai.stages.config import build_config
+from test_pipeline import SMALL
+
+
+def task_runs(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+
+
+def test_prune_flow_runs_each_stage_as_a_named_task(prefect_api, zoo, corpus, tmp_path):
+    from bonsai.flows.pipelines import prune_flow
+
+    config = dataclasses.asdict(build_config({}, SMALL))
+    state = prune_flow(str(zoo["qwen2"]), str(corpus), str(tmp_path / "run"), config, return_state=True)
+    assert state.is_completed()
+    summary = state.result()
+    assert summary["iterations"][-1]["sparsity"] >= 0.5
+    runs = task_runs(state.state_details.flow_run_id)
+    names = {r.name for r in runs}
+    expected = {"calibration", "export", "publish"}
+    for it in ("it00", "it01"):
+        expected |= {f"priors-{it}", f"masks-{it}", f"importance-{it}", f"select-{it}"}
+        expected |= {f"evaluate-{it}-shard{s:03d}" for s in range(3)}
+    assert names == expected
+    assert all(r.state.is_completed() for r in runs)
+    # resuming is the store's job: a second flow run finds every artifact and returns the same
+    again = prune_flow(str(zoo["qwen2"]), str(corpus), str(tmp_path / "run"), config)
+    assert again == summary

@@ -1,0 +1,73 @@
+"""Kill a real `bonsai prune` process with SIGKILL and resume it: the final model must be
+byte-identical to an uninterrupted run, and finished work must never be redone."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from bonsai.artifacts import file_digest
+from bonsai.flows.prune import run_prune
+from bonsai.stages.config import build_config
+from cli import PRUNE_SMALL, bonsai, popen
+
+
+def as_config(flags: list[str]):
+    pairs = dict(zip(flags[0::2], flags[1::2]))
+    return build_config({}, {k[2:].replace("-", "_"): v for k, v in pairs.items()})
+
+
+def manifests(run) -> dict:
+    return {p: p.stat().st_mtime_ns for p in run.glob("*/*/manifest.json")}
+
+
+def reference_digest(zoo, corpus, tmp, flags) -> str:
+    """The uninterrupted run, in process (the Prefect flow must reproduce its bytes)."""
+    summary = run_prune(str(zoo["llama-gqa"]), str(corpus), str(tmp / "reference"), as_config(flags))
+    return file_digest(f"{summary['model']}/model.safetensors")
+
+
+def test_killed_at_every_stage_resumes_to_identical_bytes(prefect_api, zoo, corpus, tmp_path):
+    args = ["prune", "--model", str(zoo["llama-gqa"]), "--data", str(corpus), "--out", str(tmp_path / "run"),
+            *PRUNE_SMALL]
+    expected = reference_digest(zoo, corpus, tmp_path, PRUNE_SMALL)
+    run = tmp_path / "run"
+    # each run resumes the one before and is killed further on (12 masks in 3 shards of
+    # 2 batches: the 3rd batch is the middle of the 2nd shard)
+    points = ["priors", "evaluate-batch#3", "importance", "slice", "export"]
+    for point in points:
+        before = manifests(run)
+        result = bonsai(args, tmp_path, BONSAI_KILL_AT=point)
+        assert result.returncode == -signal.SIGKILL, f"{point}: {result.stderr[-2000:]}"
+        after = manifests(run)
+        assert all(after.get(p) == t for p, t in before.items()), f"{point}: finished work was redone"
+        # every point lies inside a stage's build: its half-written output sits in .tmp,
+        # where no lookup reads it, and the next run clears it
+        assert list((run / ".tmp").iterdir()), f"{point}: expected a half-built artifact"
+        if point == "evaluate-batch#3":
+            shards = list(run.glob("evaluate/*/manifest.json"))
+            assert len(shards) == 1  # shard 0 done, shard 1 lost mid-way: at most one shard lost
+    final = bonsai(args, tmp_path)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "resuming" in final.stderr
+    assert file_digest(run / "model" / "model.safetensors") == expected
+
+
+def test_killed_from_outside_at_an_arbitrary_moment(prefect_api, zoo, corpus, tmp_path):
+    flags = [*PRUNE_SMALL, "--masks-per-iter", "40"]  # 10 shards per iteration: time to hit one
+    args = ["prune", "--model", str(zoo["llama-gqa"]), "--data", str(corpus), "--out", str(tmp_path / "run"), *flags]
+    expected = reference_digest(zoo, corpus, tmp_path, flags)
+    process = popen(args, tmp_path)
+    deadline = time.time() + 300
+    while len(list((tmp_path / "run").glob("evaluate/*/manifest.json"))) < 3:
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    done = manifests(tmp_path / "run")
+    final = bonsai(args, tmp_path)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert all(manifests(tmp_path / "run").get(p) == t for p, t in done.items())
+    assert file_digest(tmp_path / "run" / "model" / "model.safetensors") == expected
