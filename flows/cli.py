@@ -93,10 +93,55 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(prune)
     prune.set_defaults(handler=cmd_prune)
 
+    evaluate = sub.add_parser("eval", help="perplexity, lm-eval harness tasks and speed against the parent")
+    evaluate.add_argument("target", metavar="RUN|MODEL_DIR", help="a run directory, or any model directory")
+    _add_option_flags(evaluate, _eval_fields())
+    evaluate.set_defaults(handler=cmd_eval)
+
     demo = sub.add_parser("demo", help="train a tiny parent, prune it to 50%%, compare (about 5 min on 2 CPU cores)")
     demo.add_argument("--out", default="bonsai-demo", metavar="DIR", help="where the demo run goes (default: %(default)s)")
     demo.set_defaults(handler=cmd_demo)
     return parser
+
+
+def _eval_fields():
+    from .evaluate import EvalOptions
+
+    return dataclasses.fields(EvalOptions)
+
+
+def _add_option_flags(parser: argparse.ArgumentParser, fields) -> None:
+    """Flags from a dataclass: the dataclass is the schema, its metadata the help."""
+    for f in fields:
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+        elif f.type.startswith("tuple"):
+            parser.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="NAME", help=help_text)
+        else:
+            kind = int if f.type.startswith("int") else str
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import EvalOptions
+
+    values = {f.name: getattr(args, f.name) for f in _eval_fields() if getattr(args, f.name) not in (None, False)}
+    if "tasks" in values:  # accept "a,b c" as well as "a b c"
+        values["tasks"] = tuple(t for item in values["tasks"] for t in item.split(",") if t)
+    options = EvalOptions(**values)
+    from .evaluate import resolve_targets
+
+    resolve_targets(args.target, options)  # a wrong path or parent fails now, not after Prefect starts
+    _setup_logging()
+    from .pipelines import eval_flow
+
+    with quiet_user_errors():
+        result = eval_flow(args.target, dataclasses.asdict(options))
+    print(result["report"])
+    print(f"\nresults: {result['out']}")
+    return 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

@@ -20,6 +20,20 @@ def prune_flow(model: str, data: str, out: str, config: dict) -> dict:
     return run_prune(model, data, out, PruneConfig(**config), PrefectTasks())
 
 
+@flow(name="bonsai-eval", persist_result=False, validate_parameters=False)
+def eval_flow(target: str, options: dict) -> dict:
+    """Perplexity, harness tasks and speed of TARGET (a run or a model) and its parent."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from .evaluate import EvalOptions, run_eval
+
+    result = run_eval(target, EvalOptions(**options), PrefectTasks())
+    create_markdown_artifact(key="bonsai-eval-report", markdown=result["report"],
+                             description=f"bonsai eval {target}")
+    create_table_artifact(key="bonsai-eval-results", table=result["results"], description=f"bonsai eval {target}")
+    return result
+
+
 @flow(name="bonsai-demo", persist_result=False, validate_parameters=False)
 def demo_flow(out: str, settings: dict) -> dict:
     """Train (or reuse) a tiny parent, prune it, evaluate parent against pruned model."""

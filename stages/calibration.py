@@ -54,16 +54,24 @@ def run(parent: ArtifactRef, data: ArtifactRef, cfg: CalibrationConfig, store: S
     return store.produce("calibration", VERSION, cfg, [parent, data], build)
 
 
-def cut_windows(tokenizer, spec: str, seq_len: int, pool: int) -> tuple[list[list[int]], int]:
+def cut_windows(tokenizer, spec: str, seq_len: int, pool: int, joined: bool = False) -> tuple[list[list[int]], int]:
+    """The first ``pool`` non-overlapping windows of ``seq_len`` tokens of SOURCE, and how
+    many tokens were read.  By default each document gets the tokenizer's BOS and an EOS;
+    ``joined`` instead joins documents with a blank line under a single BOS (the usual
+    protocol for perplexity on corpora such as wikitext)."""
     eos = tokenizer.eos_token_id
-    progress = Progress("calibration: tokenizing", pool, "windows")
+    progress = Progress("tokenizing", pool, "windows")
     buffer: list[int] = []
     windows: list[list[int]] = []
-    read = 0
+    read, first = 0, True
     for text, starts, ends in documents(spec):
-        ids = tokenizer(text, add_special_tokens=starts)["input_ids"]
-        if ends and eos is not None and (not ids or ids[-1] != eos):
-            ids.append(eos)
+        if joined:
+            ids = tokenizer(text if first else "\n\n" + text, add_special_tokens=first)["input_ids"]
+        else:
+            ids = tokenizer(text, add_special_tokens=starts)["input_ids"]
+            if ends and eos is not None and (not ids or ids[-1] != eos):
+                ids.append(eos)
+        first = False
         read += len(ids)
         buffer.extend(ids)
         while len(buffer) >= seq_len and len(windows) < pool:
@@ -80,6 +88,11 @@ def draw(calibration: ArtifactRef, seed: int, iteration: int, count: int) -> lis
     total = int(calibration.info()["windows"])
     order = torch.randperm(total, generator=generator(seed, "windows", iteration))
     return order[:count].tolist()
+
+
+def iteration_windows(calibration: ArtifactRef, seed: int, iteration: int, count: int) -> torch.Tensor:
+    """The (count, seq_len) token windows iteration ``iteration`` scores everything on."""
+    return load_windows(calibration, draw(calibration, seed, iteration, count))
 
 
 def load_windows(calibration: ArtifactRef, ids: list[int]) -> torch.Tensor:

@@ -41,7 +41,7 @@ def inspect_model_dir(path: str | os.PathLike, flag: str = "--model") -> ModelIn
     except ValueError as exc:
         raise UserError(f"{flag} {path}: config.json is not valid JSON ({exc})") from None
     model_type = str(raw.get("model_type", ""))
-    remote = model_type.startswith(EXPORT_PREFIX) or "auto_map" in raw
+    remote = needs_remote_code(where)
     if not _is_causal_lm(model_type, raw.get("architectures")):
         raise UserError(f"{flag} {path}: model type {model_type or '(none)'!r} is not a causal language model")
     family = family_for_model_type(model_type)
@@ -59,6 +59,15 @@ def inspect_model_dir(path: str | os.PathLike, flag: str = "--model") -> ModelIn
     except Exception as exc:  # any failure here is a broken directory, not a bug of ours
         raise UserError(f"{flag} {path}: transformers cannot read its config ({str(exc).splitlines()[0]})") from None
     return ModelInfo(str(where.resolve()), model_type, family, remote)
+
+
+def needs_remote_code(path: str | os.PathLike) -> bool:
+    """True for directories whose config names custom classes (every Bonsai export)."""
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return str(raw.get("model_type", "")).startswith(EXPORT_PREFIX) or "auto_map" in raw
 
 
 def _is_causal_lm(model_type: str, architectures: list | None) -> bool:

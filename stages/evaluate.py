@@ -22,12 +22,11 @@ import torch
 from bonsai.artifacts import ArtifactRef, Store, kill_point
 
 from . import masks as masks_stage
-from .calibration import draw, load_windows
+from .calibration import iteration_windows
 from .masking import Taps, unit_priors, weight_terms
-from .devices import resolve_device, resolve_dtype
-from .model_io import shared_models
+from .model_io import current_model
 from .progress import Progress
-from .units import HEAD, read_keep_state
+from .units import HEAD
 from .utility import batches, row_nll
 
 VERSION = "1"
@@ -61,14 +60,12 @@ def run(
     device: str = "auto",
 ) -> ArtifactRef:
     def build(out: Path) -> dict:
-        dev = resolve_device(device)
-        state = read_keep_state(previous) if previous is not None else None
-        model, family = shared_models().get(parent, state, resolve_dtype(cfg.dtype, dev), dev)
+        model, family, dev = current_model(parent, previous, cfg.dtype, device)
         cands, table = masks_stage.read(masks)
         first = cfg.shard * cfg.shard_size
         table = table.slice(first, cfg.shard_size)
         keep = masks_stage.keep_matrix(table)
-        windows = load_windows(calibration, draw(calibration, cfg.seed, cfg.iteration, cfg.calib_samples))
+        windows = iteration_windows(calibration, cfg.seed, cfg.iteration, cfg.calib_samples)
         result = evaluate_masks(
             model, family, windows, cands, keep, cfg.batch_size, dev,
             label=f"evaluate (iteration {cfg.iteration}, shard {cfg.shard})",

@@ -38,8 +38,13 @@ class Stats:
         return cls(z(groups, features), z(groups, features), z(groups, features), z(groups))
 
     def add(self, x: torch.Tensor, row_group: torch.Tensor | None) -> None:
+        # norm reductions sum over the sequence without materialising |x| or x^2
         x = x.float()
-        per_row = (x.abs().sum(1), x.sum(1), (x * x).sum(1))  # (rows, features) each
+        per_row = (
+            torch.linalg.vector_norm(x, 1, dim=1),
+            x.sum(1),
+            torch.linalg.vector_norm(x, 2, dim=1).square(),
+        )  # (rows, features) each
         tokens = torch.full((x.shape[0],), float(x.shape[1]), dtype=torch.float64, device=x.device)
         if row_group is None:
             row_group = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
@@ -91,7 +96,9 @@ class Taps:
             x = args[0]
             mask = masks[index]
             if mask is not None:
-                x = x * mask
+                # in place when no graph is recorded: the projection's input is a temporary
+                # of the layer's forward (per-family parity tests check masked == sliced)
+                x = x.mul_(mask) if not torch.is_grad_enabled() else x * mask
             if self.stats is not None:
                 self.stats[(index, kind)].add(x, self.row_group)
             return (x, *args[1:]) if mask is not None else None

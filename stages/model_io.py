@@ -10,11 +10,11 @@ from torch import nn
 
 from bonsai.artifacts import ArtifactRef, kill_point
 
-from .checkpoints import inspect_model_dir
-from .devices import dtype_name
+from .checkpoints import inspect_model_dir, needs_remote_code
+from .devices import dtype_name, resolve_device, resolve_dtype
 from .errors import UserError
 from .slicing import slice_model
-from .units import KeepState, layer_shapes
+from .units import KeepState, layer_shapes, read_keep_state
 
 log = logging.getLogger("bonsai.model")
 
@@ -36,9 +36,10 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{path}: no usable tokenizer next to the model ({str(exc).splitlines()[0]})") from None
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=needs_remote_code(path))
+    except Exception as exc:  # the tokenizers library raises bare Exceptions for broken files
+        first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise UserError(f"{path}: no usable tokenizer next to the model ({first})") from None
 
 
 class ModelCache:
@@ -77,6 +78,15 @@ class ModelCache:
         self._key = self._model = self._state = self._full = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def current_model(parent: ArtifactRef, previous: ArtifactRef | None, dtype: str, device: str):
+    """(model, family, device) of an iteration: the parent sliced to the keep-state that the
+    previous iteration's select stage wrote (the parent itself when there is none)."""
+    dev = resolve_device(device)
+    state = read_keep_state(previous) if previous is not None else None
+    model, family = shared_models().get(parent, state, resolve_dtype(dtype, dev), dev)
+    return model, family, dev
 
 
 _shared: ModelCache | None = None

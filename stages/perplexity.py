@@ -1,9 +1,9 @@
 """Perplexity stage: exp(mean next-token NLL) over non-overlapping windows of a text source.
 
-Protocol (written next to the number): the source is tokenized as for calibration, cut
-into consecutive non-overlapping windows of ``seq_len`` tokens, the first ``max_windows``
-are scored, and each window scores its ``seq_len - 1`` next-token predictions with no
-context carried over from the window before.
+Protocol (written next to the number): the source's documents are joined by blank lines and
+tokenized under one BOS, cut into consecutive non-overlapping windows of ``seq_len`` tokens,
+the first ``max_windows`` are scored, and each window scores its ``seq_len - 1`` next-token
+predictions with no context carried over from the window before.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .devices import resolve_device, resolve_dtype
 from .model_io import load_model, load_tokenizer
 from .utility import mean_nll
 
-VERSION = "1"
+VERSION = "2"
 FILE = "perplexity.json"
 
 
@@ -38,7 +38,7 @@ class PerplexityConfig:
 def run(model: ArtifactRef, data: ArtifactRef, cfg: PerplexityConfig, store: Store, device: str = "auto") -> ArtifactRef:
     def build(out: Path) -> dict:
         tokenizer = load_tokenizer(model.path)
-        windows, _ = cut_windows(tokenizer, data.path, cfg.seq_len, cfg.max_windows)
+        windows, _ = cut_windows(tokenizer, data.path, cfg.seq_len, cfg.max_windows, joined=True)
         if not windows:
             raise UserError(f"{data.path}: too little text for one window of {cfg.seq_len} tokens")
         dev = resolve_device(device)
@@ -50,8 +50,9 @@ def run(model: ArtifactRef, data: ArtifactRef, cfg: PerplexityConfig, store: Sto
             "tokens": tokens,
             "windows": len(windows),
             "seq_len": cfg.seq_len,
-            "protocol": f"first {len(windows)} non-overlapping windows of {cfg.seq_len} tokens of {data.path}; "
-                        f"each scores its {cfg.seq_len - 1} next tokens, no context across windows",
+            "protocol": f"{data.path}: documents joined by blank lines under one BOS; the first {len(windows)} "
+                        f"non-overlapping windows of {cfg.seq_len} tokens, each scoring its {cfg.seq_len - 1} "
+                        f"next tokens with no context across windows",
         }
         (out / FILE).write_text(json.dumps(result, indent=1, sort_keys=True))
         return result

@@ -16,10 +16,9 @@ import polars as pl
 
 from bonsai.artifacts import ArtifactRef, Store, kill_point
 
-from .calibration import draw, load_windows
+from .calibration import iteration_windows
 from .masking import Taps, unit_priors
-from .devices import resolve_device, resolve_dtype
-from .model_io import shared_models
+from .model_io import current_model
 from .progress import Progress
 from .units import KINDS, KeepState, read_keep_state
 from .utility import batches, row_nll
@@ -47,10 +46,8 @@ def run(
     device: str = "auto",
 ) -> ArtifactRef:
     def build(out: Path) -> dict:
-        dev = resolve_device(device)
-        state = read_keep_state(previous) if previous is not None else None
-        model, family = shared_models().get(parent, state, resolve_dtype(cfg.dtype, dev), dev)
-        windows = load_windows(calibration, draw(calibration, cfg.seed, cfg.iteration, cfg.calib_samples))
+        model, family, dev = current_model(parent, previous, cfg.dtype, device)
+        windows = iteration_windows(calibration, cfg.seed, cfg.iteration, cfg.calib_samples)
         progress = Progress(f"priors (iteration {cfg.iteration})", windows.shape[0], "windows")
         nll, tokens = 0.0, 0
         with Taps(model, family, stat_groups=1) as taps:
@@ -61,7 +58,7 @@ def run(
                 progress.advance(stop - start)
                 kill_point("priors")
         values = unit_priors(taps)
-        keep = state if state is not None else KeepState.full(taps.shapes)
+        keep = read_keep_state(previous) if previous is not None else KeepState.full(taps.shapes)
         rows: dict[str, list] = {k: [] for k in ("layer", "kind", "unit", "position", "params", *METRICS)}
         for layer, shape in enumerate(taps.shapes):
             for kind in KINDS:

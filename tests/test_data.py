@@ -48,6 +48,14 @@ def test_saved_dataset_folder_via_hf_prefix(tmp_path):
     assert source_digest(spec) == source_digest(spec)
 
 
+def test_local_dataset_folder_via_hf_prefix(tmp_path):
+    """hf:PATH goes through datasets.load_dataset, as a hub name in the local cache would."""
+    (tmp_path / "corpus" / "data").mkdir(parents=True)
+    pl.DataFrame({"text": ["x y", "z"]}).write_parquet(tmp_path / "corpus/data/train-00000-of-00001.parquet")
+    assert texts(f"hf:{tmp_path / 'corpus'}") == ["x y", "z"]
+    assert texts(f"hf:{tmp_path / 'corpus'}::train") == ["x y", "z"]
+
+
 @pytest.mark.parametrize(
     "make, message",
     [

@@ -28,7 +28,7 @@ def text(sentences: int = 400, seed: int = 0) -> str:
     return "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 20))) + "." for _ in range(sentences))
 
 
-def tokenizer(directory: Path):
+def tokenizer(directory: Path, vocab: int = 320, seed: int = 1):
     """A byte-level BPE trained in milliseconds on the test vocabulary, saved to ``directory``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -36,9 +36,9 @@ def tokenizer(directory: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([text(200, seed=1)], trainer)
+    tok.train_from_iterator([text(200, seed=seed)], trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tok.token_to_id("<|endoftext|>"))]
     )
@@ -47,14 +47,15 @@ def tokenizer(directory: Path):
     return fast
 
 
-def model_dir(root: Path, spec: str = "llama", seed: int = 0, layers: int = 3, dtype=torch.float32, **overrides) -> Path:
+def model_dir(root: Path, spec: str = "llama", seed: int = 0, layers: int = 3, dtype=torch.float32, vocab: int = 320,
+              **overrides) -> Path:
     """Save a random-weight model of ``spec`` with its tokenizer under ``root/spec``."""
     import transformers
 
     class_name, extra = SPECS[spec]
     directory = Path(root) / spec
     directory.mkdir(parents=True, exist_ok=True)
-    tok = tokenizer(directory)
+    tok = tokenizer(directory, vocab)
     config = getattr(transformers, class_name)(
         vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
         num_attention_heads=4, max_position_embeddings=128, tie_word_embeddings=False,

@@ -1,0 +1,45 @@
+"""Shared by the benchmark scripts: the trained tiny parent, and a markdown table writer."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from bonsai.artifacts import Store  # noqa: E402
+from bonsai.stages import tiny_parent  # noqa: E402
+from bonsai.stages.paths import cache_dir  # noqa: E402
+
+# Longer than the demo's 240 steps: a parent whose units have specialised more, so that
+# pruning choices matter.  Trained once (about 11 minutes on 2 CPU cores), then cached.
+BENCH_PARENT = tiny_parent.TinyParentConfig(steps=1000)
+RESULTS = Path(__file__).parent / "results"  # run directories (ignored by git)
+PLOTS = Path(__file__).parent / "plots"  # figures referenced by BENCHMARKS.md
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    logging.getLogger("bonsai").setLevel(logging.INFO)
+
+
+def parent(steps: int | None = None):
+    """(model dir, train text, held-out text) of the benchmark parent."""
+    config = BENCH_PARENT if steps is None else tiny_parent.TinyParentConfig(steps=steps)
+    ref = tiny_parent.run(config, Store(cache_dir() / "parents"))
+    return (str(ref.file(tiny_parent.MODEL)), str(ref.file(tiny_parent.TRAIN_TEXT)),
+            str(ref.file(tiny_parent.HELDOUT_TEXT)))
+
+
+def markdown(headers: list[str], rows: list[list]) -> str:
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

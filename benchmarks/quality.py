@@ -1,0 +1,93 @@
+"""Perplexity after pruning the trained tiny parent to 50%, per estimator (the paper's Figure 2).
+
+    python benchmarks/quality.py [--seeds 0 1 2] [--masks 120] [--prune-frac 0.05]
+
+Every estimator prunes with the same candidates, windows and budget; only the importance
+estimate differs.  Runs are cached in benchmarks/results/quality/, so re-running only
+re-prints.  Writes quality.md next to them and the plot to benchmarks/plots/quality.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import common
+from bonsai.artifacts import ArtifactRef, Store, external_ref
+from bonsai.flows.prune import run_prune
+from bonsai.stages import perplexity
+from bonsai.stages.checkpoints import model_digest
+from bonsai.stages.config import PruneConfig
+from bonsai.stages.data import source_digest
+
+ESTIMATORS = ("regression", "perturbed-prior", "prior-only", "random")
+
+
+def ppl(model_dir: str, heldout: str, store: Store) -> float:
+    data = ArtifactRef("data", "text", heldout, source_digest(heldout))
+    ref = perplexity.run(external_ref("model", model_dir, model_digest(model_dir)), data,
+                         perplexity.PerplexityConfig(128, 256, 16, "float32"), store, "cpu")
+    return ref.info()["perplexity"]
+
+
+def plot(rows: list[dict], parent_ppl: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["estimator"] for r in rows))
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for i, name in enumerate(names):
+        values = [r["perplexity"] for r in rows if r["estimator"] == name]
+        ax.bar(i, sum(values) / len(values), color="tab:green" if name == "regression" else "tab:gray")
+        ax.scatter([i] * len(values), values, color="black", s=12, zorder=3)
+    ax.axhline(parent_ppl, color="tab:blue", linestyle="--", label=f"parent ({parent_ppl:.0f})")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yscale("log")
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title("Tiny LLaMA pruned to 50% of attention+MLP parameters")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--masks", type=int, default=120)
+    parser.add_argument("--prune-frac", type=float, default=0.05)
+    parser.add_argument("--out", default=str(common.RESULTS / "quality"))
+    args = parser.parse_args()
+    common.setup_logging()
+    model_dir, train, heldout = common.parent()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    evals = Store(out / "perplexity")
+    parent_ppl = ppl(model_dir, heldout, evals)
+    rows, parent_params = [], None
+    for estimator in ESTIMATORS:
+        for seed in args.seeds:
+            config = PruneConfig(sparsity=0.5, prune_frac=args.prune_frac, masks_per_iter=args.masks,
+                                 calib_samples=8, seq_len=128, batch_size=16, shard_size=20, calib_pool=512,
+                                 estimator=estimator, seed=seed, device="cpu")
+            start = time.perf_counter()
+            summary = run_prune(model_dir, train, str(out / f"{estimator}-seed{seed}"), config)
+            last = summary["iterations"][-1]
+            parent_params = last["parent_params"]
+            rows.append({"estimator": estimator, "seed": seed, "sparsity": last["sparsity"],
+                         "parameters": last["model_params"], "perplexity": ppl(summary["model"], heldout, evals),
+                         "wall_s": time.perf_counter() - start})
+    table = common.markdown(
+        ["estimator", "seed", "attn+MLP sparsity", "parameters", "held-out perplexity"],
+        [["parent", "-", 0.0, parent_params, parent_ppl]]
+        + [[r["estimator"], r["seed"], r["sparsity"], r["parameters"], r["perplexity"]] for r in rows],
+    )
+    (out / "quality.md").write_text(table + "\n")
+    plot(rows, parent_ppl, common.PLOTS / "quality.png")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
