@@ -16,7 +16,7 @@ from .lock import RunLock
 from .store import Store, write_text_atomic
 
 IDENTITY_FILE = "run.json"
-_OWN = {IDENTITY_FILE, ".lock", ".tmp"}
+_OWN = {IDENTITY_FILE, ".lock", ".tmp", ".work"}
 
 
 class RunMismatch(Exception):

@@ -5,6 +5,7 @@ Layout under the run directory::
     RUN/<stage>/<key>/manifest.json   written last; its presence means "complete"
     RUN/<stage>/<key>/<files...>      the stage's tables, tensors, model files
     RUN/.tmp/                         directories being built; never read, wiped on start
+    RUN/.work/<stage>-<key>/          checkpoints of long builds; kept across kills
 
 A key hashes (stage name, stage VERSION, canonical config, upstream digests), so a
 re-run finds finished work by recomputing keys: no database, no Prefect cache.  An
@@ -171,6 +172,13 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return ArtifactRef(stage=stage, key=key, path=str(final), digest=manifest["digest"])
+
+    def workdir(self, stage: str, key: str) -> Path:
+        """Scratch that survives kills (checkpoints of a long build), unlike ``.tmp``.
+        The stage removes it once its artifact is complete."""
+        where = self.root / ".work" / f"{stage}-{key}"
+        where.mkdir(parents=True, exist_ok=True)
+        return where
 
     def clear_partial(self) -> int:
         """Remove directories left by killed builds.  Call only while holding the run lock."""

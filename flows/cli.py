@@ -93,10 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(prune)
     prune.set_defaults(handler=cmd_prune)
 
+    adapt = sub.add_parser("adapt", help="LoRA + distillation from cached parent logits on a pruned run")
+    adapt.add_argument("run", metavar="RUN", help="a run directory with a pruned model")
+    _add_option_flags(adapt, _fields("adapt"))
+    adapt.set_defaults(handler=cmd_adapt)
+
     evaluate = sub.add_parser("eval", help="perplexity, lm-eval harness tasks and speed against the parent")
     evaluate.add_argument("target", metavar="RUN|MODEL_DIR", help="a run directory, or any model directory")
-    _add_option_flags(evaluate, _eval_fields())
+    _add_option_flags(evaluate, _fields("eval"))
     evaluate.set_defaults(handler=cmd_eval)
+
+    chain = sub.add_parser("run", help="prune -> adapt -> eval as one flow, from a run file")
+    chain.add_argument("--config", required=True, metavar="RUN_YAML", help="run file (see configs/runs/example.yaml)")
+    chain.set_defaults(handler=cmd_run)
 
     demo = sub.add_parser("demo", help="train a tiny parent, prune it to 50%%, compare (about 5 min on 2 CPU cores)")
     demo.add_argument("--out", default="bonsai-demo", metavar="DIR", help="where the demo run goes (default: %(default)s)")
@@ -104,10 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _eval_fields():
-    from .evaluate import EvalOptions
+def _fields(command: str):
+    """The option dataclass of a command: its fields are the command's flags."""
+    if command == "adapt":
+        from .adapt import AdaptOptions as options
+    else:
+        from .evaluate import EvalOptions as options
+    return dataclasses.fields(options)
 
-    return dataclasses.fields(EvalOptions)
+
+def _options(cls, args: argparse.Namespace, command: str):
+    values = {f.name: getattr(args, f.name) for f in _fields(command) if getattr(args, f.name) not in (None, False)}
+    if "tasks" in values:  # accept "a,b c" as well as "a b c"
+        values["tasks"] = tuple(t for item in values["tasks"] for t in item.split(",") if t)
+    return cls(**values)
 
 
 def _add_option_flags(parser: argparse.ArgumentParser, fields) -> None:
@@ -120,17 +139,35 @@ def _add_option_flags(parser: argparse.ArgumentParser, fields) -> None:
         elif f.type.startswith("tuple"):
             parser.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="NAME", help=help_text)
         else:
-            kind = int if f.type.startswith("int") else str
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, help=help_text)
+            kind = int if f.type.startswith("int") else float if f.type == "float" else str
+            parser.add_argument(flag, dest=f.name, type=kind, default=None,
+                                help=f"{help_text} (default: {f.default})" if f.default not in (None, ()) else help_text)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from .adapt import AdaptOptions, plan
+
+    options = _options(AdaptOptions, args, "adapt")
+    plan(args.run, options)  # a wrong run or option fails now, not after Prefect starts
+    _setup_logging()
+    from .pipelines import adapt_flow
+
+    with quiet_user_errors():
+        summary = adapt_flow(args.run, dataclasses.asdict(options))
+    per_1000 = summary["teacher_cache_bytes_per_1000_sequences"]
+    print(f"adapted model: {summary['adapted']} (merged)")
+    if summary["adapter"]:
+        print(f"LoRA adapter:  {summary['adapter']} (PeftModel.from_pretrained over {args.run}/model)")
+    print(f"final loss {summary['final_loss']:.4f} (task {summary['final_task_loss']:.4f}) after {summary['steps']} steps")
+    if per_1000:
+        print(f"teacher cache: {summary['teacher_cache_bytes'] / 2**20:.1f} MiB, {per_1000 / 2**20:.1f} MiB per 1,000 sequences")
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import EvalOptions
 
-    values = {f.name: getattr(args, f.name) for f in _eval_fields() if getattr(args, f.name) not in (None, False)}
-    if "tasks" in values:  # accept "a,b c" as well as "a b c"
-        values["tasks"] = tuple(t for item in values["tasks"] for t in item.split(",") if t)
-    options = EvalOptions(**values)
+    options = _options(EvalOptions, args, "eval")
     from .evaluate import resolve_targets
 
     resolve_targets(args.target, options)  # a wrong path or parent fails now, not after Prefect starts
@@ -158,6 +195,26 @@ def cmd_prune(args: argparse.Namespace) -> int:
     with quiet_user_errors():
         summary = prune_flow(args.model, args.data, args.out, dataclasses.asdict(config))
     print(iteration_table(summary))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .chain import load_spec
+    from .setup import open_run, prepare
+
+    spec = load_spec(args.config)
+    open_run(prepare(spec.model, spec.data, spec.out, spec.prune), probe=True)
+    _setup_logging()
+    from .pipelines import chain_flow
+    from .report import iteration_table
+
+    with quiet_user_errors():
+        result = chain_flow(spec.to_dict())
+    print(iteration_table(result["prune"]))
+    if "adapt" in result:
+        print(f"\nadapted model: {result['adapt']['adapted']} (final loss {result['adapt']['final_loss']:.4f})")
+    if "eval" in result:
+        print("\n" + result["eval"]["report"] + f"\nresults: {result['eval']['out']}")
     return 0
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bonsai.artifacts import ArtifactRef, Store, external_ref
-from bonsai.stages import eval_report, harness, perplexity, speed
 from bonsai.stages.checkpoints import inspect_model_dir, model_digest
 from bonsai.stages.data import describe, source_digest
 from bonsai.stages.errors import UserError
@@ -99,6 +98,10 @@ def ppl_source(options: EvalOptions) -> str | None:
 
 
 def run_eval(target: str, options: EvalOptions, execute: Executor = Inline()) -> dict:
+    # imported here, not at the top: the CLI builds its flags from EvalOptions and checks
+    # targets before torch, transformers and lm-eval are loaded
+    from bonsai.stages import eval_report, harness, perplexity, speed
+
     targets = resolve_targets(target, options)
     source = ppl_source(options)
     spec = harness.resolve_tasks(list(options.tasks)) if options.tasks else None

@@ -20,6 +20,14 @@ def prune_flow(model: str, data: str, out: str, config: dict) -> dict:
     return run_prune(model, data, out, PruneConfig(**config), PrefectTasks())
 
 
+@flow(name="bonsai-adapt", persist_result=False, validate_parameters=False)
+def adapt_flow(run: str, options: dict) -> dict:
+    """Cache the parent's logits, then adapt RUN's pruned model with LoRA and distillation."""
+    from .adapt import AdaptOptions, run_adapt
+
+    return run_adapt(run, AdaptOptions(**options), PrefectTasks())
+
+
 @flow(name="bonsai-eval", persist_result=False, validate_parameters=False)
 def eval_flow(target: str, options: dict) -> dict:
     """Perplexity, harness tasks and speed of TARGET (a run or a model) and its parent."""
@@ -32,6 +40,14 @@ def eval_flow(target: str, options: dict) -> dict:
                              description=f"bonsai eval {target}")
     create_table_artifact(key="bonsai-eval-results", table=result["results"], description=f"bonsai eval {target}")
     return result
+
+
+@flow(name="bonsai-run", persist_result=False, validate_parameters=False)
+def chain_flow(spec: dict) -> dict:
+    """prune -> adapt -> eval, as a run file describes them (see flows/chain.py)."""
+    from .chain import ChainSpec, run_chain
+
+    return run_chain(ChainSpec.from_dict(spec), PrefectTasks())
 
 
 @flow(name="bonsai-demo", persist_result=False, validate_parameters=False)

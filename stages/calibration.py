@@ -41,8 +41,8 @@ def run(parent: ArtifactRef, data: ArtifactRef, cfg: CalibrationConfig, store: S
             need = cfg.min_windows * cfg.seq_len
             raise UserError(
                 f"--data {data.path}: {tokens_read} tokens make {len(windows)} windows of {cfg.seq_len}; "
-                f"calibration needs {cfg.min_windows} windows ({need} tokens): give more text or lower "
-                f"--calib-samples / --seq-len"
+                f"at least {cfg.min_windows} windows ({need} tokens) are needed: give more text, or ask for "
+                f"fewer or shorter windows"
             )
         table = pl.DataFrame(
             {"window": list(range(len(windows))), "tokens": windows},

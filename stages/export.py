@@ -87,8 +87,8 @@ def remote_code(base_model_type: str) -> str:
     return source.replace(_BASE_LINE, f'BASE_MODEL_TYPE = "{base_model_type}"')
 
 
-def publish(exported: ArtifactRef, destination: str | os.PathLike) -> str:
-    """Make ``destination`` (RUN/model) the exported model, replacing it atomically.
+def publish(exported: ArtifactRef, destination: str | os.PathLike, subdir: str = MODEL) -> str:
+    """Make ``destination`` (RUN/model) a copy of the artifact's ``subdir``, replaced atomically.
 
     Files are hard-linked where the filesystem allows (a 13 GB model is not copied); an
     edit to RUN/model then shows up as a corrupted artifact and is recomputed on the next run.
@@ -97,7 +97,7 @@ def publish(exported: ArtifactRef, destination: str | os.PathLike) -> str:
     scratch = destination.parent / ".tmp"
     scratch.mkdir(parents=True, exist_ok=True)
     fresh = scratch / f"publish-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(exported.file(MODEL), fresh, copy_function=_link_or_copy)
+    shutil.copytree(exported.file(subdir), fresh, copy_function=_link_or_copy)
     if destination.exists():
         old = scratch / f"replaced-{uuid.uuid4().hex[:8]}"
         os.replace(destination, old)

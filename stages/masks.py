@@ -2,10 +2,11 @@
 
 Per layer and kind, the top (1 - 2 p_iter) of the current units by prior are fixed (always
 kept); the bottom 2 p_iter are the *candidates* (rounded up, so a layer with one head left
-still has a candidate).  Each sampled sub-model keeps half of every group of candidates,
-chosen without replacement with probability growing with the prior (Gumbel top-k on
-log prior), and is followed by its complement, which keeps the other half (Algorithm 1,
-lines 4-6; complements reduce the regression's variance, Covert & Lee 2020).
+still has a candidate).  Each sampled sub-model keeps half of every group of candidates
+(an odd group rounds up or down at random), chosen without replacement with probability
+growing with the prior (Gumbel top-k on log prior), and is followed by its complement,
+which keeps the other half (Algorithm 1, lines 4-6; complements reduce the regression's
+variance, Covert & Lee 2020).
 
 Candidates also define what later stages may remove, whatever the estimator, so the
 Figure 2 ablations differ only in how importance is estimated.
@@ -27,7 +28,7 @@ from bonsai.artifacts import ArtifactRef, Store
 from . import priors as priors_stage
 from .rng import generator
 
-VERSION = "1"
+VERSION = "2"
 CANDIDATES = "candidates.parquet"
 MASKS = "masks.parquet"
 
@@ -95,9 +96,13 @@ def sample(cands: pl.DataFrame, count: int, gen: torch.Generator) -> tuple[np.nd
             idx = torch.tensor(members, dtype=torch.long)
             uniform = torch.rand(pairs, len(members), generator=gen, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
             keys = log_prior[idx].unsqueeze(0) - torch.log(-torch.log(uniform))
-            kept = keys.topk(len(members) - len(members) // 2, dim=1).indices
-            rows = torch.arange(pairs).unsqueeze(1).expand_as(kept)
-            keep[rows.numpy(), idx[kept].numpy()] = True
+            # an odd group keeps floor or ceil of half at random, per pair: otherwise a lone
+            # candidate would be kept by every mask and dropped by every complement, and all
+            # such units would be perfectly collinear in the regression
+            count = len(members) // 2 + (torch.rand(pairs, generator=gen) < 0.5).long() * (len(members) % 2)
+            rank = keys.argsort(dim=1, descending=True).argsort(dim=1)
+            chosen = rank < count.unsqueeze(1)
+            keep[:, idx.numpy()] = chosen.numpy()
     both = np.empty((2 * pairs, n), dtype=bool)
     both[0::2], both[1::2] = keep, ~keep
     pair = np.repeat(np.arange(pairs), 2)

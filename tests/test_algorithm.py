@@ -46,14 +46,27 @@ def test_candidates_are_the_bottom_two_p_of_each_group():
 
 
 def test_each_mask_drops_half_of_every_group_and_its_complement_the_other_half():
-    table = priors_table({(0, CHANNEL): list(range(1, 11)), (1, CHANNEL): list(range(1, 11))})
-    cands = masks.candidates(table, prune_frac=0.25, prior="wanda")  # 5 candidates per layer
+    table = priors_table({(0, CHANNEL): list(range(1, 11)), (1, CHANNEL): list(range(1, 13))})
+    cands = masks.candidates(table, prune_frac=0.25, prior="wanda")  # 5 and 6 candidates
     keep, pair, complement = masks.sample(cands, 7, generator(0, "t"))
-    assert keep.shape == (8, 10) and list(pair) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert keep.shape == (8, 11) and list(pair) == [0, 0, 1, 1, 2, 2, 3, 3]
     layer = cands["layer"].to_numpy()
     for row in range(0, 8, 2):
         assert (keep[row] == ~keep[row + 1]).all() and not complement[row] and complement[row + 1]
-        assert keep[row][layer == 0].sum() == 3 and keep[row][layer == 1].sum() == 3
+        assert keep[row][layer == 0].sum() in (2, 3) and keep[row][layer == 1].sum() == 3
+
+
+def test_lone_candidates_are_kept_independently_of_each_other():
+    """One candidate per layer must not be kept by every mask (it would be collinear with
+    every other lone candidate and with the mask/complement split)."""
+    table = priors_table({(layer, HEAD): [1.0, 5.0, 5.0, 5.0] for layer in range(4)})
+    cands = masks.candidates(table, prune_frac=0.1, prior="wanda")  # ceil(0.8) = 1 per layer
+    assert cands.height == 4
+    keep, _, _ = masks.sample(cands, 400, generator(0, "lone"))
+    primaries = keep[0::2].astype(float)
+    assert abs(primaries.mean() - 0.5) < 0.08
+    correlation = np.corrcoef(primaries.T)
+    assert np.abs(correlation[~np.eye(4, dtype=bool)]).max() < 0.2
 
 
 def test_sampling_is_seeded_and_favours_high_priors():

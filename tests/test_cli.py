@@ -61,7 +61,7 @@ def test_model_problems(corpus, tmp_path):
 def test_too_little_text_found_inside_the_flow(prefect_api, zoo, tmp_path):
     short = tiny.text_file(tmp_path, "short.txt", sentences=3)
     result = bonsai(prune_args(zoo["llama"], short, tmp_path / "run"), tmp_path)
-    assert_one_line_error(result, "calibration needs 4 windows")
+    assert_one_line_error(result, "at least 4 windows")
     assert not (tmp_path / "run").exists()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,39 @@ def test_every_field_is_a_prune_flag_with_the_issue_names():
     for field in config_fields():
         assert hasattr(args, field.name)
     assert (args.masks_per_iter, args.estimator, args.seed) == (4, "perturbed-prior", 3)
+
+
+def test_the_command_line_answers_bad_input_before_loading_torch():
+    """Flags come from option dataclasses; building them must not import the heavy stack."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bonsai.flows.cli as cli; cli.build_parser()\n"
+            "heavy = [m for m in ('torch', 'transformers', 'prefect', 'lm_eval') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+RUN_FILES = sorted((Path(__file__).parent.parent / "configs" / "runs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("run_file", RUN_FILES, ids=[p.stem for p in RUN_FILES])
+def test_every_run_file_is_valid(run_file):
+    from bonsai.flows.chain import load_spec
+
+    spec = load_spec(run_file)
+    assert spec.prune.sparsity > 0 and Path(spec.out).is_absolute()
+
+
+def test_run_file_problems_are_one_line(tmp_path):
+    from bonsai.flows.chain import load_spec
+
+    bad = tmp_path / "run.yaml"
+    for text, message in [("adapt: {steps: 3}\n", "needs a 'prune' section"),
+                          ("prune: {model: m, data: d}\n", "the prune section needs out"),
+                          ("prune: {model: m, data: d, out: o}\nextra: {}\n", "unknown section(s) extra"),
+                          ("prune: {model: m, data: d, out: o}\nadapt: {stepz: 3}\n", "unknown option(s) stepz"),
+                          ("prune: {model: m, data: d, out: o, sparsity: 3}\n", "--sparsity must be in (0, 1)")]:
+        bad.write_text(text)
+        with pytest.raises(UserError, match=re.escape(message)):
+            load_spec(bad)
