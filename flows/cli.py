@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     chain.add_argument("--config", required=True, metavar="RUN_YAML", help="run file (see configs/runs/example.yaml)")
     chain.set_defaults(handler=cmd_run)
 
+    families = sub.add_parser("families", help="the supported model families and what is pruned in each")
+    families.set_defaults(handler=cmd_families)
+
     demo = sub.add_parser("demo", help="train a tiny parent, prune it to 50%%, compare (about 5 min on 2 CPU cores)")
     demo.add_argument("--out", default="bonsai-demo", metavar="DIR", help="where the demo run goes (default: %(default)s)")
     demo.set_defaults(handler=cmd_demo)
@@ -215,6 +218,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\nadapted model: {result['adapt']['adapted']} (final loss {result['adapt']['final_loss']:.4f})")
     if "eval" in result:
         print("\n" + result["eval"]["report"] + f"\nresults: {result['eval']['out']}")
+    return 0
+
+
+def cmd_families(args: argparse.Namespace) -> int:
+    from bonsai.stages.families import FAMILIES
+
+    from .report import table
+
+    rows = []
+    for family in FAMILIES.values():
+        heads = f"KV groups: {'+'.join(family.query + family.key_value)} rows, {family.attention_out} columns"
+        channels = f"{'+'.join(family.mlp_in)} rows, {family.mlp_out} columns"
+        rows.append([family.name, ", ".join(family.model_types), heads, channels, f"{family.tolerance:g}", family.notes])
+    print(table(["family", "model types", "heads pruned as", "channels pruned as", "tolerance", "notes"], rows))
+    print("\ntolerance: largest |logit| difference between the masked parent and the sliced export in float32,"
+          "\nchecked for every family by tests/test_families.py.  A new family is one module in stages/families/.")
     return 0
 
 

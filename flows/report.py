@@ -4,9 +4,14 @@ from __future__ import annotations
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:
+    """Numbers right-aligned, text left-aligned."""
     cells = [[_fmt(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda values: "  ".join(v.rjust(w) for v, w in zip(values, widths))  # noqa: E731
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) for i in range(len(headers))]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
+
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 
 import polars as pl
 import pytest
@@ -18,13 +16,14 @@ from bonsai.stages import adapt, calibration
 from bonsai.stages.config import build_config
 from bonsai.stages.distill import distill_kl
 from bonsai.stages.errors import UserError
-from bonsai.stages.families import FAMILIES
+from bonsai.stages.families import family_for_model_type
 from bonsai.stages.logits import top_k_logprobs
 from bonsai.stages.model_io import load_model
 from bonsai.stages.units import layer_shapes
+import tiny
 from cli import bonsai
 from test_cli import assert_one_line_error
-from test_families import _RELOAD, awkward_state, export_state
+from test_families import awkward_state, export_state, reload_elsewhere
 from test_pipeline import SMALL
 
 QUICK = dict(steps=6, lora_rank=4, lora_alpha=16, sequences=16, batch_size=4, checkpoint_every=2,
@@ -71,9 +70,7 @@ def test_adapted_model_loads_without_bonsai_and_equals_the_adapter(pruned, adapt
 
     ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     torch.save(ids, tmp_path / "ids.pt")
-    (tmp_path / "reload.py").write_text(_RELOAD)
-    subprocess.run([sys.executable, "-I", str(tmp_path / "reload.py"), str(pruned / "adapted"),
-                    str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")], check=True, capture_output=True, timeout=300)
+    reload_elsewhere(tmp_path, [(pruned / "adapted", tmp_path / "ids.pt", tmp_path / "out.pt")])
     merged = torch.load(tmp_path / "out.pt")["logits"]
     base = AutoModelForCausalLM.from_pretrained(pruned / "model", trust_remote_code=True)
     with torch.no_grad():
@@ -92,12 +89,13 @@ def test_teacher_cache_index_covers_every_sequence(pruned, adapted):
     assert history.height == QUICK["steps"] and (history["distill"] > 0).all()
 
 
-def test_lora_trains_through_layers_with_no_heads_or_channels(zoo, corpus, tmp_path):
-    model = load_model(zoo["qwen2"], torch.float32, torch.device("cpu"))
-    family = FAMILIES["qwen2"]
-    student_dir = export_state(tmp_path, zoo["qwen2"], awkward_state(layer_shapes(model, family)), family, model)
+@pytest.mark.parametrize("spec", list(tiny.SPECS))
+def test_lora_trains_through_layers_with_no_heads_or_channels(zoo, corpus, tmp_path, spec):
+    model = load_model(zoo[spec], torch.float32, torch.device("cpu"))
+    family = family_for_model_type(model.config.model_type)
+    student_dir = export_state(tmp_path, zoo[spec], awkward_state(layer_shapes(model, family)), family, model)
     store = Store(tmp_path / "adapt")
-    parent = external_ref("parent", zoo["qwen2"], "p" * 64)
+    parent = external_ref("parent", zoo[spec], "p" * 64)
     windows = calibration.run(parent, external_ref("data", corpus, "d" * 64),
                               calibration.CalibrationConfig(32, 8, 4), store)
     cfg = adapt.AdaptConfig(steps=3, batch_size=4, lr=1e-3, lora_rank=4, lora_alpha=8, distill_weight=0.0,

@@ -91,16 +91,24 @@ _RELOAD = textwrap.dedent(
                 raise ImportError("bonsai is not installed here")
     sys.meta_path.insert(0, NoBonsai())
     from transformers import AutoModelForCausalLM
-    directory, ids_file, out_file = sys.argv[1:4]
-    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32).eval()
-    ids = torch.load(ids_file)
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits
-        generated = model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False)
-    torch.save({"logits": logits, "generated": generated, "class": type(model).__name__,
-                "params": sum(p.numel() for p in model.parameters())}, out_file)
+    for directory, ids_file, out_file in zip(*[iter(sys.argv[1:])] * 3):
+        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32).eval()
+        ids = torch.load(ids_file)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+            generated = model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False)
+        torch.save({"logits": logits, "generated": generated, "class": type(model).__name__,
+                    "params": sum(p.numel() for p in model.parameters())}, out_file)
     """
 )
+
+
+def reload_elsewhere(tmp_path, jobs: list[tuple]) -> None:
+    """Load each (directory, ids file, output file) in one interpreter that has no bonsai."""
+    script = tmp_path / "reload.py"
+    script.write_text(_RELOAD)
+    args = [str(x) for job in jobs for x in job]
+    subprocess.run([sys.executable, "-I", str(script), *args], check=True, capture_output=True, timeout=600)
 
 
 def export_state(tmp_path, model_dir, state: KeepState, family, model):
@@ -117,28 +125,39 @@ def export_state(tmp_path, model_dir, state: KeepState, family, model):
     return ref.file(export.MODEL)
 
 
+@pytest.fixture(scope="module")
+def exports(zoo, tmp_path_factory):
+    """Every family pruned awkwardly, exported, and reloaded in a clean interpreter."""
+    root = tmp_path_factory.mktemp("exports")
+    cases, jobs = {}, []
+    for spec in SPECS:
+        model = load_model(zoo[spec], torch.float32, torch.device("cpu"))
+        family = family_for_model_type(model.config.model_type)
+        state = awkward_state(layer_shapes(model, family))
+        ids = ids_for(model)
+        directory = export_state(root / spec, zoo[spec], state, family, model)
+        torch.save(ids, root / f"{spec}-ids.pt")
+        jobs.append((directory, root / f"{spec}-ids.pt", root / f"{spec}-out.pt"))
+        slice_model(model, family, state)  # the in-process sliced model, for the parameter count
+        cases[spec] = {"expected": masked_logits(load_model(zoo[spec], torch.float32, torch.device("cpu")),
+                                                 family, state, ids),
+                       "directory": directory, "family": family, "out": root / f"{spec}-out.pt",
+                       "params": sum(p.numel() for p in model.parameters()), "model_type": model.config.model_type}
+    reload_elsewhere(root, jobs)
+    return cases
+
+
 @pytest.mark.parametrize("spec", SPECS)
-def test_export_reloads_without_bonsai_and_matches_masked_parent(zoo, spec, tmp_path):
-    model = load_model(zoo[spec], torch.float32, torch.device("cpu"))
-    family = family_for_model_type(model.config.model_type)
-    state = awkward_state(layer_shapes(model, family))
-    ids = ids_for(model)
-    expected = masked_logits(model, family, state, ids)
-    directory = export_state(tmp_path, zoo[spec], state, family, model)
-    config = json.loads((directory / "config.json").read_text())
-    assert config["model_type"] == f"bonsai_{family.name}"
+def test_export_reloads_without_bonsai_and_matches_masked_parent(exports, spec):
+    case = exports[spec]
+    config = json.loads((case["directory"] / "config.json").read_text())
+    assert config["model_type"] == f"bonsai_{case['model_type']}"
     assert config["layer_num_key_value_heads"][0] == 0 and config["layer_intermediate_sizes"][1] == 0
-    torch.save(ids, tmp_path / "ids.pt")
-    script = tmp_path / "reload.py"
-    script.write_text(_RELOAD)
-    subprocess.run([sys.executable, "-I", str(script), str(directory), str(tmp_path / "ids.pt"),
-                    str(tmp_path / "out.pt")], check=True, capture_output=True, timeout=300)
-    out = torch.load(tmp_path / "out.pt")
+    out = torch.load(case["out"])
     assert out["class"] == "BonsaiForCausalLM"
-    assert (out["logits"] - expected).abs().max().item() < 1e-4
+    assert (out["logits"] - case["expected"]).abs().max().item() < 1e-4
     assert out["generated"].shape == (1, 10)
-    slice_model(model, family, state)
-    assert out["params"] == sum(p.numel() for p in model.parameters())
+    assert out["params"] == case["params"]
 
 
 def test_unsupported_model_type_names_supported_ones(tmp_path):
@@ -155,3 +174,13 @@ def test_unsupported_model_type_names_supported_ones(tmp_path):
     assert "'gpt2' is not supported" in message and "stages/families/" in message
     for name in supported_model_types():
         assert name in message
+
+
+def test_families_command_lists_every_family_with_its_tolerance():
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "bonsai.flows.cli", "families"], capture_output=True, text=True,
+                         check=True).stdout
+    for family in FAMILIES.values():
+        line = next(l for l in out.splitlines() if l.strip().startswith(family.name + " "))
+        assert f"{family.tolerance:g}" in line and family.attention_out in line and family.mlp_out in line

@@ -20,6 +20,12 @@ SPECS = {
     "llama-gqa": ("LlamaConfig", {"num_key_value_heads": 2}),
     "mistral": ("MistralConfig", {"num_key_value_heads": 2, "sliding_window": 16}),
     "qwen2": ("Qwen2Config", {"num_key_value_heads": 2}),
+    "qwen3": ("Qwen3Config", {"num_key_value_heads": 2, "head_dim": 16}),
+    "phi": ("PhiConfig", {"num_key_value_heads": 4, "partial_rotary_factor": 0.5, "qk_layernorm": True}),
+    "gemma": ("GemmaConfig", {"num_key_value_heads": 2, "head_dim": 16}),
+    "gemma2": ("Gemma2Config", {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": 8,
+                                "attn_logit_softcapping": 30.0, "final_logit_softcapping": 20.0,
+                                "query_pre_attn_scalar": 16}),
 }
 
 

@@ -7,10 +7,12 @@ list in tests/test_families.py, which checks masking, slicing, export and reload
 
 from __future__ import annotations
 
-from . import llama, mistral, qwen2
+from . import gemma, llama, mistral, phi, qwen2, qwen3
 from .base import Family
 
-_REGISTERED: tuple[Family, ...] = (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY)
+_REGISTERED: tuple[Family, ...] = (
+    llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY, phi.FAMILY, gemma.FAMILY,
+)
 
 FAMILIES: dict[str, Family] = {f.name: f for f in _REGISTERED}
 

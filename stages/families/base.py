@@ -24,7 +24,8 @@ class Family:
     mlp: str = "mlp"
     mlp_in: tuple[str, ...] = ("gate_proj", "up_proj")
     mlp_out: str = "down_proj"
-    tolerance: float = 1e-5  # max |logit| gap, masked parent vs sliced export, float32
+    tolerance: float = 1e-5  # max |logit| gap, masked parent vs sliced export, float32 (tested)
+    notes: str = ""  # what differs from LLaMA, shown by `bonsai families`
 
     def layout(self) -> dict:
         """The module names, as written into an exported config for the remote code."""

@@ -2,4 +2,4 @@
 
 from .base import Family
 
-FAMILY = Family(name="llama", model_types=("llama",))
+FAMILY = Family(name="llama", model_types=("llama",), notes="RMSNorm, SwiGLU; MHA or GQA")

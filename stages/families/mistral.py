@@ -2,4 +2,4 @@
 
 from .base import Family
 
-FAMILY = Family(name="mistral", model_types=("mistral",))
+FAMILY = Family(name="mistral", model_types=("mistral",), notes="GQA, sliding-window attention")

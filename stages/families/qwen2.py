@@ -2,4 +2,4 @@
 
 from .base import Family
 
-FAMILY = Family(name="qwen2", model_types=("qwen2",))
+FAMILY = Family(name="qwen2", model_types=("qwen2",), notes="q/k/v biases sliced with their rows")
