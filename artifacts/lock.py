@@ -36,6 +36,27 @@ class RunLock:
         self._fd = fd
         return self
 
+    def holder(self) -> str | None:
+        """The pid holding the lock, or None, without taking it (so a status query never
+        makes a starting run fail).  Reads /proc/locks; elsewhere probes and lets go."""
+        if not self.path.is_file():
+            return None
+        locks = Path("/proc/locks")
+        if locks.is_file():
+            stat = os.stat(self.path)
+            target = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"
+            for line in locks.read_text().splitlines():
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5] == target:
+                    return fields[4]
+            return None
+        try:
+            self.acquire()
+        except RunLocked as exc:
+            return exc.pid or "?"
+        self.release()
+        return None
+
     def release(self) -> None:
         if self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 from bonsai.stages.config import build_config, config_fields, load_preset
 from bonsai.stages.errors import UserError
@@ -18,6 +19,9 @@ PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     # Send the stages' own log lines (progress included) to the Prefect run logs as well.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "bonsai",
+    # The stages report progress as log lines; transformers' bars would interleave with them.
+    # An environment variable, so that flow runs in child processes (schedules, Dask) see it.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 
@@ -56,16 +60,60 @@ def quiet_user_errors():
             handler.removeFilter(hide)
 
 
-def _setup_logging() -> None:
-    """Prefect's logging setup (run when it is imported) owns the console; the stages'
-    ``bonsai.*`` loggers propagate to it.  Transformers' own progress bars are turned off:
-    the stages report progress as log lines, which also reach the Prefect UI."""
-    prefect_environment()
-    import prefect  # noqa: F401  (configures logging)
-    from transformers.utils import logging as hf_logging
+def _start_prefect(workers: bool = False) -> None:
+    """Before a flow runs: a configured Prefect server must answer (else one clear line,
+    nothing started); Prefect's logging setup (run when it is imported) owns the console and
+    the stages' ``bonsai.*`` loggers propagate to it."""
+    url = _prefect_server()
+    if not url and workers:
+        # Dask workers are other processes: without this they would each start a temporary
+        # server of their own.  Start Prefect's one here and hand its address down.
+        from prefect.server.api.server import SubprocessASGIServer
 
-    hf_logging.disable_progress_bar()
+        server = SubprocessASGIServer()
+        server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+        os.environ["PREFECT_API_URL"] = server.api_url
+    elif url:
+        import httpx
+
+        try:
+            httpx.get(url.rstrip("/") + "/health", timeout=10).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise UserError(f"cannot reach the Prefect server at {url} (PREFECT_API_URL: {exc.__class__.__name__}); "
+                            f"nothing was started and the run directory is untouched: start the server "
+                            f"(`prefect server start`) or unset PREFECT_API_URL to use a temporary one") from None
     logging.getLogger("bonsai").setLevel(logging.INFO)
+
+
+def _runner(args: argparse.Namespace) -> str | None:
+    """The Dask scheduler address to use, checked now, or None for sequential shards."""
+    if args.runner != "dask":
+        if args.dask_address:
+            raise UserError("--dask-address goes with --runner dask")
+        return None
+    address = args.dask_address
+    if not address:
+        raise UserError("--runner dask needs --dask-address tcp://HOST:PORT (a running scheduler) or local:N")
+    if address.startswith("local:"):
+        count = address.split(":", 1)[1]
+        if not count.isdigit() or int(count) < 1:
+            raise UserError(f"--dask-address {address}: local:N needs a number of workers N >= 1")
+        return address
+    from distributed import Client
+
+    try:
+        Client(address, timeout="10s").close()
+    except (OSError, TimeoutError) as exc:
+        raise UserError(f"cannot reach the Dask scheduler at {address} ({exc.__class__.__name__}); nothing was "
+                        f"started and the run directory is untouched: start the scheduler or drop --runner dask") from None
+    return address
+
+
+def _add_runner_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runner", choices=["local", "dask"], default="local",
+                        help="where evaluation shards run: this process, or Dask workers (default: local)")
+    parser.add_argument("--dask-address", metavar="ADDR",
+                        help="tcp://HOST:PORT of a Dask scheduler, or local:N to start N local workers")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -91,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", required=True, metavar="RUN", help="run directory (created, or resumed)")
     prune.add_argument("--config", metavar="PRESET", help="YAML preset of the options below (flags override it)")
     _add_config_flags(prune)
+    _add_runner_flags(prune)
     prune.set_defaults(handler=cmd_prune)
 
     adapt = sub.add_parser("adapt", help="LoRA + distillation from cached parent logits on a pruned run")
@@ -105,7 +154,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     chain = sub.add_parser("run", help="prune -> adapt -> eval as one flow, from a run file")
     chain.add_argument("--config", required=True, metavar="RUN_YAML", help="run file (see configs/runs/example.yaml)")
+    _add_runner_flags(chain)
     chain.set_defaults(handler=cmd_run)
+
+    schedule = sub.add_parser("schedule", help="run a run file on a cron schedule on a Prefect server")
+    schedule.add_argument("--config", required=True, metavar="RUN_YAML", help="run file (see configs/runs/example.yaml)")
+    schedule.add_argument("--cron", required=True, help='cron expression, for example "0 2 * * *" (02:00 daily)')
+    schedule.add_argument("--timezone", default=None, help="IANA time zone of the cron expression (default: UTC)")
+    schedule.add_argument("--name", default=None, help="deployment name (default: the run directory's name)")
+    _add_runner_flags(schedule)
+    schedule.set_defaults(handler=cmd_schedule)
+
+    status = sub.add_parser("status", help="what a run has done and where it resumes; starts nothing")
+    status.add_argument("run", metavar="RUN")
+    status.add_argument("--format", choices=["text", "json"], default="text")
+    status.set_defaults(handler=cmd_status)
+
+    audit = sub.add_parser("audit", help="per-iteration tables and plots of a run (Prefect artifacts too, with a server)")
+    audit.add_argument("run", metavar="RUN")
+    audit.add_argument("--format", choices=["markdown", "json"], default="markdown")
+    audit.add_argument("--out", metavar="DIR", help="where the plots go (default: RUN/audit)")
+    audit.set_defaults(handler=cmd_audit)
 
     families = sub.add_parser("families", help="the supported model families and what is pruned in each")
     families.set_defaults(handler=cmd_families)
@@ -152,7 +221,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
     options = _options(AdaptOptions, args, "adapt")
     plan(args.run, options)  # a wrong run or option fails now, not after Prefect starts
-    _setup_logging()
+    _start_prefect()
     from .pipelines import adapt_flow
 
     with quiet_user_errors():
@@ -174,7 +243,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import resolve_targets
 
     resolve_targets(args.target, options)  # a wrong path or parent fails now, not after Prefect starts
-    _setup_logging()
+    _start_prefect()
     from .pipelines import eval_flow
 
     with quiet_user_errors():
@@ -191,12 +260,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     prepared = prepare(args.model, args.data, args.out, config)
     open_run(prepared, probe=True)  # refuse a locked or different run before Prefect starts (15 s)
-    _setup_logging()
-    from .pipelines import prune_flow
+    address = _runner(args)
+    _start_prefect(workers=bool(address))
+    from .pipelines import dask_runner, prune_flow
     from .report import iteration_table
 
+    flow = prune_flow.with_options(task_runner=dask_runner(address)) if address else prune_flow
     with quiet_user_errors():
-        summary = prune_flow(args.model, args.data, args.out, dataclasses.asdict(config))
+        summary = flow(args.model, args.data, args.out, dataclasses.asdict(config), parallel=bool(address))
     print(iteration_table(summary))
     return 0
 
@@ -207,17 +278,89 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.config)
     open_run(prepare(spec.model, spec.data, spec.out, spec.prune), probe=True)
-    _setup_logging()
+    address = _runner(args)
+    _start_prefect(workers=bool(address))
     from .pipelines import chain_flow
     from .report import iteration_table
 
     with quiet_user_errors():
-        result = chain_flow(spec.to_dict())
+        result = chain_flow(spec.to_dict(), dask_address=address)
     print(iteration_table(result["prune"]))
     if "adapt" in result:
         print(f"\nadapted model: {result['adapt']['adapted']} (final loss {result['adapt']['final_loss']:.4f})")
     if "eval" in result:
         print("\n" + result["eval"]["report"] + f"\nresults: {result['eval']['out']}")
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    """Register the deployment and serve it: this process executes the scheduled runs (and
+    runs triggered from the UI or `prefect deployment run`) until it is stopped."""
+    from .chain import load_spec
+
+    spec = load_spec(args.config)
+    prefect_environment()
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        schedule = CronSchedule(cron=args.cron, timezone=args.timezone)
+    except ValidationError as exc:
+        raise UserError(f"--cron {args.cron!r}: {exc.errors()[0]['msg']}") from None
+    _runner(args)
+    if not _prefect_server():
+        raise UserError("schedules need a running Prefect server: start one with `prefect server start`, then "
+                        "export PREFECT_API_URL=http://127.0.0.1:4200/api (see README, 'Schedules')")
+    _start_prefect()
+    from prefect.deployments.runner import EntrypointType
+
+    from .pipelines import chain_flow
+
+    name = args.name or Path(spec.out).name
+    chain_flow.serve(name=name, schedules=[schedule], entrypoint_type=EntrypointType.MODULE_PATH, limit=1,
+                     parameters={"spec": spec.to_dict(), "dask_address": args.dask_address},
+                     pause_on_shutdown=False)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from bonsai.stages.status import describe, run_status
+
+    status = run_status(args.run)
+    print(json.dumps(status, indent=1) if args.format == "json" else describe(status))
+    return 0
+
+
+def _prefect_server() -> str | None:
+    """The configured Prefect API, or None when runs would use a temporary server."""
+    prefect_environment()
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    return str(url) if url else None
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from bonsai.stages.audit import audit
+
+    from .report import audit_markdown
+
+    result = audit(args.run, args.out)
+    markdown = audit_markdown(result)
+    if args.format == "json":
+        print(json.dumps({"iterations": result["iterations"].to_dicts(), "layers": result["layers"].to_dicts(),
+                          "plots": result["plots"]}, indent=1, default=str))
+    else:
+        print(markdown)
+    if _prefect_server():
+        _start_prefect()
+        from .pipelines import audit_flow
+
+        audit_flow(args.run, markdown, json.loads(json.dumps(result["iterations"].to_dicts(), default=str)))
     return 0
 
 
@@ -238,7 +381,7 @@ def cmd_families(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    _setup_logging()
+    _start_prefect()
     from .demo import DemoSettings
     from .pipelines import demo_flow
 

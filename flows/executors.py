@@ -30,8 +30,13 @@ class PrefectTasks:
 
     Prefect's result cache is off: the artifact store is the source of truth, so a resumed
     run works with PREFECT_HOME wiped, and no model or tensor is ever hashed or pickled.
-    Shards run one after another here, because they share this process's one model.
+    Without ``parallel`` shards run one after another in this process (they share its one
+    model); with it they are submitted to the flow's task runner (Dask workers, each with
+    its own model cache) and gathered in order.
     """
+
+    def __init__(self, parallel: bool = False):
+        self.parallel = parallel
 
     def _task(self, name: str, fn: Callable[..., Any]):
         from prefect import task
@@ -44,4 +49,8 @@ class PrefectTasks:
         return self._task(name, fn)(*args)
 
     def map(self, name: str, fn: Callable[..., Any], calls: Sequence[tuple]) -> list[Any]:
-        return [self._task(f"{name}-shard{i:03d}", fn)(*args) for i, args in enumerate(calls)]
+        tasks = [self._task(f"{name}-shard{i:03d}", fn) for i in range(len(calls))]
+        if not self.parallel:
+            return [t(*args) for t, args in zip(tasks, calls)]
+        futures = [t.submit(*args) for t, args in zip(tasks, calls)]
+        return [future.result() for future in futures]

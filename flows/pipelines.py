@@ -6,6 +6,9 @@ it has set Prefect's environment defaults (see cli.prefect_environment).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 from prefect import flow
 
 from bonsai.stages.config import PruneConfig
@@ -14,15 +17,40 @@ from .executors import PrefectTasks
 from .prune import run_prune
 
 
+def _progress_logs() -> None:
+    """The stages' progress lines are INFO; flow runs started by a schedule or a worker
+    are not set up by the CLI, so each flow sets this itself."""
+    logging.getLogger("bonsai").setLevel(logging.INFO)
+
+
 @flow(name="bonsai-prune", persist_result=False, validate_parameters=False)
-def prune_flow(model: str, data: str, out: str, config: dict) -> dict:
-    """Prune MODEL on DATA to the configured sparsity, into OUT (resumes what OUT holds)."""
-    return run_prune(model, data, out, PruneConfig(**config), PrefectTasks())
+def prune_flow(model: str, data: str, out: str, config: dict, parallel: bool = False) -> dict:
+    """Prune MODEL on DATA to the configured sparsity, into OUT (resumes what OUT holds).
+    ``parallel`` submits evaluation shards to the flow's task runner (see dask_runner)."""
+    _progress_logs()
+    return run_prune(model, data, out, PruneConfig(**config), PrefectTasks(parallel))
+
+
+def dask_runner(address: str):
+    """Prefect's Dask task runner on a scheduler address, or on a new ``local:N`` cluster of N
+    worker processes (one thread each, torch threads split between them)."""
+    import os
+
+    from prefect_dask import DaskTaskRunner
+
+    if address.startswith("local:"):
+        workers = int(address.split(":", 1)[1])
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                              cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                              "dashboard_address": None})
+    return DaskTaskRunner(address=address)
 
 
 @flow(name="bonsai-adapt", persist_result=False, validate_parameters=False)
 def adapt_flow(run: str, options: dict) -> dict:
     """Cache the parent's logits, then adapt RUN's pruned model with LoRA and distillation."""
+    _progress_logs()
     from .adapt import AdaptOptions, run_adapt
 
     return run_adapt(run, AdaptOptions(**options), PrefectTasks())
@@ -31,6 +59,7 @@ def adapt_flow(run: str, options: dict) -> dict:
 @flow(name="bonsai-eval", persist_result=False, validate_parameters=False)
 def eval_flow(target: str, options: dict) -> dict:
     """Perplexity, harness tasks and speed of TARGET (a run or a model) and its parent."""
+    _progress_logs()
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     from .evaluate import EvalOptions, run_eval
@@ -43,16 +72,33 @@ def eval_flow(target: str, options: dict) -> dict:
 
 
 @flow(name="bonsai-run", persist_result=False, validate_parameters=False)
-def chain_flow(spec: dict) -> dict:
-    """prune -> adapt -> eval, as a run file describes them (see flows/chain.py)."""
+def chain_flow(spec: dict, dask_address: str | None = None) -> dict:
+    """prune -> adapt -> eval, as a run file describes them (see flows/chain.py).  With a
+    Dask address, pruning runs first as a subflow whose evaluation shards go to Dask; the
+    chain then finds it done in the store."""
+    _progress_logs()
     from .chain import ChainSpec, run_chain
 
-    return run_chain(ChainSpec.from_dict(spec), PrefectTasks())
+    chain = ChainSpec.from_dict(spec)
+    if dask_address:
+        prune_flow.with_options(task_runner=dask_runner(dask_address))(
+            chain.model, chain.data, chain.out, dataclasses.asdict(chain.prune), parallel=True)
+    return run_chain(chain, PrefectTasks())
+
+
+@flow(name="bonsai-audit", persist_result=False, validate_parameters=False)
+def audit_flow(run: str, markdown: str, iterations: list[dict]) -> None:
+    """Publish an audit (made outside Prefect: it is a read of the run) as Prefect artifacts."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    create_markdown_artifact(key="bonsai-audit", markdown=markdown, description=f"bonsai audit {run}")
+    create_table_artifact(key="bonsai-audit-iterations", table=iterations, description=f"bonsai audit {run}")
 
 
 @flow(name="bonsai-demo", persist_result=False, validate_parameters=False)
 def demo_flow(out: str, settings: dict) -> dict:
     """Train (or reuse) a tiny parent, prune it, evaluate parent against pruned model."""
+    _progress_logs()
     from .demo import DemoSettings, run_demo
 
     return run_demo(out, DemoSettings(**settings), PrefectTasks())

@@ -34,3 +34,33 @@ def iteration_table(summary: dict) -> str:
     head = ["iteration", "sparsity", "of all params", "heads left", "channels left", "sub-models",
             "CV tau", "parameters"]
     return table(head, rows) + f"\n\npruned model: {summary['model']}"
+
+
+def _markdown(frame) -> str:
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return "-" if v != v else (f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}")
+        return f"{v:,}" if isinstance(v, int) else str(v)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.iter_rows()])
+
+
+def audit_markdown(result: dict) -> str:
+    import polars as pl
+
+    iterations = result["iterations"]
+    wanted = [c for c in ("iteration", "sparsity", "total_sparsity", "sub_models", "non_finite", "cv_kendall_tau",
+                          "utility_std", "utility_min", "utility_max", "calibration_perplexity", "heads_left",
+                          "channels_left") if c in iterations.columns]
+    layers = result["layers"]
+    last = layers["iteration"].max()
+    per_layer = (layers.filter(pl.col("iteration") == -1).select("layer", pl.col("heads").alias("heads_parent"),
+                                                                 pl.col("channels").alias("channels_parent"))
+                 .join(layers.filter(pl.col("iteration") == last).select("layer", "heads", "channels"), on="layer")
+                 .sort("layer"))
+    plots = "\n".join(f"![{p.rsplit('/', 1)[-1]}]({p})" for p in result["plots"])
+    return "\n\n".join(["# Audit", "## Iterations", _markdown(iterations.select(wanted)),
+                         "## Layers after the last iteration", _markdown(per_layer), "## Plots", plots])
