@@ -29,7 +29,7 @@ OUT = common.RESULTS / "adapt"
 
 def quality(steps: int) -> None:
     model_dir, train, heldout = common.parent()
-    run = common.RESULTS / "quality" / "regression-seed0"  # made by quality.py
+    run = common.RESULTS / "quality-fast" / "regression-seed0"  # made by quality.py
     if not (run / "model").is_dir():
         raise SystemExit(f"{run} is missing: run benchmarks/quality.py first")
     evals = Store(OUT / "perplexity")

@@ -1,10 +1,11 @@
 """Perplexity after pruning the trained tiny parent to 50%, per estimator (the paper's Figure 2).
 
-    python benchmarks/quality.py [--seeds 0 1 2] [--masks 120] [--prune-frac 0.05]
+    python benchmarks/quality.py [--seeds 0 1 2] [--masks 120] [--calib-samples 8] [--prune-frac 0.05]
+    python benchmarks/quality.py --seeds 0 --masks 200 --calib-samples 32 --name paper   # Table 9's setting
 
 Every estimator prunes with the same candidates, windows and budget; only the importance
 estimate differs.  Runs are cached in benchmarks/results/quality/, so re-running only
-re-prints.  Writes quality.md next to them and the plot to benchmarks/plots/quality.png.
+re-prints.  Writes quality.md next to them and the plot to benchmarks/plots/quality-NAME.png.
 """
 
 from __future__ import annotations
@@ -57,12 +58,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--masks", type=int, default=120)
+    parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--prune-frac", type=float, default=0.05)
-    parser.add_argument("--out", default=str(common.RESULTS / "quality"))
+    parser.add_argument("--name", default="fast", help="names the output folder and the plot")
     args = parser.parse_args()
     common.setup_logging()
     model_dir, train, heldout = common.parent()
-    out = Path(args.out)
+    out = common.RESULTS / f"quality-{args.name}"
     out.mkdir(parents=True, exist_ok=True)
     evals = Store(out / "perplexity")
     parent_ppl = ppl(model_dir, heldout, evals)
@@ -70,8 +72,8 @@ def main() -> None:
     for estimator in ESTIMATORS:
         for seed in args.seeds:
             config = PruneConfig(sparsity=0.5, prune_frac=args.prune_frac, masks_per_iter=args.masks,
-                                 calib_samples=8, seq_len=128, batch_size=16, shard_size=20, calib_pool=512,
-                                 estimator=estimator, seed=seed, device="cpu")
+                                 calib_samples=args.calib_samples, seq_len=128, batch_size=16, shard_size=20,
+                                 calib_pool=512, estimator=estimator, seed=seed, device="cpu")
             start = time.perf_counter()
             summary = run_prune(model_dir, train, str(out / f"{estimator}-seed{seed}"), config)
             last = summary["iterations"][-1]
@@ -84,9 +86,14 @@ def main() -> None:
         [["parent", "-", 0.0, parent_params, parent_ppl]]
         + [[r["estimator"], r["seed"], r["sparsity"], r["parameters"], r["perplexity"]] for r in rows],
     )
-    (out / "quality.md").write_text(table + "\n")
-    plot(rows, parent_ppl, common.PLOTS / "quality.png")
-    print(table)
+    summary = common.markdown(
+        ["estimator", "mean perplexity", "worst perplexity", "seeds"],
+        [[e, sum(r["perplexity"] for r in rows if r["estimator"] == e) / len(args.seeds),
+          max(r["perplexity"] for r in rows if r["estimator"] == e), len(args.seeds)] for e in ESTIMATORS],
+    )
+    (out / "quality.md").write_text(table + "\n\n" + summary + "\n")
+    plot(rows, parent_ppl, common.PLOTS / f"quality-{args.name}.png")
+    print(table + "\n\n" + summary)
 
 
 if __name__ == "__main__":

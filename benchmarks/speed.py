@@ -42,7 +42,7 @@ def tiny(device: str) -> None:
         config = PruneConfig(sparsity=sparsity, prune_frac=0.05 if sparsity == 0.5 else 0.1, masks_per_iter=120,
                              calib_samples=8, seq_len=128, batch_size=16, shard_size=20, calib_pool=512,
                              device=device)
-        run = common.RESULTS / "quality" / "regression-seed0" if sparsity == 0.5 else OUT / f"tiny-{sparsity}"
+        run = common.RESULTS / "quality-fast" / "regression-seed0" if sparsity == 0.5 else OUT / f"tiny-{sparsity}"
         summary = run_prune(model_dir, train, str(run), config)
         print(f"\ntiny parent pruned to {sparsity:.0%} ({run}):\n")
         print(common.markdown(["measure", "shape", "unit", "parent", "pruned", "pruned / parent"],

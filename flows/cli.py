@@ -237,11 +237,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import EvalOptions
+    from .evaluate import EvalOptions, resolve_targets
 
     options = _options(EvalOptions, args, "eval")
-    from .evaluate import resolve_targets
-
     resolve_targets(args.target, options)  # a wrong path or parent fails now, not after Prefect starts
     _start_prefect()
     from .pipelines import eval_flow

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bonsai.artifacts import Store
 from bonsai.stages import tiny_parent
+from bonsai.stages.audit import audit
 from bonsai.stages.compare import CompareConfig, compare
 from bonsai.stages.config import PruneConfig
 from bonsai.stages.paths import cache_dir
@@ -51,6 +52,7 @@ def run_demo(out: str, settings: DemoSettings, execute: Executor = Inline()) -> 
                    str(parent.file(tiny_parent.HELDOUT_TEXT)),
                    CompareConfig(settings.seq_len, settings.eval_windows, settings.batch_size, "float32"),
                    Store(run_dir), "cpu")
+    plots = audit(str(run_dir))["plots"]
     sparsity = summary["iterations"][-1]["sparsity"]
     report = "\n".join([
         f"Bonsai demo: a {parent.info()['parameters']:,}-parameter LLaMA trained on Python's own "
@@ -62,6 +64,7 @@ def run_demo(out: str, settings: DemoSettings, execute: Executor = Inline()) -> 
         "Iterations:",
         iteration_table(summary),
         "",
-        f"Audit tables: {run_dir}/<stage>/<key>/*.parquet (see README, 'Auditing a run').",
+        f"Plots: {', '.join(plots)}",
+        f"Audit tables: {run_dir}/<stage>/<key>/*.parquet (see README, 'Auditing a run'); `bonsai audit {run_dir}`.",
     ])
     return {"report": report, "rows": rows, "summary": summary}

@@ -22,6 +22,7 @@ from .units import HEAD
 
 LAYERS_PLOT = "layers.png"
 PROGRESS_PLOT = "progress.png"
+ADAPTATION_PLOT = "adaptation.png"
 
 
 def _glob(run: Path, pattern: str) -> pl.DataFrame | None:
@@ -123,6 +124,26 @@ def plot_progress(iterations: pl.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_adaptation(history: pl.DataFrame, path: Path) -> None:
+    """Task and distillation loss over the steps of the run's most recent adaptation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    ax.plot(history["step"], history["task"], label="task cross-entropy", color="tab:green")
+    if (history["distill"] > 0).any():
+        right = ax.twinx()
+        right.plot(history["step"], history["distill"], label="KL to teacher", color="tab:blue", alpha=0.7)
+        right.set_ylabel("KL(student || teacher)", color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("task loss (nats)", color="tab:green")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def audit(run_dir: str, out: str | None = None) -> dict:
     run = Path(run_dir)
     if RunDir(run).recorded() is None:
@@ -132,4 +153,9 @@ def audit(run_dir: str, out: str | None = None) -> dict:
     where.mkdir(parents=True, exist_ok=True)
     plot_layers(layers, where / LAYERS_PLOT)
     plot_progress(iterations, where / PROGRESS_PLOT)
-    return {"iterations": iterations, "layers": layers, "plots": [str(where / LAYERS_PLOT), str(where / PROGRESS_PLOT)]}
+    plots = [str(where / LAYERS_PLOT), str(where / PROGRESS_PLOT)]
+    histories = sorted(run.glob("adapt/*/training.parquet"), key=lambda p: p.stat().st_mtime)
+    if histories:
+        plot_adaptation(pl.read_parquet(histories[-1]), where / ADAPTATION_PLOT)
+        plots.append(str(where / ADAPTATION_PLOT))
+    return {"iterations": iterations, "layers": layers, "plots": plots}

@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-PRUNE_SMALL = ["--sparsity", "0.5", "--prune-frac", "0.25", "--masks-per-iter", "12", "--calib-samples", "4",
-               "--seq-len", "32", "--batch-size", "8", "--shard-size", "4", "--calib-pool", "32", "--cv-folds", "3"]
+from tiny import SMALL
+
+# the same settings as tiny.SMALL, as `bonsai prune` flags
+PRUNE_SMALL = [item for key, value in SMALL.items() for item in (f"--{key.replace('_', '-')}", str(value))]
 
 
 def env(tmp: Path, **extra: str) -> dict[str, str]:

@@ -24,7 +24,7 @@ import tiny
 from cli import bonsai
 from test_cli import assert_one_line_error
 from test_families import awkward_state, export_state, reload_elsewhere
-from test_pipeline import SMALL
+from tiny import SMALL
 
 QUICK = dict(steps=6, lora_rank=4, lora_alpha=16, sequences=16, batch_size=4, checkpoint_every=2,
              logits_shard_size=8, top_k=8, lr=1e-3)
@@ -158,6 +158,7 @@ def test_a_teacher_of_another_vocabulary_is_refused(zoo, corpus, tmp_path):
         adapt.run(external_ref("student", zoo["llama"], "s" * 64), windows, cache, cfg, store, "cpu")
 
 
+@pytest.mark.slow  # three CLI runs and two prunes (about 2 minutes here)
 def test_killed_adaptation_resumes_to_identical_bytes(prefect_api, zoo, corpus, tmp_path):
     run_dir = tmp_path / "run"
     run_prune(str(zoo["llama-gqa"]), str(corpus), str(run_dir), build_config({}, SMALL))
@@ -180,3 +181,11 @@ def test_killed_adaptation_resumes_to_identical_bytes(prefect_api, zoo, corpus, 
 def test_cli_refuses_a_run_without_a_model(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"identity": {}, "described": {}}))
     assert_one_line_error(bonsai(["adapt", str(tmp_path)], tmp_path), "has no pruned model yet")
+
+
+def test_audit_plots_the_adaptation_losses(pruned, adapted):
+    from bonsai.stages.audit import ADAPTATION_PLOT, audit
+
+    plots = audit(str(pruned))["plots"]
+    assert any(p.endswith(ADAPTATION_PLOT) for p in plots)
+    assert (pruned / "audit" / ADAPTATION_PLOT).stat().st_size > 0

@@ -9,7 +9,10 @@ import pytest
 
 import tiny
 from bonsai.artifacts import RunLock
+from bonsai.flows.prune import run_prune
+from bonsai.stages.config import build_config
 from cli import PRUNE_SMALL, bonsai
+from tiny import SMALL
 
 
 def assert_one_line_error(result, fragment: str) -> None:
@@ -67,9 +70,7 @@ def test_too_little_text_found_inside_the_flow(prefect_api, zoo, tmp_path):
 
 def test_a_run_of_another_config_or_in_use_is_refused(prefect_api, zoo, corpus, tmp_path):
     out = tmp_path / "run"
-    first = bonsai(prune_args(zoo["llama"], corpus, out), tmp_path)
-    assert first.returncode == 0, first.stderr
-    assert "pruned model:" in first.stdout
+    run_prune(str(zoo["llama"]), str(corpus), str(out), build_config({}, SMALL))
     other = bonsai(prune_args(zoo["llama"], corpus, out, "--seed", "1"), tmp_path)
     assert_one_line_error(other, "holds a different run (--seed: 0 there, 1 now)")
     other_model = bonsai(prune_args(zoo["qwen2"], corpus, out), tmp_path)
@@ -79,3 +80,4 @@ def test_a_run_of_another_config_or_in_use_is_refused(prefect_api, zoo, corpus, 
     assert_one_line_error(busy, "is in use by another bonsai process (pid")
     again = bonsai(prune_args(zoo["llama"], corpus, out), tmp_path)
     assert again.returncode == 0 and "resuming" in again.stderr
+    assert "pruned model:" in again.stdout

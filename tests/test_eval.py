@@ -21,7 +21,7 @@ from bonsai.stages.model_io import load_model, load_tokenizer
 from bonsai.stages.utility import mean_nll
 from cli import bonsai
 from test_cli import assert_one_line_error
-from test_pipeline import SMALL
+from tiny import SMALL
 
 
 def write_task(folder, name="tiny_mc", rows=10):

@@ -18,7 +18,7 @@ from bonsai.flows.prune import run_prune
 from bonsai.stages.config import build_config
 from cli import PRUNE_SMALL, bonsai, env, popen
 from test_cli import assert_one_line_error
-from test_pipeline import SMALL
+from tiny import SMALL
 
 
 def snapshot(run) -> dict:
@@ -118,9 +118,8 @@ def test_a_schedule_on_a_real_server_runs_and_resumes_a_half_finished_run(zoo, c
         _wait(lambda: _healthy(api), 180, "the Prefect server")
         run = tmp_path / "run"
         run_file = tmp_path / "run.yaml"
-        options = dict(zip(PRUNE_SMALL[0::2], PRUNE_SMALL[1::2]))
         run_file.write_text(json.dumps({"prune": {"model": str(zoo["llama"]), "data": str(corpus), "out": str(run),
-                                                  **{k[2:]: float(v) if "." in v else int(v) for k, v in options.items()}}}))
+                                                  **SMALL}}))
         killed = bonsai(["prune", "--model", str(zoo["llama"]), "--data", str(corpus), "--out", str(run),
                          *PRUNE_SMALL], tmp_path, PREFECT_API_URL=api, BONSAI_KILL_AT="importance#2")
         assert killed.returncode == -signal.SIGKILL

@@ -10,13 +10,12 @@ import pytest
 import torch
 
 import tiny
+from tiny import SMALL
 from bonsai.artifacts import file_digest
 from bonsai.flows.prune import run_prune
 from bonsai.stages.config import build_config
 from bonsai.stages.errors import UserError
 
-SMALL = dict(sparsity=0.5, prune_frac=0.25, masks_per_iter=12, calib_samples=4, seq_len=32, batch_size=8,
-             shard_size=4, calib_pool=32, cv_folds=3)
 README = Path(__file__).parent.parent / "README.md"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from bonsai.stages.config import build_config
-from test_pipeline import SMALL
+from tiny import SMALL
 
 
 def task_runs(flow_run_id) -> list:

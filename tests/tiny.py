@@ -14,6 +14,10 @@ WORDS = (
     "module by how much the sampled sub models lose when it is gone and the parent stays frozen"
 ).split()
 
+# Pruning settings small enough for a 3-layer random model to finish in seconds (two iterations).
+SMALL = dict(sparsity=0.5, prune_frac=0.25, masks_per_iter=12, calib_samples=4, seq_len=32, batch_size=8,
+             shard_size=4, calib_pool=32, cv_folds=3)
+
 # (family, transformers config class, extra config)
 SPECS = {
     "llama": ("LlamaConfig", {}),
