@@ -33,14 +33,21 @@ def prune_flow(model: str, data: str, out: str, config: dict, parallel: bool = F
 
 def dask_runner(address: str):
     """Prefect's Dask task runner on a scheduler address, or on a new ``local:N`` cluster of N
-    worker processes (one thread each, torch threads split between them)."""
+    worker processes, one task at a time each, the machine's cores split between them.
+
+    Dask starts its workers with OMP_NUM_THREADS=1 (its pre-spawn default), which would leave
+    torch one core per worker; the OpenMP runtime reads it at spawn, so the default itself
+    is what must change."""
     import os
 
+    import dask
     from prefect_dask import DaskTaskRunner
 
     if address.startswith("local:"):
         workers = int(address.split(":", 1)[1])
-        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        dask.config.set({f"distributed.nanny.pre-spawn-environ.{name}": threads
+                         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
         return DaskTaskRunner(cluster_class="distributed.LocalCluster",
                               cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
                                               "dashboard_address": None})
