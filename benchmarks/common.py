@@ -13,6 +13,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from bonsai.artifacts import Store  # noqa: E402
 from bonsai.stages import tiny_parent  # noqa: E402
 from bonsai.stages.paths import cache_dir  # noqa: E402
+from bonsai.stages.render import markdown  # noqa: E402
+
+__all__ = ["BENCH_PARENT", "PLOTS", "RESULTS", "markdown", "parent", "setup_logging"]
 
 # Longer than the demo's 240 steps: a parent whose units have specialised more, so that
 # pruning choices matter.  Trained once (about 11 minutes on 2 CPU cores), then cached.
@@ -32,14 +35,3 @@ def parent(steps: int | None = None):
     ref = tiny_parent.run(config, Store(cache_dir() / "parents"))
     return (str(ref.file(tiny_parent.MODEL)), str(ref.file(tiny_parent.TRAIN_TEXT)),
             str(ref.file(tiny_parent.HELDOUT_TEXT)))
-
-
-def markdown(headers: list[str], rows: list[list]) -> str:
-    def cell(v):
-        if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
-        return f"{v:,}" if isinstance(v, int) else str(v)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)

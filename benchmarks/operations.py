@@ -38,8 +38,10 @@ def prune(run: Path, *extra: str, env: dict | None = None, kill_at: str | None =
     if kill_at:
         environment["BONSAI_KILL_AT"] = kill_at
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "bonsai.flows.cli", "prune", "--model", model, "--data", train,
-                    "--out", str(run), *FLAGS, *extra], env=environment, capture_output=True, check=not kill_at)
+    with open(run.parent / f"{run.name}.log", "a") as log:  # a file, not a pipe: nothing can hold it open
+        subprocess.run([sys.executable, "-m", "bonsai.flows.cli", "prune", "--model", model, "--data", train,
+                        "--out", str(run), *FLAGS, *extra], env=environment, stdout=log, stderr=subprocess.STDOUT,
+                       check=not kill_at)
     return time.perf_counter() - start
 
 

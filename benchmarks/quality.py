@@ -21,6 +21,7 @@ from bonsai.stages import perplexity
 from bonsai.stages.checkpoints import model_digest
 from bonsai.stages.config import PruneConfig
 from bonsai.stages.data import source_digest
+from bonsai.stages.render import pyplot, save
 
 ESTIMATORS = ("regression", "perturbed-prior", "prior-only", "random")
 
@@ -33,11 +34,7 @@ def ppl(model_dir: str, heldout: str, store: Store) -> float:
 
 
 def plot(rows: list[dict], parent_ppl: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(dict.fromkeys(r["estimator"] for r in rows))
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for i, name in enumerate(names):
@@ -50,8 +47,7 @@ def plot(rows: list[dict], parent_ppl: float, path: Path) -> None:
     ax.set_ylabel("held-out perplexity (log)")
     ax.set_title("Tiny LLaMA pruned to 50% of attention+MLP parameters")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save(fig, path)
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ one iteration (quality is not the point here).  Ratios above 1 are speed-ups.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from bonsai.stages.config import PruneConfig, build_config, normalise_keys
+from bonsai.stages.config import PruneConfig, build_config, normalise_keys, read_yaml
 from bonsai.stages.errors import UserError
 
 from .adapt import AdaptOptions
@@ -82,13 +80,8 @@ def _section_options(cls, section: dict, name: str, base: Path):
 
 def load_spec(path: str | Path) -> ChainSpec:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--config {path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict) or "prune" not in data:
+    data = read_yaml(path, "sections prune, adapt, eval")
+    if "prune" not in data:
         raise UserError(f"--config {path}: needs a 'prune' section (model, data, out, options)")
     unknown = sorted(set(data) - set(SECTIONS))
     if unknown:

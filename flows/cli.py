@@ -60,20 +60,17 @@ def quiet_user_errors():
             handler.removeFilter(hide)
 
 
-def _start_prefect(workers: bool = False) -> None:
+def _start_prefect() -> None:
     """Before a flow runs: a configured Prefect server must answer (else one clear line,
     nothing started); Prefect's logging setup (run when it is imported) owns the console and
     the stages' ``bonsai.*`` loggers propagate to it."""
     url = _prefect_server()
-    if not url and workers:
-        # Dask workers are other processes: without this they would each start a temporary
-        # server of their own.  Start Prefect's one here and hand its address down.
-        from prefect.server.api.server import SubprocessASGIServer
+    if not url:
+        # also handed down to Dask workers, which would otherwise each start a server of their own
+        from .prefect_server import start_temporary_server
 
-        server = SubprocessASGIServer()
-        server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
-        os.environ["PREFECT_API_URL"] = server.api_url
-    elif url:
+        start_temporary_server()
+    else:
         import httpx
 
         try:
@@ -179,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     families = sub.add_parser("families", help="the supported model families and what is pruned in each")
     families.set_defaults(handler=cmd_families)
 
-    demo = sub.add_parser("demo", help="train a tiny parent, prune it to 50%%, compare (about 5 min on 2 CPU cores)")
+    demo = sub.add_parser("demo", help="train a tiny parent, prune it to 50%%, compare (under 4 min on 2 CPU cores)")
     demo.add_argument("--out", default="bonsai-demo", metavar="DIR", help="where the demo run goes (default: %(default)s)")
     demo.set_defaults(handler=cmd_demo)
     return parser
@@ -259,7 +256,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     prepared = prepare(args.model, args.data, args.out, config)
     open_run(prepared, probe=True)  # refuse a locked or different run before Prefect starts (15 s)
     address = _runner(args)
-    _start_prefect(workers=bool(address))
+    _start_prefect()
     from .pipelines import dask_runner, prune_flow
     from .report import iteration_table
 
@@ -277,7 +274,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.config)
     open_run(prepare(spec.model, spec.data, spec.out, spec.prune), probe=True)
     address = _runner(args)
-    _start_prefect(workers=bool(address))
+    _start_prefect()
     from .pipelines import chain_flow
     from .report import iteration_table
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from bonsai.stages.render import cell, frame_markdown
+
 
 def table(headers: list[str], rows: list[list[object]]) -> str:
     """Numbers right-aligned, text left-aligned."""
-    cells = [[_fmt(v) for v in row] for row in rows]
+    cells = [[cell(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) for i in range(len(headers))]
 
@@ -13,16 +15,6 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
         return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
-
-
-def _fmt(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
 
 
 def iteration_table(summary: dict) -> str:
@@ -34,18 +26,6 @@ def iteration_table(summary: dict) -> str:
     head = ["iteration", "sparsity", "of all params", "heads left", "channels left", "sub-models",
             "CV tau", "parameters"]
     return table(head, rows) + f"\n\npruned model: {summary['model']}"
-
-
-def _markdown(frame) -> str:
-    def cell(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return "-" if v != v else (f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}")
-        return f"{v:,}" if isinstance(v, int) else str(v)
-
-    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
-    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.iter_rows()])
 
 
 def audit_markdown(result: dict) -> str:
@@ -62,5 +42,5 @@ def audit_markdown(result: dict) -> str:
                  .join(layers.filter(pl.col("iteration") == last).select("layer", "heads", "channels"), on="layer")
                  .sort("layer"))
     plots = "\n".join(f"![{p.rsplit('/', 1)[-1]}]({p})" for p in result["plots"])
-    return "\n\n".join(["# Audit", "## Iterations", _markdown(iterations.select(wanted)),
-                         "## Layers after the last iteration", _markdown(per_layer), "## Plots", plots])
+    return "\n\n".join(["# Audit", "## Iterations", frame_markdown(iterations.select(wanted)),
+                         "## Layers after the last iteration", frame_markdown(per_layer), "## Plots", plots])

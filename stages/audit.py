@@ -17,6 +17,7 @@ import polars as pl
 from bonsai.artifacts import RunDir
 
 from .errors import UserError
+from .render import pyplot, save
 from .status import manifests
 from .units import HEAD
 
@@ -84,11 +85,7 @@ def _query_heads_per_group(run: Path) -> int:
 
 
 def plot_layers(layers: pl.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     parent = layers.filter(pl.col("iteration") == -1).sort("layer")
     final = layers.filter(pl.col("iteration") == layers["iteration"].max()).sort("layer")
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
@@ -99,17 +96,11 @@ def plot_layers(layers: pl.DataFrame, path: Path) -> None:
         ax.set_xticks(parent["layer"].to_list())
         ax.set_title(f"{title} left per layer")
     axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_progress(iterations: pl.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     ax.plot(iterations["iteration"], iterations["sparsity"], marker="o", color="tab:green")
     ax.set_xlabel("iteration")
@@ -119,18 +110,12 @@ def plot_progress(iterations: pl.DataFrame, path: Path) -> None:
     right.plot(iterations["iteration"], iterations["calibration_perplexity"], marker="s", color="tab:blue")
     right.set_yscale("log")
     right.set_ylabel("calibration perplexity at start (log)", color="tab:blue")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def plot_adaptation(history: pl.DataFrame, path: Path) -> None:
     """Task and distillation loss over the steps of the run's most recent adaptation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
     ax.plot(history["step"], history["task"], label="task cross-entropy", color="tab:green")
     if (history["distill"] > 0).any():
@@ -139,9 +124,7 @@ def plot_adaptation(history: pl.DataFrame, path: Path) -> None:
         right.set_ylabel("KL(student || teacher)", color="tab:blue")
     ax.set_xlabel("step")
     ax.set_ylabel("task loss (nats)", color="tab:green")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
 
 
 def audit(run_dir: str, out: str | None = None) -> dict:

@@ -93,8 +93,8 @@ def config_fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(PruneConfig))
 
 
-def load_preset(path: str | Path) -> dict[str, Any]:
-    """Read a YAML preset; keys are PruneConfig fields (dashes or underscores)."""
+def read_yaml(path: str | Path, expected: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; every way it can be wrong is one UserError line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--config {path}: no such file")
@@ -103,8 +103,13 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise UserError(f"--config {path}: expected a mapping of option: value")
-    return normalise_keys(data, where=f"--config {path}")
+        raise UserError(f"--config {path}: expected {expected}")
+    return data
+
+
+def load_preset(path: str | Path) -> dict[str, Any]:
+    """Read a YAML preset; keys are PruneConfig fields (dashes or underscores)."""
+    return normalise_keys(read_yaml(path, "a mapping of option: value"), where=f"--config {path}")
 
 
 def normalise_keys(data: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -10,6 +10,8 @@ import polars as pl
 
 from bonsai.artifacts import write_text_atomic
 
+from .render import frame_markdown, pyplot, save
+
 RESULTS = "results.parquet"
 RESULTS_JSON = "results.json"
 REPORT = "report.md"
@@ -52,27 +54,11 @@ def speed_ratios(results: pl.DataFrame, reference: str = "parent") -> pl.DataFra
     )
 
 
-def _markdown_table(frame: pl.DataFrame) -> str:
-    def cell(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:,.0f}" if v.is_integer() or abs(v) >= 1e4 else f"{v:.4g}"
-        return str(v)
-
-    head = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns)
-    return "\n".join([head] + ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.iter_rows()])
-
-
 def plot_speed(ratios: pl.DataFrame, path: Path) -> bool:
     rows = ratios.filter(pl.col("unit") != "MiB")
     if rows.height == 0:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.4))
     models = rows["model"].unique(maintain_order=True).to_list()
     names = rows["name"].unique(maintain_order=True).to_list()
@@ -85,9 +71,7 @@ def plot_speed(ratios: pl.DataFrame, path: Path) -> bool:
     ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(len(names))], names, rotation=20, ha="right")
     ax.set_ylabel("speed-up over parent (x)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
     return True
 
 
@@ -99,18 +83,18 @@ def write(out: Path, results: pl.DataFrame, protocols: dict[str, str]) -> str:
     parts = ["# Evaluation", ""]
     ppl = results.filter(pl.col("kind") == "perplexity")
     if ppl.height:
-        parts += ["## Perplexity", "", _markdown_table(ppl.select("model", "name", "value")), ""]
+        parts += ["## Perplexity", "", frame_markdown(ppl.select("model", "name", "value")), ""]
         parts += [f"Protocol: {p}" for p in dict.fromkeys(protocols.values())] + [""]
     tasks = results.filter(pl.col("kind") == "task")
     if tasks.height:
-        parts += ["## Harness tasks", "", _markdown_table(tasks.select("model", "name", "value", "stderr")), ""]
+        parts += ["## Harness tasks", "", frame_markdown(tasks.select("model", "name", "value", "stderr")), ""]
     speed = results.filter(pl.col("kind") == "speed")
     if speed.height:
-        parts += ["## Speed and size", "", _markdown_table(speed.select("model", "name", "value", "unit")), ""]
+        parts += ["## Speed and size", "", frame_markdown(speed.select("model", "name", "value", "unit")), ""]
         ratios = speed_ratios(results)
         if ratios.height:
             parts += ["Relative to the parent (above 1 is faster; weights: fraction of the parent's size):", "",
-                      _markdown_table(ratios.select("model", "name", "ratio")), ""]
+                      frame_markdown(ratios.select("model", "name", "ratio")), ""]
             if plot_speed(ratios, out / SPEED_PLOT):
                 parts += [f"![speed-up over the parent]({SPEED_PLOT})", ""]
     markdown = "\n".join(parts)

@@ -4,14 +4,17 @@ byte-identical to an uninterrupted run, and finished work must never be redone."
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from bonsai.artifacts import file_digest
 from bonsai.flows.prune import run_prune
 from bonsai.stages.config import build_config
-from cli import PRUNE_SMALL, bonsai, popen
+from cli import PRUNE_SMALL, bonsai, env, popen
 
 
 def as_config(flags: list[str]):
@@ -71,3 +74,35 @@ def test_killed_from_outside_at_an_arbitrary_moment(prefect_api, zoo, corpus, tm
     assert final.returncode == 0, final.stderr[-3000:]
     assert all(manifests(tmp_path / "run").get(p) == t for p, t in done.items())
     assert file_digest(tmp_path / "run" / "model" / "model.safetensors") == expected
+
+
+def _state(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) of a process, None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (_state(int(p.name)) or ("", 0))[1] == pid]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_killed_run_takes_its_temporary_prefect_server_with_it(zoo, corpus, tmp_path):
+    environment = env(tmp_path)
+    environment.pop("PREFECT_API_URL", None)  # no server configured: the run starts its own
+    process = subprocess.Popen([sys.executable, "-m", "bonsai.flows.cli", "prune", "--model", str(zoo["llama"]),
+                                "--data", str(corpus), "--out", str(tmp_path / "run"), *PRUNE_SMALL],
+                               env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (servers := _children(process.pid)):
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + 30
+    while any((_state(pid) or ("Z",))[0] != "Z" for pid in servers):
+        assert time.time() < deadline, f"temporary Prefect server {servers} outlived its killed run"
+        time.sleep(0.1)

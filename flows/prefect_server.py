@@ -1,0 +1,47 @@
+"""The temporary Prefect server a command uses when no server is configured.
+
+Prefect starts one on first use (its "ephemeral" server) as a child process that outlives a
+SIGKILLed parent, so every killed run would leave a server behind, holding a port and
+memory, for as long as the machine stays up.  This starts the same server, with the Linux
+parent-death signal set in the child: the server ends when the command ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import functools
+import os
+import signal
+import subprocess
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _end_with_parent(parent: int) -> None:  # runs in the child between fork and exec
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+
+
+def start_temporary_server() -> str:
+    """Start the server, point this process (and its children) at it; returns its API URL."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class TiedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            if not sys.platform.startswith("linux"):
+                return super()._run_uvicorn_command()
+            popen = subprocess.Popen
+            subprocess.Popen = functools.partial(popen, preexec_fn=functools.partial(_end_with_parent, os.getpid()))
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                subprocess.Popen = popen
+
+    server = TiedServer()
+    server.start(timeout=int(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
+    atexit.register(server.stop)
+    os.environ["PREFECT_API_URL"] = server.api_url
+    return server.api_url
