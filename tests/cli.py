@@ -23,9 +23,9 @@ def env(tmp: Path, **extra: str) -> dict[str, str]:
     return out
 
 
-def bonsai(args: list[str], tmp: Path, **extra: str) -> subprocess.CompletedProcess:
+def bonsai(args: list[str], tmp: Path, timeout: float = 600, **extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "bonsai.flows.cli", *args], env=env(tmp, **extra),
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def popen(args: list[str], tmp: Path, **extra: str) -> subprocess.Popen:
