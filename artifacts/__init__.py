@@ -1,13 +1,14 @@
 """Artifact store: content keys, atomic writes, manifests, locks.  Knows nothing about models."""
 
-from .digest import canonical_json, file_digest, text_digest, value_digest
-from .faults import kill_point
-from .lock import RunLock, RunLocked
-from .run import RunDir, RunMismatch
-from .store import ArtifactRef, Store, external_ref, write_text_atomic
+from bonsai.artifacts.digest import DigestCache, canonical_json, file_digest, text_digest, value_digest
+from bonsai.artifacts.faults import kill_point
+from bonsai.artifacts.lock import RunLock, RunLocked
+from bonsai.artifacts.run import RunDir, RunMismatch
+from bonsai.artifacts.store import ArtifactRef, Store, external_ref, write_text_atomic
 
 __all__ = [
     "ArtifactRef",
+    "DigestCache",
     "RunDir",
     "RunMismatch",
     "RunLock",

@@ -6,10 +6,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 _CHUNK = 8 << 20
+_RACY_NS = 2_000_000_000  # files younger than this are hashed again next time
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -19,6 +21,49 @@ def file_digest(path: str | os.PathLike) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+class DigestCache:
+    """File digests remembered by (path, size, mtime): an unchanged file is not read again.
+
+    Re-hashing a 13 GB checkpoint on every resume costs minutes; a file whose size and
+    modification time are unchanged is taken to be unchanged (what rsync and make assume).
+    ``fresh=True`` re-reads every file (``bonsai verify``).  The cache is one JSON file,
+    replaced atomically; concurrent writers can only lose entries, which are recomputed.
+    """
+
+    def __init__(self, file: str | os.PathLike, fresh: bool = False):
+        self.file, self.fresh = Path(file), fresh
+        self._entries: dict[str, str] | None = None
+        self._changed = False
+
+    def _load(self) -> dict[str, str]:
+        if self._entries is None:
+            try:
+                self._entries = json.loads(self.file.read_text()) if self.file.is_file() else {}
+            except (OSError, ValueError):
+                self._entries = {}
+        return self._entries
+
+    def digest(self, path: str | os.PathLike) -> str:
+        stat = os.stat(path)
+        stamp, entries = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}", self._load()
+        if not self.fresh and stamp in entries:
+            return entries[stamp]
+        digest = file_digest(path)
+        # A file modified within the filesystem's timestamp granularity of being hashed could
+        # change again under the same stamp ("racy git"): only older files are remembered.
+        if time.time_ns() - stat.st_mtime_ns > _RACY_NS:
+            entries[stamp], self._changed = digest, True
+        return digest
+
+    def save(self) -> None:
+        if self._changed:
+            from bonsai.artifacts.store import write_text_atomic
+
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.file, json.dumps(self._entries, indent=0, sort_keys=True))
+            self._changed = False
 
 
 def _plain(obj: Any) -> Any:

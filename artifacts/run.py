@@ -12,11 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .lock import RunLock
-from .store import Store, write_text_atomic
+from bonsai.artifacts.lock import RunLock
+from bonsai.artifacts.store import DIGESTS, Store, write_text_atomic
 
 IDENTITY_FILE = "run.json"
-_OWN = {IDENTITY_FILE, ".lock", ".tmp", ".work"}
+_OWN = {IDENTITY_FILE, DIGESTS, ".lock", ".tmp", ".work"}
 
 
 class RunMismatch(Exception):
@@ -91,7 +91,7 @@ class RunDir:
         if not self.path.is_dir() or any(p.name not in _OWN for p in self.path.iterdir()):
             return False
         self.store.clear_partial()
-        for name in (IDENTITY_FILE, ".tmp"):
+        for name in (IDENTITY_FILE, DIGESTS, ".tmp"):
             target = self.path / name
             target.rmdir() if target.is_dir() else target.unlink(missing_ok=True)
         self.lock.release()

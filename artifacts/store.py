@@ -10,8 +10,10 @@ Layout under the run directory::
 A key hashes (stage name, stage VERSION, canonical config, upstream digests), so a
 re-run finds finished work by recomputing keys: no database, no Prefect cache.  An
 artifact's *digest* hashes its files' contents only, so a recomputed-but-identical
-upstream does not invalidate anything downstream.  Every lookup re-checks file
-digests; a corrupted artifact is deleted and rebuilt, with a warning.
+upstream does not invalidate anything downstream.  Every lookup checks the files against
+the manifest's digests (re-reading only files whose size or modification time changed since
+they were last hashed; ``verify`` re-reads everything); a corrupted artifact is deleted and
+rebuilt, with a warning.
 """
 
 from __future__ import annotations
@@ -23,13 +25,16 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
-from .digest import canonical_json, file_digest, text_digest, value_digest
+from bonsai.artifacts.digest import DigestCache, canonical_json, file_digest, text_digest, value_digest
+from bonsai.artifacts.faults import kill_point
 
 MANIFEST = "manifest.json"
+DIGESTS = ".digests.json"  # the store's DigestCache
 FORMAT = 1
 
 log = logging.getLogger("bonsai.store")
@@ -72,6 +77,13 @@ def _library_versions() -> dict[str, str]:
 class Store:
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self.digests = DigestCache(self.root / DIGESTS)
+
+    def __getstate__(self) -> dict:  # a store travels to Dask workers as its root alone
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["root"])
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -99,21 +111,39 @@ class Store:
         manifest = json.loads(manifest_path.read_text())
         return ArtifactRef(stage=stage, key=key, path=str(where), digest=manifest["digest"])
 
-    def _verify(self, where: Path) -> str | None:
+    def _verify(self, where: Path, digests: DigestCache | None = None) -> str | None:
+        digests = digests or self.digests
         try:
             manifest = json.loads((where / MANIFEST).read_text())
             files = manifest["files"]
         except (OSError, ValueError, KeyError) as exc:
             return f"unreadable manifest: {exc.__class__.__name__}"
-        for name, expected in files.items():
-            target = where / name
-            if not target.is_file():
-                return f"{name} is missing"
-            if target.stat().st_size != expected["bytes"] or file_digest(target) != expected["sha256"]:
-                return f"{name}: digest mismatch"
+        try:
+            for name, expected in files.items():
+                target = where / name
+                if not target.is_file():
+                    return f"{name} is missing"
+                if target.stat().st_size != expected["bytes"] or digests.digest(target) != expected["sha256"]:
+                    return f"{name}: digest mismatch"
+        finally:
+            digests.save()
         if _content_digest(files) != manifest.get("digest"):
             return "manifest digest mismatch"
         return None
+
+    def verify(self) -> tuple[int, list[tuple[str, str]]]:
+        """Re-read every file of every finished artifact: (artifacts checked, [(artifact,
+        problem)]).  The refreshed digests make the next lookup of a corrupted artifact
+        rebuild it."""
+        fresh = DigestCache(self.root / DIGESTS, fresh=True)
+        manifests = sorted(self.root.glob(f"*/*/{MANIFEST}"))
+        problems = []
+        for manifest in manifests:
+            problem = self._verify(manifest.parent, fresh)
+            if problem is not None:
+                problems.append((manifest.parent.relative_to(self.root).as_posix(), problem))
+        self.digests = DigestCache(self.root / DIGESTS)
+        return len(manifests), problems
 
     # build ------------------------------------------------------------------------------
     def produce(
@@ -159,6 +189,7 @@ class Store:
                 "wall_s": round(time.time() - started, 3),
             }
             write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+            kill_point("commit")  # complete but not yet renamed into place: never read
             final = self.path(stage, key)
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists():

@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 
 import common
-from bonsai.artifacts import Store
-from bonsai.flows.adapt import AdaptOptions, run_adapt
 from quality import ppl
+
+from bonsai.artifacts import Store
+from bonsai.flows.adapt import run_adapt
+from bonsai.stages.core.options import AdaptOptions
 
 OUT = common.RESULTS / "adapt"
 
@@ -33,21 +35,44 @@ def quality(steps: int) -> None:
     if not (run / "model").is_dir():
         raise SystemExit(f"{run} is missing: run benchmarks/quality.py first")
     evals = Store(OUT / "perplexity")
-    rows = [["parent", "-", ppl(model_dir, heldout, evals), "-", "-"],
-            ["pruned, no adaptation", "-", ppl(str(run / "model"), heldout, evals), "-", "-"]]
+    rows = [
+        ["parent", "-", ppl(model_dir, heldout, evals), "-", "-"],
+        ["pruned, no adaptation", "-", ppl(str(run / "model"), heldout, evals), "-", "-"],
+    ]
     for weight in (0.0, 0.01, 1.0):
-        options = AdaptOptions(steps=steps, lora_rank=16, lora_alpha=64, distill_weight=weight, top_k=64, lr=1e-3,
-                               seq_len=128, sequences=1024, batch_size=8, checkpoint_every=100, device="cpu")
+        options = AdaptOptions(
+            steps=steps,
+            lora_rank=16,
+            lora_alpha=64,
+            distill_weight=weight,
+            top_k=64,
+            lr=1e-3,
+            seq_len=128,
+            sequences=1024,
+            batch_size=8,
+            checkpoint_every=100,
+            device="cpu",
+        )
         start = time.perf_counter()
         summary = run_adapt(str(run), options)
         seconds = time.perf_counter() - start
         tokens = steps * options.batch_size * options.seq_len
         label = "LoRA, no distillation" if weight == 0 else f"LoRA + distillation (lambda {weight:g})"
         cache = summary["teacher_cache_bytes_per_1000_sequences"]
-        rows.append([label, steps, ppl(summary["adapted"], heldout, evals),
-                     f"{cache / 2**20:.1f} MiB" if cache else "-", f"{tokens / seconds:,.0f}"])
-    print(common.markdown(["model", "steps", "held-out perplexity", "teacher cache per 1,000 seq.",
-                           "tokens/s (incl. caching)"], rows))
+        rows.append(
+            [
+                label,
+                steps,
+                ppl(summary["adapted"], heldout, evals),
+                f"{cache / 2**20:.1f} MiB" if cache else "-",
+                f"{tokens / seconds:,.0f}",
+            ]
+        )
+    print(
+        common.markdown(
+            ["model", "steps", "held-out perplexity", "teacher cache per 1,000 seq.", "tokens/s (incl. caching)"], rows
+        )
+    )
 
 
 def _peak_kib() -> int:
@@ -60,7 +85,7 @@ def _peak_kib() -> int:
 def child(mode: str, run: str, parent: str) -> None:
     import torch
 
-    from bonsai.stages.model_io import load_model
+    from bonsai.stages.core.model_io import load_model
 
     if mode == "inference":
         model = load_model(parent, torch.float32, torch.device("cpu"))
@@ -68,9 +93,22 @@ def child(mode: str, run: str, parent: str) -> None:
             model(input_ids=torch.randint(0, 32000, (1, 128)), use_cache=False)
     else:
         # a fresh seed gives a fresh artifact key, so the training really runs in this process
-        run_adapt(run, AdaptOptions(steps=2, lora_rank=128, lora_alpha=512, distill_weight=0.01, top_k=64,
-                                    seq_len=128, sequences=2, batch_size=1, checkpoint_every=2, device="cpu",
-                                    seed=time.time_ns() % 10**9))
+        run_adapt(
+            run,
+            AdaptOptions(
+                steps=2,
+                lora_rank=128,
+                lora_alpha=512,
+                distill_weight=0.01,
+                top_k=64,
+                seq_len=128,
+                sequences=2,
+                batch_size=1,
+                checkpoint_every=2,
+                device="cpu",
+                seed=time.time_ns() % 10**9,
+            ),
+        )
     print(json.dumps({"peak_kib": _peak_kib()}))
 
 
@@ -81,8 +119,18 @@ def memory() -> None:
     parent = common.RESULTS / "speed" / "llama7b-shape"
     if not (run / "model").is_dir():
         raise SystemExit(f"{run} is missing: run benchmarks/speed.py llama7b-shape first")
-    options = AdaptOptions(steps=2, lora_rank=128, lora_alpha=512, distill_weight=0.01, top_k=64, seq_len=128,
-                           sequences=2, batch_size=1, checkpoint_every=2, device="cpu")
+    options = AdaptOptions(
+        steps=2,
+        lora_rank=128,
+        lora_alpha=512,
+        distill_weight=0.01,
+        top_k=64,
+        seq_len=128,
+        sequences=2,
+        batch_size=1,
+        checkpoint_every=2,
+        device="cpu",
+    )
     from bonsai.flows.adapt import adapt_stages
 
     p = plan(str(run), options)
@@ -90,11 +138,16 @@ def memory() -> None:
     adapt_stages(p, AdaptOptions(**{**options.__dict__, "steps": 1, "checkpoint_every": 1}))
     peaks = {}
     for mode in ("inference", "adapt"):
-        done = subprocess.run([sys.executable, __file__, "child", mode, str(run), str(parent)],
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "child", mode, str(run), str(parent)], capture_output=True, text=True, check=True
+        )
         peaks[mode] = json.loads(done.stdout.strip().splitlines()[-1])["peak_kib"] / 2**20
-    print(common.markdown(["peak RSS, inference on the parent (GiB)", "peak RSS, adaptation of the 50% model (GiB)",
-                           "ratio"], [[peaks["inference"], peaks["adapt"], peaks["adapt"] / peaks["inference"]]]))
+    print(
+        common.markdown(
+            ["peak RSS, inference on the parent (GiB)", "peak RSS, adaptation of the 50% model (GiB)", "ratio"],
+            [[peaks["inference"], peaks["adapt"], peaks["adapt"] / peaks["inference"]]],
+        )
+    )
 
 
 def main() -> None:

@@ -12,8 +12,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from bonsai.artifacts import Store  # noqa: E402
 from bonsai.stages import tiny_parent  # noqa: E402
-from bonsai.stages.paths import cache_dir  # noqa: E402
-from bonsai.stages.render import markdown  # noqa: E402
+from bonsai.stages.core.paths import cache_dir  # noqa: E402
+from bonsai.stages.reports.render import markdown  # noqa: E402
 
 __all__ = ["BENCH_PARENT", "PLOTS", "RESULTS", "markdown", "parent", "setup_logging"]
 
@@ -33,5 +33,8 @@ def parent(steps: int | None = None):
     """(model dir, train text, held-out text) of the benchmark parent."""
     config = BENCH_PARENT if steps is None else tiny_parent.TinyParentConfig(steps=steps)
     ref = tiny_parent.run(config, Store(cache_dir() / "parents"))
-    return (str(ref.file(tiny_parent.MODEL)), str(ref.file(tiny_parent.TRAIN_TEXT)),
-            str(ref.file(tiny_parent.HELDOUT_TEXT)))
+    return (
+        str(ref.file(tiny_parent.MODEL)),
+        str(ref.file(tiny_parent.TRAIN_TEXT)),
+        str(ref.file(tiny_parent.HELDOUT_TEXT)),
+    )

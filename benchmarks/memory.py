@@ -29,14 +29,15 @@ def _status(field: str) -> int:
 
 def child(mode: str, batch: int, seq_len: int) -> None:
     import common
-    from bonsai.stages import masks
-    from bonsai.stages.checkpoints import inspect_model_dir
-    from bonsai.stages.evaluate import evaluate_masks
-    from bonsai.stages.masking import Taps, unit_priors
-    from bonsai.stages.model_io import load_model
-    from bonsai.stages.rng import generator
-    from bonsai.stages.utility import row_nll
     from overhead import candidates_for
+
+    from bonsai.stages import masks
+    from bonsai.stages.core.model_dirs import inspect_model_dir
+    from bonsai.stages.core.model_io import load_model
+    from bonsai.stages.core.nll import row_nll
+    from bonsai.stages.core.rng import generator
+    from bonsai.stages.core.taps import Taps, unit_priors
+    from bonsai.stages.evaluate import evaluate_masks
 
     model_dir, _, _ = common.parent()
     model = load_model(model_dir, torch.float32, torch.device("cpu"))
@@ -49,7 +50,7 @@ def child(mode: str, batch: int, seq_len: int) -> None:
     with torch.no_grad():
         if mode == "inference":
             for _ in range(3):
-                model(input_ids=windows, use_cache=False).logits
+                model(input_ids=windows, use_cache=False)
         else:
             with Taps(model, family, stat_groups=1) as taps:
                 row_nll(model, windows)
@@ -71,8 +72,12 @@ def main() -> None:
     for mode in ("inference", "pruning"):  # median of fresh processes: allocator peaks vary
         samples = []
         for _ in range(args.processes):
-            done = subprocess.run([sys.executable, __file__, "--child", mode, "--batch", str(args.batch),
-                                   "--seq-len", str(args.seq_len)], capture_output=True, text=True, check=True)
+            done = subprocess.run(
+                [sys.executable, __file__, "--child", mode, "--batch", str(args.batch), "--seq-len", str(args.seq_len)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             samples.append(json.loads(done.stdout.strip().splitlines()[-1]))
         samples.sort(key=lambda s: s["peak"])
         out[mode] = samples[len(samples) // 2]
@@ -80,11 +85,31 @@ def main() -> None:
 
     mb = 1 << 20
     inf, pru = out["inference"], out["pruning"]
-    rows = [[f"{args.batch} x {args.seq_len}", inf["peak"] / mb, pru["peak"] / mb, pru["peak"] / inf["peak"],
-             (inf["peak"] - inf["loaded"]) / mb, (pru["peak"] - pru["loaded"]) / mb,
-             (pru["peak"] - pru["loaded"]) / max(inf["peak"] - inf["loaded"], 1)]]
-    print(common.markdown(["batch x seq", "inference peak MB", "pruning peak MB", "ratio",
-                           "inference above model MB", "pruning above model MB", "ratio above model"], rows))
+    rows = [
+        [
+            f"{args.batch} x {args.seq_len}",
+            inf["peak"] / mb,
+            pru["peak"] / mb,
+            pru["peak"] / inf["peak"],
+            (inf["peak"] - inf["loaded"]) / mb,
+            (pru["peak"] - pru["loaded"]) / mb,
+            (pru["peak"] - pru["loaded"]) / max(inf["peak"] - inf["loaded"], 1),
+        ]
+    ]
+    print(
+        common.markdown(
+            [
+                "batch x seq",
+                "inference peak MB",
+                "pruning peak MB",
+                "ratio",
+                "inference above model MB",
+                "pruning above model MB",
+                "ratio above model",
+            ],
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,26 @@ from pathlib import Path
 import common
 
 OUT = common.RESULTS / "operations"
-FLAGS = ["--sparsity", "0.1", "--prune-frac", "0.1", "--masks-per-iter", "200", "--calib-samples", "8",
-         "--seq-len", "128", "--batch-size", "16", "--shard-size", "20", "--calib-pool", "256", "--device", "cpu"]
+FLAGS = [
+    "--sparsity",
+    "0.1",
+    "--prune-frac",
+    "0.1",
+    "--masks-per-iter",
+    "200",
+    "--calib-samples",
+    "8",
+    "--seq-len",
+    "128",
+    "--batch-size",
+    "16",
+    "--shard-size",
+    "20",
+    "--calib-pool",
+    "256",
+    "--device",
+    "cpu",
+]
 
 
 def prune(run: Path, *extra: str, env: dict | None = None, kill_at: str | None = None) -> float:
@@ -39,9 +57,26 @@ def prune(run: Path, *extra: str, env: dict | None = None, kill_at: str | None =
         environment["BONSAI_KILL_AT"] = kill_at
     start = time.perf_counter()
     with open(run.parent / f"{run.name}.log", "a") as log:  # a file, not a pipe: nothing can hold it open
-        subprocess.run([sys.executable, "-m", "bonsai.flows.cli", "prune", "--model", model, "--data", train,
-                        "--out", str(run), *FLAGS, *extra], env=environment, stdout=log, stderr=subprocess.STDOUT,
-                       check=not kill_at)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bonsai.flows.cli",
+                "prune",
+                "--model",
+                model,
+                "--data",
+                train,
+                "--out",
+                str(run),
+                *FLAGS,
+                *extra,
+            ],
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=not kill_at,
+        )
     return time.perf_counter() - start
 
 
@@ -56,8 +91,11 @@ def evaluation_phase(run: Path) -> tuple[float, int, int]:
 
 def dask() -> None:
     rows, phases = [], {}
-    for label, extra in (("sequential", ()), ("Dask, 1 worker", ("--runner", "dask", "--dask-address", "local:1")),
-                         ("Dask, 2 workers", ("--runner", "dask", "--dask-address", "local:2"))):
+    for label, extra in (
+        ("sequential", ()),
+        ("Dask, 1 worker", ("--runner", "dask", "--dask-address", "local:1")),
+        ("Dask, 2 workers", ("--runner", "dask", "--dask-address", "local:2")),
+    ):
         run = OUT / label.replace(" ", "-").replace(",", "")
         shutil.rmtree(run, ignore_errors=True)
         total = prune(run, *extra)
@@ -87,28 +125,57 @@ def resume() -> None:
             if label.startswith("persistent"):
                 port = 4321
                 env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
-                server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                           "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                          start_new_session=True)
+                server = subprocess.Popen(
+                    [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
                 time.sleep(30)
             run = OUT / "resume"
             shutil.rmtree(run, ignore_errors=True)
             prune(run, env=env, kill_at="evaluate-batch#31")  # 10 batches a shard: killed inside shard 3
             before = len(list(run.glob("evaluate/*/manifest.json")))
             start = time.perf_counter()
-            process = subprocess.Popen([sys.executable, "-m", "bonsai.flows.cli", "prune", "--model", model,
-                                        "--data", train, "--out", str(run), *FLAGS],
-                                       env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "bonsai.flows.cli",
+                    "prune",
+                    "--model",
+                    model,
+                    "--data",
+                    train,
+                    "--out",
+                    str(run),
+                    *FLAGS,
+                ],
+                env={**os.environ, **env},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             seconds = _wait_for_new_shard(run, before, process, start)
             process.wait()
-            shard = json.loads(sorted(run.glob("evaluate/*/manifest.json"), key=lambda p: p.stat().st_mtime)[-1]
-                               .read_text())["wall_s"]
+            shard = json.loads(
+                sorted(run.glob("evaluate/*/manifest.json"), key=lambda p: p.stat().st_mtime)[-1].read_text()
+            )["wall_s"]
             rows.append([label, before, seconds, shard, seconds - shard])
     finally:
         if server is not None:
             os.killpg(server.pid, signal.SIGTERM)
-    print(common.markdown(["with", "shards done before the kill", "restart to next shard done (s)",
-                           "of which the shard itself (s)", "time to useful work (s)"], rows))
+    print(
+        common.markdown(
+            [
+                "with",
+                "shards done before the kill",
+                "restart to next shard done (s)",
+                "of which the shard itself (s)",
+                "time to useful work (s)",
+            ],
+            rows,
+        )
+    )
 
 
 def main() -> None:

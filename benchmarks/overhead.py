@@ -12,22 +12,26 @@ from __future__ import annotations
 import argparse
 import time
 
+import common
 import numpy as np
 import polars as pl
 import torch
 
-import common
 from bonsai.stages import masks
-from bonsai.stages.checkpoints import inspect_model_dir
+from bonsai.stages.core.model_dirs import inspect_model_dir
+from bonsai.stages.core.model_io import load_model
+from bonsai.stages.core.rng import generator
+from bonsai.stages.core.units import KINDS, layer_shapes
 from bonsai.stages.evaluate import evaluate_masks
-from bonsai.stages.model_io import load_model
-from bonsai.stages.rng import generator
-from bonsai.stages.units import KINDS, layer_shapes
 
 
 def candidates_for(model, family, prune_frac=0.05):
-    rows = [{"iteration": 0, "layer": layer, "kind": kind, "unit": u, "position": u, "params": 1, "wanda": 1.0 + u}
-            for layer, s in enumerate(layer_shapes(model, family)) for kind in KINDS for u in range(s.count(kind))]
+    rows = [
+        {"iteration": 0, "layer": layer, "kind": kind, "unit": u, "position": u, "params": 1, "wanda": 1.0 + u}
+        for layer, s in enumerate(layer_shapes(model, family))
+        for kind in KINDS
+        for u in range(s.count(kind))
+    ]
     return masks.candidates(pl.DataFrame(rows), prune_frac, "wanda")
 
 
@@ -50,7 +54,7 @@ def main() -> None:
     def plain_forward() -> float:
         start = time.perf_counter()
         for _ in range(keep.shape[0]):
-            model(input_ids=windows, use_cache=False).logits
+            model(input_ids=windows, use_cache=False)
         return time.perf_counter() - start
 
     def evaluation() -> float:
@@ -63,16 +67,34 @@ def main() -> None:
     plain, masked = [], []
     with torch.no_grad():
         for repeat in range(args.repeats):
-            pair = (plain_forward(), evaluation()) if repeat % 2 == 0 else tuple(reversed((evaluation(), plain_forward())))
+            pair = (
+                (plain_forward(), evaluation()) if repeat % 2 == 0 else tuple(reversed((evaluation(), plain_forward())))
+            )
             plain.append(pair[0])
             masked.append(pair[1])
     ratios = sorted(p / m for p, m in zip(plain, masked))
     tokens = rows * args.seq_len
-    print(common.markdown(
-        ["batch x seq", "plain forward tok/s", "sub-model evaluation tok/s", "ratio (median of paired repeats)",
-         "lowest ratio"],
-        [[f"{args.batch} x {args.seq_len}", tokens / float(np.median(plain)), tokens / float(np.median(masked)),
-          ratios[len(ratios) // 2], ratios[0]]]))
+    print(
+        common.markdown(
+            [
+                "batch x seq",
+                "plain forward tok/s",
+                "sub-model evaluation tok/s",
+                "ratio (median of paired repeats)",
+                "lowest ratio",
+            ],
+            [
+                [
+                    f"{args.batch} x {args.seq_len}",
+                    tokens / float(np.median(plain)),
+                    tokens / float(np.median(masked)),
+                    ratios[len(ratios) // 2],
+                    ratios[0],
+                ]
+            ],
+        )
+    )
+
 
 if __name__ == "__main__":
     main()

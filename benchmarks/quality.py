@@ -15,21 +15,27 @@ import time
 from pathlib import Path
 
 import common
+
 from bonsai.artifacts import ArtifactRef, Store, external_ref
 from bonsai.flows.prune import run_prune
 from bonsai.stages import perplexity
-from bonsai.stages.checkpoints import model_digest
-from bonsai.stages.config import PruneConfig
-from bonsai.stages.data import source_digest
-from bonsai.stages.render import pyplot, save
+from bonsai.stages.core.data import source_digest
+from bonsai.stages.core.model_dirs import model_digest
+from bonsai.stages.core.options import PruneOptions
+from bonsai.stages.reports.render import pyplot, save
 
 ESTIMATORS = ("regression", "perturbed-prior", "prior-only", "random")
 
 
 def ppl(model_dir: str, heldout: str, store: Store) -> float:
     data = ArtifactRef("data", "text", heldout, source_digest(heldout))
-    ref = perplexity.run(external_ref("model", model_dir, model_digest(model_dir)), data,
-                         perplexity.PerplexityConfig(128, 256, 16, "float32"), store, "cpu")
+    ref = perplexity.run(
+        external_ref("model", model_dir, model_digest(model_dir)),
+        data,
+        perplexity.PerplexityConfig(seq_len=128, max_windows=256, batch_size=16, dtype="float32"),
+        store,
+        "cpu",
+    )
     return ref.info()["perplexity"]
 
 
@@ -67,16 +73,33 @@ def main() -> None:
     rows, parent_params = [], None
     for estimator in ESTIMATORS:
         for seed in args.seeds:
-            config = PruneConfig(sparsity=0.5, prune_frac=args.prune_frac, masks_per_iter=args.masks,
-                                 calib_samples=args.calib_samples, seq_len=128, batch_size=16, shard_size=20,
-                                 calib_pool=512, estimator=estimator, seed=seed, device="cpu")
+            config = PruneOptions(
+                sparsity=0.5,
+                prune_frac=args.prune_frac,
+                masks_per_iter=args.masks,
+                calib_samples=args.calib_samples,
+                seq_len=128,
+                batch_size=16,
+                shard_size=20,
+                calib_pool=512,
+                estimator=estimator,
+                seed=seed,
+                device="cpu",
+            )
             start = time.perf_counter()
             summary = run_prune(model_dir, train, str(out / f"{estimator}-seed{seed}"), config)
             last = summary["iterations"][-1]
             parent_params = last["parent_params"]
-            rows.append({"estimator": estimator, "seed": seed, "sparsity": last["sparsity"],
-                         "parameters": last["model_params"], "perplexity": ppl(summary["model"], heldout, evals),
-                         "wall_s": time.perf_counter() - start})
+            rows.append(
+                {
+                    "estimator": estimator,
+                    "seed": seed,
+                    "sparsity": last["sparsity"],
+                    "parameters": last["model_params"],
+                    "perplexity": ppl(summary["model"], heldout, evals),
+                    "wall_s": time.perf_counter() - start,
+                }
+            )
     table = common.markdown(
         ["estimator", "seed", "attn+MLP sparsity", "parameters", "held-out perplexity"],
         [["parent", "-", 0.0, parent_params, parent_ppl]]
@@ -84,8 +107,15 @@ def main() -> None:
     )
     summary = common.markdown(
         ["estimator", "mean perplexity", "worst perplexity", "seeds"],
-        [[e, sum(r["perplexity"] for r in rows if r["estimator"] == e) / len(args.seeds),
-          max(r["perplexity"] for r in rows if r["estimator"] == e), len(args.seeds)] for e in ESTIMATORS],
+        [
+            [
+                e,
+                sum(r["perplexity"] for r in rows if r["estimator"] == e) / len(args.seeds),
+                max(r["perplexity"] for r in rows if r["estimator"] == e),
+                len(args.seeds),
+            ]
+            for e in ESTIMATORS
+        ],
     )
     (out / "quality.md").write_text(table + "\n\n" + summary + "\n")
     plot(rows, parent_ppl, common.PLOTS / f"quality-{args.name}.png")

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 
+import common
 import torch
 
-import common
 from bonsai.flows.prune import run_prune
-from bonsai.stages.config import PruneConfig
-from bonsai.stages.speed import SpeedConfig, measure
+from bonsai.stages.core.options import PruneOptions
+from bonsai.stages.reports.speed import SpeedConfig, measure
 
 OUT = common.RESULTS / "speed"
 
@@ -38,14 +38,26 @@ def tiny(device: str) -> None:
     cfg = SpeedConfig(shapes=((1, 128), (8, 128), (1, 512), (8, 512)), dtype="float32")
     base = measure(model_dir, cfg, device)
     for sparsity in (0.3, 0.5):
-        config = PruneConfig(sparsity=sparsity, prune_frac=0.05 if sparsity == 0.5 else 0.1, masks_per_iter=120,
-                             calib_samples=8, seq_len=128, batch_size=16, shard_size=20, calib_pool=512,
-                             device=device)
+        config = PruneOptions(
+            sparsity=sparsity,
+            prune_frac=0.05 if sparsity == 0.5 else 0.1,
+            masks_per_iter=120,
+            calib_samples=8,
+            seq_len=128,
+            batch_size=16,
+            shard_size=20,
+            calib_pool=512,
+            device=device,
+        )
         run = common.RESULTS / "quality-fast" / "regression-seed0" if sparsity == 0.5 else OUT / f"tiny-{sparsity}"
         summary = run_prune(model_dir, train, str(run), config)
         print(f"\ntiny parent pruned to {sparsity:.0%} ({run}):\n")
-        print(common.markdown(["measure", "shape", "unit", "parent", "pruned", "pruned / parent"],
-                              ratios(base, measure(summary["model"], cfg, device))))
+        print(
+            common.markdown(
+                ["measure", "shape", "unit", "parent", "pruned", "pruned / parent"],
+                ratios(base, measure(summary["model"], cfg, device)),
+            )
+        )
 
 
 def llama7b_shape(device: str) -> None:
@@ -55,9 +67,15 @@ def llama7b_shape(device: str) -> None:
 
     parent = OUT / "llama7b-shape"
     if not (parent / "config.json").is_file():
-        config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
-                             num_key_value_heads=32, num_hidden_layers=4, vocab_size=32000,
-                             max_position_embeddings=4096)
+        config = LlamaConfig(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            num_hidden_layers=4,
+            vocab_size=32000,
+            max_position_embeddings=4096,
+        )
         with torch.random.fork_rng():
             torch.manual_seed(0)
             model = LlamaForCausalLM(config)
@@ -65,14 +83,28 @@ def llama7b_shape(device: str) -> None:
         train_tokenizer(["a tokenizer for a speed test " * 50], 512).save_pretrained(parent)
     text = OUT / "text.txt"
     text.write_text(" ".join(f"word{i % 97}" for i in range(20000)))
-    config = PruneConfig(sparsity=0.5, prune_frac=0.5, estimator="prior-only", calib_samples=2, seq_len=128,
-                         batch_size=2, calib_pool=4, device=device)
+    config = PruneOptions(
+        sparsity=0.5,
+        prune_frac=0.5,
+        estimator="prior-only",
+        calib_samples=2,
+        seq_len=128,
+        batch_size=2,
+        calib_pool=4,
+        device=device,
+    )
     summary = run_prune(str(parent), str(text), str(OUT / "llama7b-shape-50"), config)
     cfg = SpeedConfig(shapes=((1, 128), (4, 512)), repeats=3, warmup=1, decode_tokens=16, dtype="float32")
-    print(f"\nLLaMA-2 7B widths, 4 layers, pruned to 50% ({summary['iterations'][-1]['model_params']:,} of "
-          f"{summary['iterations'][-1]['parent_params']:,} parameters left):\n")
-    print(common.markdown(["measure", "shape", "unit", "parent", "pruned", "pruned / parent"],
-                          ratios(measure(str(parent), cfg, device), measure(summary["model"], cfg, device))))
+    print(
+        f"\nLLaMA-2 7B widths, 4 layers, pruned to 50% ({summary['iterations'][-1]['model_params']:,} of "
+        f"{summary['iterations'][-1]['parent_params']:,} parameters left):\n"
+    )
+    print(
+        common.markdown(
+            ["measure", "shape", "unit", "parent", "pruned", "pruned / parent"],
+            ratios(measure(str(parent), cfg, device), measure(summary["model"], cfg, device)),
+        )
+    )
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Wall time of a run, split by stage, from the manifests every artifact records.
 
-    python benchmarks/stage_times.py RUN [RUN ...]
+python benchmarks/stage_times.py RUN [RUN ...]
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ def main() -> None:
     for run in map(Path, sys.argv[1:]):
         times = stage_times(run)
         total = sum(t for _, t in times.values())
-        rows = [[stage, count, seconds, seconds / total] for stage, (count, seconds) in
-                sorted(times.items(), key=lambda kv: -kv[1][1])]
+        rows = [
+            [stage, count, seconds, seconds / total]
+            for stage, (count, seconds) in sorted(times.items(), key=lambda kv: -kv[1][1])
+        ]
         print(f"\n{run}: {total:.1f} s in stages\n")
         print(common.markdown(["stage", "artifacts", "seconds", "share"], rows + [["total", "", total, 1.0]]))
 

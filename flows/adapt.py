@@ -1,58 +1,25 @@
 """`bonsai adapt`: post-pruning adaptation of a run's pruned model.
 
-    windows(adaptation data)  ->  logits(shard 0..k)   the parent, once, then released
-                              ->  adapt                the student alone, checkpointed
-                              ->  publish RUN/adapted (merged) and RUN/adapter (LoRA)
+windows(adaptation data)  ->  logits(shard 0..k)   the parent, once, then released
+                          ->  adapt                the student alone, checkpointed
+                          ->  publish RUN/adapted (merged) and RUN/adapter (LoRA)
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from bonsai.artifacts import ArtifactRef, RunDir, RunLocked, external_ref
-from bonsai.stages.checkpoints import inspect_model_dir, model_digest
-from bonsai.stages.data import describe, source_digest
-from bonsai.stages.errors import UserError
-
-from .executors import Executor, Inline
+from bonsai.flows.executors import Executor, Inline
+from bonsai.flows.preflight import run_parent
+from bonsai.stages.core.data import describe, source_digest
+from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.model_dirs import inspect_model_dir, model_digest
+from bonsai.stages.core.options import AdaptOptions
 
 log = logging.getLogger("bonsai.adapt")
-
-
-def _opt(default, help):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass(frozen=True)
-class AdaptOptions:
-    data: str | None = _opt(None, "adaptation text SOURCE (default: the run's --data)")
-    steps: int = _opt(1000, "optimizer steps")
-    lora_rank: int = _opt(128, "LoRA rank (Table 10: 128)")
-    lora_alpha: int = _opt(512, "LoRA alpha (Table 10: 4 x rank)")
-    distill_weight: float = _opt(0.01, "lambda of the distillation term (Table 10: 0.01); 0 trains without a teacher")
-    top_k: int = _opt(64, "teacher log-probabilities cached per position")
-    lr: float = _opt(1e-4, "peak learning rate (linear warm-up, cosine decay)")
-    full_finetune: bool = _opt(False, "train every weight instead of LoRA (for models small enough)")
-    seq_len: int | None = _opt(None, "tokens per training sequence (default: the run's --seq-len)")
-    sequences: int = _opt(1024, "sequences cut from SOURCE; the teacher cache covers them all")
-    batch_size: int = _opt(8, "sequences per step")
-    checkpoint_every: int = _opt(100, "steps between checkpoints (what a kill can lose)")
-    logits_shard_size: int = _opt(64, "sequences per teacher-cache shard")
-    seed: int = _opt(0, "seed of the data order and the LoRA initialisation")
-    device: str = _opt("auto", "torch device")
-    dtype: str = _opt("auto", "teacher forward dtype and training autocast (auto: float32 on CPU, bfloat16 on GPU)")
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "lora_rank", "lora_alpha", "top_k", "sequences", "batch_size", "checkpoint_every",
-                     "logits_shard_size"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.lr <= 0 or self.distill_weight < 0:
-            raise UserError("--lr must be positive and --distill-weight not negative")
-        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise UserError(f"--dtype must be one of auto, float32, float16, bfloat16; got {self.dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -74,12 +41,14 @@ def plan(run_dir: str, options: AdaptOptions) -> AdaptPlan:
     if not (run.path / "model" / "config.json").is_file():
         raise UserError(f"{run_dir}: the run has no pruned model yet; finish `bonsai prune` first")
     described, identity = recorded.get("described", {}), recorded.get("identity", {})
-    parent_dir = described.get("model")
+    parent_dir = run_parent(recorded).path
     inspect_model_dir(parent_dir, flag="the run's parent model")
     parent_digest = model_digest(parent_dir)
     if parent_digest != identity.get("model"):
-        raise UserError(f"the parent model at {parent_dir} changed since {run_dir} was pruned; the teacher must "
-                        f"be the model that was pruned")
+        raise UserError(
+            f"the parent model at {parent_dir} changed since {run_dir} was pruned; the teacher must "
+            f"be the model that was pruned"
+        )
     student_dir = run.path / "model"
     config = json.loads((student_dir / "config.json").read_text())
     if options.top_k > config["vocab_size"]:
@@ -89,11 +58,17 @@ def plan(run_dir: str, options: AdaptOptions) -> AdaptPlan:
         raise UserError(f"--seq-len {seq_len} exceeds the model's context ({config['max_position_embeddings']} tokens)")
     source = options.data or described.get("data")
     data = ArtifactRef("data", key="text", path=describe(source), digest=source_digest(source))
-    from bonsai.stages.devices import dtype_name, resolve_device, resolve_dtype  # imports torch
+    from bonsai.stages.core.devices import dtype_name, resolve_device, resolve_dtype  # imports torch
 
     dtype = dtype_name(resolve_dtype(options.dtype, resolve_device(options.device)))
-    return AdaptPlan(run, external_ref("parent", parent_dir, parent_digest),
-                     external_ref("student", student_dir, model_digest(student_dir)), data, seq_len, dtype)
+    return AdaptPlan(
+        run,
+        external_ref("parent", parent_dir, parent_digest),
+        external_ref("student", student_dir, model_digest(student_dir)),
+        data,
+        seq_len,
+        dtype,
+    )
 
 
 def adapt_stages(p: AdaptPlan, options: AdaptOptions, execute: Executor = Inline()) -> dict:
@@ -101,31 +76,67 @@ def adapt_stages(p: AdaptPlan, options: AdaptOptions, execute: Executor = Inline
     from bonsai.stages import adapt, calibration, export, logits
 
     store, device = p.run.store, options.device
-    windows = execute("adapt-windows", calibration.run, p.parent, p.data,
-                      calibration.CalibrationConfig(p.seq_len, options.sequences, options.batch_size), store)
+    windows = execute(
+        "adapt-windows",
+        calibration.run,
+        p.parent,
+        p.data,
+        calibration.CalibrationConfig(seq_len=p.seq_len, pool=options.sequences, min_windows=options.batch_size),
+        store,
+    )
     teacher: list[ArtifactRef] = []
     if options.distill_weight > 0:
         shards = logits.shard_count(int(windows.info()["windows"]), options.logits_shard_size)
-        teacher = execute.map("logits", logits.run, [
-            (p.parent, windows, logits.LogitsConfig(i, options.logits_shard_size, options.top_k,
-                                                    options.batch_size, p.dtype), store, device)
-            for i in range(shards)])
+        teacher = execute.map(
+            "logits",
+            logits.run,
+            [
+                (
+                    p.parent,
+                    windows,
+                    logits.LogitsConfig(
+                        shard=i,
+                        shard_size=options.logits_shard_size,
+                        top_k=options.top_k,
+                        batch_size=options.batch_size,
+                        dtype=p.dtype,
+                    ),
+                    store,
+                    device,
+                )
+                for i in range(shards)
+            ],
+        )
     cfg = adapt.AdaptConfig(
-        steps=options.steps, batch_size=options.batch_size, lr=options.lr, lora_rank=options.lora_rank,
-        lora_alpha=options.lora_alpha, distill_weight=options.distill_weight, top_k=options.top_k,
-        full_finetune=options.full_finetune, seed=options.seed, checkpoint_every=options.checkpoint_every,
-        warmup_steps=max(1, options.steps // 20), precision="float32" if p.dtype == "float32" else p.dtype,
+        steps=options.steps,
+        batch_size=options.batch_size,
+        lr=options.lr,
+        lora_rank=options.lora_rank,
+        lora_alpha=options.lora_alpha,
+        distill_weight=options.distill_weight,
+        top_k=options.top_k,
+        full_finetune=options.full_finetune,
+        seed=options.seed,
+        checkpoint_every=options.checkpoint_every,
+        warmup_steps=max(1, options.steps // 20),
+        precision="float32" if p.dtype == "float32" else p.dtype,
     )
     adapted = execute("adapt", adapt.run, p.student, windows, teacher, cfg, store, device)
     merged = execute("publish-adapted", export.publish, adapted, p.run.path / "adapted", adapt.MODEL)
     adapter = None
     if not options.full_finetune:
         adapter = execute("publish-adapter", export.publish, adapted, p.run.path / "adapter", adapt.ADAPTER)
+    else:
+        export.unpublish(p.run.path / "adapter")  # a LoRA adapter from an earlier adaptation no longer applies
     cache_bytes = sum(int(t.info()["bytes"]) for t in teacher)
     cached = sum(int(t.info()["windows"]) for t in teacher)
-    summary = {"adapted": merged, "adapter": adapter, **adapted.info(),
-               "teacher_cache_bytes": cache_bytes,
-               "teacher_cache_bytes_per_1000_sequences": 1000 * cache_bytes / cached if cached else None}
+    summary = {
+        "adapted": merged,
+        "adapter": adapter,
+        **adapted.info(),
+        "teacher_cache_bytes": cache_bytes,
+        "teacher_cache_bytes_per_1000_sequences": 1000 * cache_bytes / cached if cached else None,
+    }
     log.info("adapted model: %s (final loss %.4f)", merged, summary["final_loss"])
     return summary
 
@@ -140,4 +151,3 @@ def run_adapt(run_dir: str, options: AdaptOptions, execute: Executor = Inline())
         return adapt_stages(p, options, execute)
     finally:
         p.run.lock.release()
-

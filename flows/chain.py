@@ -18,12 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bonsai.stages.config import PruneConfig, build_config, normalise_keys, read_yaml
-from bonsai.stages.errors import UserError
-
-from .adapt import AdaptOptions
-from .evaluate import EvalOptions
-from .executors import Executor, Inline
+from bonsai.flows.executors import Executor, Inline
+from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.model_source import is_hub_id
+from bonsai.stages.core.options import AdaptOptions, EvalOptions, PruneOptions, build, fields_of, read_yaml
 
 SECTIONS = ("prune", "adapt", "eval")
 
@@ -33,7 +31,7 @@ class ChainSpec:
     model: str
     data: str
     out: str
-    prune: PruneConfig
+    prune: PruneOptions
     adapt: AdaptOptions | None
     eval: EvalOptions | None
 
@@ -41,13 +39,15 @@ class ChainSpec:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ChainSpec":
-        return cls(data["model"], data["data"], data["out"], PruneConfig(**data["prune"]),
-                   AdaptOptions(**data["adapt"]) if data.get("adapt") is not None else None,
-                   EvalOptions(**data["eval"]) if data.get("eval") is not None else None)
-
-
-PATH_OPTIONS = {"data", "ppl_data", "parent", "out"}
+    def from_dict(cls, data: dict[str, Any]) -> ChainSpec:
+        return cls(
+            data["model"],
+            data["data"],
+            data["out"],
+            PruneOptions(**data["prune"]),
+            AdaptOptions(**data["adapt"]) if data.get("adapt") is not None else None,
+            EvalOptions(**data["eval"]) if data.get("eval") is not None else None,
+        )
 
 
 def _resolve(base: Path, value: Any, create: bool = False) -> Any:
@@ -59,23 +59,19 @@ def _resolve(base: Path, value: Any, create: bool = False) -> Any:
     return str(candidate.resolve()) if create or candidate.exists() else value
 
 
-def _section_options(cls, section: dict, name: str, base: Path):
+def _section(cls, section: dict | None, name: str, path: Path):
+    """A section's options, with the fields marked ``path`` made relative to the run file."""
     values = {str(k).replace("-", "_"): v for k, v in (section or {}).items()}
-    for key in PATH_OPTIONS & set(values):
-        values[key] = _resolve(base, values[key], create=key == "out")
-    if isinstance(values.get("tasks"), list):
-        values["tasks"] = [_resolve(base, t) for t in values["tasks"]]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise UserError(f"run config, section {name}: unknown option(s) {', '.join(unknown)}; "
-                        f"known: {', '.join(sorted(known))}")
-    if "tasks" in values and isinstance(values["tasks"], (str, list)):
-        values["tasks"] = tuple([values["tasks"]] if isinstance(values["tasks"], str) else values["tasks"])
-    try:
-        return cls(**values)
-    except TypeError as exc:
-        raise UserError(f"run config, section {name}: {exc}") from None
+    base = path.parent.resolve()
+    for f in fields_of(cls):
+        if f.metadata["path"] and f.name in values:
+            value = values[f.name]
+            values[f.name] = (
+                [_resolve(base, v) for v in value]
+                if isinstance(value, list)
+                else _resolve(base, value, create=f.name == "out")
+            )
+    return build(cls, values, where=f"run config, section {name}")
 
 
 def load_spec(path: str | Path) -> ChainSpec:
@@ -91,17 +87,21 @@ def load_spec(path: str | Path) -> ChainSpec:
     if missing:
         raise UserError(f"--config {path}: the prune section needs {', '.join(missing)}")
     base = path.parent.resolve()
-    where = {k: _resolve(base, str(prune.pop(k)), create=True) for k in ("model", "data", "out")}
-    config = build_config(normalise_keys(prune, where=f"--config {path}, section prune"))
-    adapt = _section_options(AdaptOptions, data["adapt"], "adapt", base) if "adapt" in data else None
-    evaluate = _section_options(EvalOptions, data["eval"], "eval", base) if "eval" in data else None
+    where = {k: str(prune.pop(k)) for k in ("model", "data", "out")}
+    where = {
+        k: v if k == "model" and is_hub_id(v) and not (base / v).exists() else _resolve(base, v, create=True)
+        for k, v in where.items()
+    }
+    config = _section(PruneOptions, prune, "prune", path)
+    adapt = _section(AdaptOptions, data["adapt"], "adapt", path) if "adapt" in data else None
+    evaluate = _section(EvalOptions, data["eval"], "eval", path) if "eval" in data else None
     return ChainSpec(where["model"], where["data"], where["out"], config, adapt, evaluate)
 
 
 def run_chain(spec: ChainSpec, execute: Executor = Inline()) -> dict:
-    from .adapt import run_adapt
-    from .evaluate import run_eval
-    from .prune import run_prune
+    from bonsai.flows.adapt import run_adapt
+    from bonsai.flows.eval import run_eval
+    from bonsai.flows.prune import run_prune
 
     result: dict[str, Any] = {"prune": run_prune(spec.model, spec.data, spec.out, spec.prune, execute)}
     if spec.adapt is not None:

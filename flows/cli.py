@@ -10,8 +10,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from bonsai.stages.config import build_config, config_fields, load_preset
-from bonsai.stages.errors import UserError
+from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.options import AdaptOptions, EvalOptions, PruneOptions, build, fields_of, kinds, load_preset
 
 PREFECT_DEFAULTS = {
     # The ephemeral server needs 12-15 s to start on two cores; Prefect's default is 20 s.
@@ -67,7 +67,7 @@ def _start_prefect() -> None:
     url = _prefect_server()
     if not url:
         # also handed down to Dask workers, which would otherwise each start a server of their own
-        from .prefect_server import start_temporary_server
+        from bonsai.flows.prefect_server import start_temporary_server
 
         start_temporary_server()
     else:
@@ -76,9 +76,11 @@ def _start_prefect() -> None:
         try:
             httpx.get(url.rstrip("/") + "/health", timeout=10).raise_for_status()
         except httpx.HTTPError as exc:
-            raise UserError(f"cannot reach the Prefect server at {url} (PREFECT_API_URL: {exc.__class__.__name__}); "
-                            f"nothing was started and the run directory is untouched: start the server "
-                            f"(`prefect server start`) or unset PREFECT_API_URL to use a temporary one") from None
+            raise UserError(
+                f"cannot reach the Prefect server at {url} (PREFECT_API_URL: {exc.__class__.__name__}); "
+                f"nothing was started and the run directory is untouched: start the server "
+                f"(`prefect server start`) or unset PREFECT_API_URL to use a temporary one"
+            ) from None
     logging.getLogger("bonsai").setLevel(logging.INFO)
 
 
@@ -101,28 +103,60 @@ def _runner(args: argparse.Namespace) -> str | None:
     try:
         Client(address, timeout="10s").close()
     except (OSError, TimeoutError) as exc:
-        raise UserError(f"cannot reach the Dask scheduler at {address} ({exc.__class__.__name__}); nothing was "
-                        f"started and the run directory is untouched: start the scheduler or drop --runner dask") from None
+        raise UserError(
+            f"cannot reach the Dask scheduler at {address} ({exc.__class__.__name__}); nothing was "
+            f"started and the run directory is untouched: start the scheduler or drop --runner dask"
+        ) from None
     return address
 
 
 def _add_runner_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runner", choices=["local", "dask"], default="local",
-                        help="where evaluation shards run: this process, or Dask workers (default: local)")
-    parser.add_argument("--dask-address", metavar="ADDR",
-                        help="tcp://HOST:PORT of a Dask scheduler, or local:N to start N local workers")
+    parser.add_argument(
+        "--runner",
+        choices=["local", "dask"],
+        default="local",
+        help="where evaluation shards run: this process, or Dask workers (default: local)",
+    )
+    parser.add_argument(
+        "--dask-address",
+        metavar="ADDR",
+        help="tcp://HOST:PORT of a Dask scheduler, or local:N to start N local workers",
+    )
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    kinds = {"float": float, "int": int, "str": str}
-    for f in config_fields():
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
-        if f.name == "alphas":
-            parser.add_argument(flag, dest=f.name, default=None, help=help_text + "; comma-separated")
-            continue
-        parser.add_argument(flag, dest=f.name, default=None, type=kinds[f.type],
-                            choices=f.metadata["choices"], help=help_text)
+def add_option_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per field of an options class: the class is the schema, its metadata the help.
+    Values stay strings here; ``options_from`` converts them, so a bad value reads the same
+    from a flag as from a YAML file."""
+    field_kinds = kinds(cls)
+    for f in fields_of(cls):
+        kind, name = field_kinds[f.name], "--" + f.name.replace("_", "-")
+        shown = f" (default: {f.default})" if f.default not in (None, (), False) else ""
+        if kind.type is bool:
+            parser.add_argument(name, dest=f.name, action="store_true", default=None, help=f.metadata["help"])
+        elif kind.many:
+            parser.add_argument(
+                name,
+                dest=f.name,
+                nargs="+",
+                default=None,
+                metavar="VALUE",
+                help=f.metadata["help"] + shown + "; several values, or comma-separated",
+            )
+        else:
+            parser.add_argument(
+                name,
+                dest=f.name,
+                default=None,
+                choices=f.metadata["choices"],
+                metavar=None if f.metadata["choices"] else f.name.upper().replace("_", "-"),
+                help=f.metadata["help"] + shown,
+            )
+
+
+def options_from(args: argparse.Namespace, cls, preset: dict | None = None):
+    """The options of a command: defaults, then the preset, then the flags given."""
+    return build(cls, preset, {f.name: getattr(args, f.name) for f in fields_of(cls)})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,23 +164,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     prune = sub.add_parser("prune", help="prune a local Hugging Face causal LM (resumable)")
-    prune.add_argument("--model", required=True, metavar="DIR", help="local model directory (config, weights, tokenizer)")
-    prune.add_argument("--data", required=True, metavar="SOURCE",
-                       help=".txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG[:SPLIT]] already on disk")
+    prune.add_argument(
+        "--model",
+        required=True,
+        metavar="MODEL",
+        help="a Hugging Face model directory, a .gguf file (dequantized once, cached), or a hub id "
+        "org/name[@revision] (from the local cache when HF_HUB_OFFLINE=1)",
+    )
+    prune.add_argument(
+        "--data",
+        required=True,
+        metavar="SOURCE",
+        help=".txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG[:SPLIT]] already on disk",
+    )
     prune.add_argument("--out", required=True, metavar="RUN", help="run directory (created, or resumed)")
     prune.add_argument("--config", metavar="PRESET", help="YAML preset of the options below (flags override it)")
-    _add_config_flags(prune)
+    add_option_flags(prune, PruneOptions)
     _add_runner_flags(prune)
     prune.set_defaults(handler=cmd_prune)
 
     adapt = sub.add_parser("adapt", help="LoRA + distillation from cached parent logits on a pruned run")
     adapt.add_argument("run", metavar="RUN", help="a run directory with a pruned model")
-    _add_option_flags(adapt, _fields("adapt"))
+    add_option_flags(adapt, AdaptOptions)
     adapt.set_defaults(handler=cmd_adapt)
 
     evaluate = sub.add_parser("eval", help="perplexity, lm-eval harness tasks and speed against the parent")
     evaluate.add_argument("target", metavar="RUN|MODEL_DIR", help="a run directory, or any model directory")
-    _add_option_flags(evaluate, _fields("eval"))
+    add_option_flags(evaluate, EvalOptions)
     evaluate.set_defaults(handler=cmd_eval)
 
     chain = sub.add_parser("run", help="prune -> adapt -> eval as one flow, from a run file")
@@ -155,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     chain.set_defaults(handler=cmd_run)
 
     schedule = sub.add_parser("schedule", help="run a run file on a cron schedule on a Prefect server")
-    schedule.add_argument("--config", required=True, metavar="RUN_YAML", help="run file (see configs/runs/example.yaml)")
+    schedule.add_argument(
+        "--config", required=True, metavar="RUN_YAML", help="run file (see configs/runs/example.yaml)"
+    )
     schedule.add_argument("--cron", required=True, help='cron expression, for example "0 2 * * *" (02:00 daily)')
     schedule.add_argument("--timezone", default=None, help="IANA time zone of the cron expression (default: UTC)")
     schedule.add_argument("--name", default=None, help="deployment name (default: the run directory's name)")
@@ -167,59 +213,36 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--format", choices=["text", "json"], default="text")
     status.set_defaults(handler=cmd_status)
 
-    audit = sub.add_parser("audit", help="per-iteration tables and plots of a run (Prefect artifacts too, with a server)")
+    audit = sub.add_parser(
+        "audit", help="per-iteration tables and plots of a run (Prefect artifacts too, with a server)"
+    )
     audit.add_argument("run", metavar="RUN")
     audit.add_argument("--format", choices=["markdown", "json"], default="markdown")
     audit.add_argument("--out", metavar="DIR", help="where the plots go (default: RUN/audit)")
     audit.set_defaults(handler=cmd_audit)
 
+    verify = sub.add_parser("verify", help="re-read every file of a run and check it against its recorded digest")
+    verify.add_argument("run", metavar="RUN")
+    verify.set_defaults(handler=cmd_verify)
+
     families = sub.add_parser("families", help="the supported model families and what is pruned in each")
     families.set_defaults(handler=cmd_families)
 
     demo = sub.add_parser("demo", help="train a tiny parent, prune it to 50%%, compare (under 4 min on 2 CPU cores)")
-    demo.add_argument("--out", default="bonsai-demo", metavar="DIR", help="where the demo run goes (default: %(default)s)")
+    demo.add_argument(
+        "--out", default="bonsai-demo", metavar="DIR", help="where the demo run goes (default: %(default)s)"
+    )
     demo.set_defaults(handler=cmd_demo)
     return parser
 
 
-def _fields(command: str):
-    """The option dataclass of a command: its fields are the command's flags."""
-    if command == "adapt":
-        from .adapt import AdaptOptions as options
-    else:
-        from .evaluate import EvalOptions as options
-    return dataclasses.fields(options)
-
-
-def _options(cls, args: argparse.Namespace, command: str):
-    values = {f.name: getattr(args, f.name) for f in _fields(command) if getattr(args, f.name) not in (None, False)}
-    if "tasks" in values:  # accept "a,b c" as well as "a b c"
-        values["tasks"] = tuple(t for item in values["tasks"] for t in item.split(",") if t)
-    return cls(**values)
-
-
-def _add_option_flags(parser: argparse.ArgumentParser, fields) -> None:
-    """Flags from a dataclass: the dataclass is the schema, its metadata the help."""
-    for f in fields:
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        if f.type == "bool":
-            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
-        elif f.type.startswith("tuple"):
-            parser.add_argument(flag, dest=f.name, nargs="+", default=None, metavar="NAME", help=help_text)
-        else:
-            kind = int if f.type.startswith("int") else float if f.type == "float" else str
-            parser.add_argument(flag, dest=f.name, type=kind, default=None,
-                                help=f"{help_text} (default: {f.default})" if f.default not in (None, ()) else help_text)
-
-
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from .adapt import AdaptOptions, plan
+    from bonsai.flows.adapt import plan
 
-    options = _options(AdaptOptions, args, "adapt")
+    options = options_from(args, AdaptOptions)
     plan(args.run, options)  # a wrong run or option fails now, not after Prefect starts
     _start_prefect()
-    from .pipelines import adapt_flow
+    from bonsai.flows.pipelines import adapt_flow
 
     with quiet_user_errors():
         summary = adapt_flow(args.run, dataclasses.asdict(options))
@@ -227,19 +250,24 @@ def cmd_adapt(args: argparse.Namespace) -> int:
     print(f"adapted model: {summary['adapted']} (merged)")
     if summary["adapter"]:
         print(f"LoRA adapter:  {summary['adapter']} (PeftModel.from_pretrained over {args.run}/model)")
-    print(f"final loss {summary['final_loss']:.4f} (task {summary['final_task_loss']:.4f}) after {summary['steps']} steps")
+    print(
+        f"final loss {summary['final_loss']:.4f} (task {summary['final_task_loss']:.4f}) after {summary['steps']} steps"
+    )
     if per_1000:
-        print(f"teacher cache: {summary['teacher_cache_bytes'] / 2**20:.1f} MiB, {per_1000 / 2**20:.1f} MiB per 1,000 sequences")
+        print(
+            f"teacher cache: {summary['teacher_cache_bytes'] / 2**20:.1f} MiB, "
+            f"{per_1000 / 2**20:.1f} MiB per 1,000 sequences"
+        )
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import EvalOptions, resolve_targets
+    from bonsai.flows.eval import resolve_targets
 
-    options = _options(EvalOptions, args, "eval")
+    options = options_from(args, EvalOptions)
     resolve_targets(args.target, options)  # a wrong path or parent fails now, not after Prefect starts
     _start_prefect()
-    from .pipelines import eval_flow
+    from bonsai.flows.pipelines import eval_flow
 
     with quiet_user_errors():
         result = eval_flow(args.target, dataclasses.asdict(options))
@@ -249,16 +277,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    preset = load_preset(args.config) if args.config else {}
-    config = build_config(preset, {f.name: getattr(args, f.name) for f in config_fields()})
-    from .setup import open_run, prepare
+    config = options_from(args, PruneOptions, load_preset(args.config) if args.config else None)
+    from bonsai.flows.preflight import open_run, prepare
 
     prepared = prepare(args.model, args.data, args.out, config)
     open_run(prepared, probe=True)  # refuse a locked or different run before Prefect starts (15 s)
     address = _runner(args)
     _start_prefect()
-    from .pipelines import dask_runner, prune_flow
-    from .report import iteration_table
+    from bonsai.flows.pipelines import dask_runner, prune_flow
+    from bonsai.stages.reports.terminal import iteration_table
 
     flow = prune_flow.with_options(task_runner=dask_runner(address)) if address else prune_flow
     with quiet_user_errors():
@@ -268,15 +295,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .chain import load_spec
-    from .setup import open_run, prepare
+    from bonsai.flows.chain import load_spec
+    from bonsai.flows.preflight import open_run, prepare
 
     spec = load_spec(args.config)
     open_run(prepare(spec.model, spec.data, spec.out, spec.prune), probe=True)
     address = _runner(args)
     _start_prefect()
-    from .pipelines import chain_flow
-    from .report import iteration_table
+    from bonsai.flows.pipelines import chain_flow
+    from bonsai.stages.reports.terminal import iteration_table
 
     with quiet_user_errors():
         result = chain_flow(spec.to_dict(), dask_address=address)
@@ -291,7 +318,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_schedule(args: argparse.Namespace) -> int:
     """Register the deployment and serve it: this process executes the scheduled runs (and
     runs triggered from the UI or `prefect deployment run`) until it is stopped."""
-    from .chain import load_spec
+    from bonsai.flows.chain import load_spec
 
     spec = load_spec(args.config)
     prefect_environment()
@@ -304,24 +331,31 @@ def cmd_schedule(args: argparse.Namespace) -> int:
         raise UserError(f"--cron {args.cron!r}: {exc.errors()[0]['msg']}") from None
     _runner(args)
     if not _prefect_server():
-        raise UserError("schedules need a running Prefect server: start one with `prefect server start`, then "
-                        "export PREFECT_API_URL=http://127.0.0.1:4200/api (see README, 'Schedules')")
+        raise UserError(
+            "schedules need a running Prefect server: start one with `prefect server start`, then "
+            "export PREFECT_API_URL=http://127.0.0.1:4200/api (see README, 'Schedules')"
+        )
     _start_prefect()
     from prefect.deployments.runner import EntrypointType
 
-    from .pipelines import chain_flow
+    from bonsai.flows.pipelines import chain_flow
 
     name = args.name or Path(spec.out).name
-    chain_flow.serve(name=name, schedules=[schedule], entrypoint_type=EntrypointType.MODULE_PATH, limit=1,
-                     parameters={"spec": spec.to_dict(), "dask_address": args.dask_address},
-                     pause_on_shutdown=False)
+    chain_flow.serve(
+        name=name,
+        schedules=[schedule],
+        entrypoint_type=EntrypointType.MODULE_PATH,
+        limit=1,
+        parameters={"spec": spec.to_dict(), "dask_address": args.dask_address},
+        pause_on_shutdown=False,
+    )
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     import json
 
-    from bonsai.stages.status import describe, run_status
+    from bonsai.stages.reports.status import describe, run_status
 
     status = run_status(args.run)
     print(json.dumps(status, indent=1) if args.format == "json" else describe(status))
@@ -340,45 +374,73 @@ def _prefect_server() -> str | None:
 def cmd_audit(args: argparse.Namespace) -> int:
     import json
 
-    from bonsai.stages.audit import audit
-
-    from .report import audit_markdown
+    from bonsai.stages.reports.audit import audit
+    from bonsai.stages.reports.terminal import audit_markdown
 
     result = audit(args.run, args.out)
     markdown = audit_markdown(result)
     if args.format == "json":
-        print(json.dumps({"iterations": result["iterations"].to_dicts(), "layers": result["layers"].to_dicts(),
-                          "plots": result["plots"]}, indent=1, default=str))
+        print(
+            json.dumps(
+                {
+                    "iterations": result["iterations"].to_dicts(),
+                    "layers": result["layers"].to_dicts(),
+                    "plots": result["plots"],
+                },
+                indent=1,
+                default=str,
+            )
+        )
     else:
         print(markdown)
     if _prefect_server():
         _start_prefect()
-        from .pipelines import audit_flow
+        from bonsai.flows.pipelines import audit_flow
 
         audit_flow(args.run, markdown, json.loads(json.dumps(result["iterations"].to_dicts(), default=str)))
     return 0
 
 
-def cmd_families(args: argparse.Namespace) -> int:
-    from bonsai.stages.families import FAMILIES
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Lookups trust a file whose size and modification time are unchanged; this re-reads all."""
+    from bonsai.artifacts import RunDir
 
-    from .report import table
+    run = RunDir(args.run)
+    if run.recorded() is None:
+        raise UserError(f"{args.run}: not a bonsai run directory (no run.json)")
+    checked, problems = run.store.verify()
+    for artifact, problem in problems:
+        print(f"corrupted: {artifact}: {problem}")
+    print(
+        f"{checked} artifacts checked, {len(problems)} corrupted"
+        + ("; the next run of the same command rebuilds them" if problems else "")
+    )
+    return 1 if problems else 0
+
+
+def cmd_families(args: argparse.Namespace) -> int:
+    from bonsai.stages.core.families import FAMILIES
+    from bonsai.stages.reports.terminal import table
 
     rows = []
     for family in FAMILIES.values():
         heads = f"KV groups: {'+'.join(family.query + family.key_value)} rows, {family.attention_out} columns"
         channels = f"{'+'.join(family.mlp_in)} rows, {family.mlp_out} columns"
-        rows.append([family.name, ", ".join(family.model_types), heads, channels, f"{family.tolerance:g}", family.notes])
+        rows.append(
+            [family.name, ", ".join(family.model_types), heads, channels, f"{family.tolerance:g}", family.notes]
+        )
     print(table(["family", "model types", "heads pruned as", "channels pruned as", "tolerance", "notes"], rows))
-    print("\ntolerance: largest |logit| difference between the masked parent and the sliced export in float32,"
-          "\nchecked for every family by tests/test_families.py.  A new family is one module in stages/families/.")
+    print(
+        "\ntolerance: largest |logit| difference between the masked parent and the sliced export in float32,"
+        "\nchecked for every family by tests/test_families.py.  A new family is one module in stages/core/families/."
+    )
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     _start_prefect()
-    from .demo import DemoSettings
-    from .pipelines import demo_flow
+    from bonsai.flows.demo import DemoSettings
+    from bonsai.flows.pipelines import demo_flow
 
     with quiet_user_errors():
         result = demo_flow(args.out, dataclasses.asdict(DemoSettings()))

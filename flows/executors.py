@@ -6,7 +6,8 @@ Prefect flow and a plain in-process run are the same code path with different ex
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 
 class Executor(Protocol):

@@ -11,10 +11,9 @@ import logging
 
 from prefect import flow
 
-from bonsai.stages.config import PruneConfig
-
-from .executors import PrefectTasks
-from .prune import run_prune
+from bonsai.flows.executors import PrefectTasks
+from bonsai.flows.prune import run_prune
+from bonsai.stages.core.options import PruneOptions
 
 
 def _progress_logs() -> None:
@@ -28,7 +27,7 @@ def prune_flow(model: str, data: str, out: str, config: dict, parallel: bool = F
     """Prune MODEL on DATA to the configured sparsity, into OUT (resumes what OUT holds).
     ``parallel`` submits evaluation shards to the flow's task runner (see dask_runner)."""
     _progress_logs()
-    return run_prune(model, data, out, PruneConfig(**config), PrefectTasks(parallel))
+    return run_prune(model, data, out, PruneOptions(**config), PrefectTasks(parallel))
 
 
 def dask_runner(address: str):
@@ -47,13 +46,22 @@ def dask_runner(address: str):
     if address.startswith("local:"):
         workers = int(address.split(":", 1)[1])
         threads = max(1, (os.cpu_count() or 1) // workers)
-        environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()
-                   if k != "MALLOC_TRIM_THRESHOLD_"}
+        environ = {
+            k: v
+            for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()
+            if k != "MALLOC_TRIM_THRESHOLD_"
+        }
         environ |= {name: threads for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
         dask.config.set({"distributed.nanny.pre-spawn-environ": environ})
-        return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                              cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                              "dashboard_address": None})
+        return DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            cluster_kwargs={
+                "n_workers": workers,
+                "threads_per_worker": 1,
+                "processes": True,
+                "dashboard_address": None,
+            },
+        )
     return DaskTaskRunner(address=address)
 
 
@@ -61,7 +69,7 @@ def dask_runner(address: str):
 def adapt_flow(run: str, options: dict) -> dict:
     """Cache the parent's logits, then adapt RUN's pruned model with LoRA and distillation."""
     _progress_logs()
-    from .adapt import AdaptOptions, run_adapt
+    from bonsai.flows.adapt import AdaptOptions, run_adapt
 
     return run_adapt(run, AdaptOptions(**options), PrefectTasks())
 
@@ -72,11 +80,10 @@ def eval_flow(target: str, options: dict) -> dict:
     _progress_logs()
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    from .evaluate import EvalOptions, run_eval
+    from bonsai.flows.eval import EvalOptions, run_eval
 
     result = run_eval(target, EvalOptions(**options), PrefectTasks())
-    create_markdown_artifact(key="bonsai-eval-report", markdown=result["report"],
-                             description=f"bonsai eval {target}")
+    create_markdown_artifact(key="bonsai-eval-report", markdown=result["report"], description=f"bonsai eval {target}")
     create_table_artifact(key="bonsai-eval-results", table=result["results"], description=f"bonsai eval {target}")
     return result
 
@@ -87,12 +94,13 @@ def chain_flow(spec: dict, dask_address: str | None = None) -> dict:
     Dask address, pruning runs first as a subflow whose evaluation shards go to Dask; the
     chain then finds it done in the store."""
     _progress_logs()
-    from .chain import ChainSpec, run_chain
+    from bonsai.flows.chain import ChainSpec, run_chain
 
     chain = ChainSpec.from_dict(spec)
     if dask_address:
         prune_flow.with_options(task_runner=dask_runner(dask_address))(
-            chain.model, chain.data, chain.out, dataclasses.asdict(chain.prune), parallel=True)
+            chain.model, chain.data, chain.out, dataclasses.asdict(chain.prune), parallel=True
+        )
     return run_chain(chain, PrefectTasks())
 
 
@@ -109,6 +117,6 @@ def audit_flow(run: str, markdown: str, iterations: list[dict]) -> None:
 def demo_flow(out: str, settings: dict) -> dict:
     """Train (or reuse) a tiny parent, prune it, evaluate parent against pruned model."""
     _progress_logs()
-    from .demo import DemoSettings, run_demo
+    from bonsai.flows.demo import DemoSettings, run_demo
 
     return run_demo(out, DemoSettings(**settings), PrefectTasks())

@@ -15,50 +15,106 @@ import json
 import logging
 
 from bonsai.artifacts import ArtifactRef, write_text_atomic
+from bonsai.flows.executors import Executor, Inline
+from bonsai.flows.preflight import Prepared, open_run, prepare
 from bonsai.stages import calibration, evaluate, export, importance, masks, priors, select
-from bonsai.stages.config import PruneConfig
-from bonsai.stages.errors import UserError
-
-from .executors import Executor, Inline
-from .setup import Prepared, open_run, prepare
+from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.options import PruneOptions
+from bonsai.stages.core.plan import PrunePlan
 
 log = logging.getLogger("bonsai.prune")
 
 SUMMARY_FILE = "summary.json"
-EVALUATING = ("regression", "perturbed-prior")
 
 
 def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
     """The wiring of Algorithm 1.  Returns the summary also written to RUN/summary.json."""
     cfg, store, parent, device = p.config, p.run.store, p.parent, p.config.device
-    calib = execute("calibration", calibration.run, parent, p.data,
-                    calibration.CalibrationConfig(cfg.seq_len, cfg.calib_pool, cfg.calib_samples), store)
-    sampled = 2 * -(-cfg.masks_per_iter // 2) if cfg.estimator in EVALUATING else 0
+    plan = PrunePlan.of(cfg)
+    calib = execute(
+        "calibration",
+        calibration.run,
+        parent,
+        p.data,
+        calibration.CalibrationConfig(seq_len=cfg.seq_len, pool=cfg.calib_pool, min_windows=cfg.calib_samples),
+        store,
+    )
     previous: ArtifactRef | None = None
     iterations = []
-    for it in range(2 * cfg.iterations):  # more than p / p_iter only if candidates ran short
+    for it in range(plan.iteration_limit):
         tag = f"it{it:02d}"
-        pri = execute(f"priors-{tag}", priors.run, parent, calib, previous,
-                      priors.PriorsConfig(it, cfg.seed, cfg.calib_samples, cfg.batch_size, cfg.dtype), store, device)
-        msk = execute(f"masks-{tag}", masks.run, pri,
-                      masks.MasksConfig(it, cfg.prune_frac, sampled, cfg.prior, cfg.seed), store)
+        pri = execute(
+            f"priors-{tag}",
+            priors.run,
+            parent,
+            calib,
+            previous,
+            priors.PriorsConfig(
+                iteration=it, seed=cfg.seed, calib_samples=cfg.calib_samples, batch_size=cfg.batch_size, dtype=cfg.dtype
+            ),
+            store,
+            device,
+        )
+        msk = execute(
+            f"masks-{tag}",
+            masks.run,
+            pri,
+            masks.MasksConfig(
+                iteration=it, prune_frac=cfg.prune_frac, count=plan.sub_models, prior=cfg.prior, seed=cfg.seed
+            ),
+            store,
+        )
         shard_cfgs = [
-            evaluate.EvaluateConfig(it, shard, cfg.shard_size, cfg.seed, cfg.calib_samples, cfg.batch_size,
-                                    cfg.dtype, cfg.prior if cfg.estimator == "perturbed-prior" else None)
-            for shard in range(evaluate.shard_count(sampled, cfg.shard_size))
+            evaluate.EvaluateConfig(
+                iteration=it,
+                shard=shard,
+                shard_size=plan.shard_size,
+                seed=cfg.seed,
+                calib_samples=cfg.calib_samples,
+                batch_size=cfg.batch_size,
+                dtype=cfg.dtype,
+                perturbed_prior=cfg.prior if plan.estimator.perturbed_prior else None,
+            )
+            for shard in range(plan.shards)
         ]
-        evals = execute.map(f"evaluate-{tag}", evaluate.run,
-                            [(parent, calib, previous, msk, c, store, device) for c in shard_cfgs])
-        imp = execute(f"importance-{tag}", importance.run, msk, evals,
-                      importance.ImportanceConfig(it, cfg.estimator, cfg.penalty, cfg.alpha_grid, cfg.cv_folds,
-                                                  cfg.seed), store)
-        previous = execute(f"select-{tag}", select.run, pri, imp, previous,
-                           select.SelectConfig(it, cfg.sparsity, cfg.prune_frac), store)
-        row = {**previous.info(), **_fit_summary(imp), "sub_models": sampled}
+        evals = execute.map(
+            f"evaluate-{tag}", evaluate.run, [(parent, calib, previous, msk, c, store, device) for c in shard_cfgs]
+        )
+        imp = execute(
+            f"importance-{tag}",
+            importance.run,
+            msk,
+            evals,
+            importance.ImportanceConfig(
+                iteration=it,
+                estimator=cfg.estimator,
+                penalty=cfg.penalty,
+                alphas=cfg.alpha_grid,
+                cv_folds=cfg.cv_folds,
+                seed=cfg.seed,
+            ),
+            store,
+        )
+        previous = execute(
+            f"select-{tag}",
+            select.run,
+            pri,
+            imp,
+            previous,
+            select.SelectConfig(iteration=it, sparsity=cfg.sparsity, prune_frac=cfg.prune_frac),
+            store,
+        )
+        row = {**previous.info(), **_fit_summary(imp), "sub_models": plan.sub_models}
         iterations.append(row)
-        log.info("iteration %d: sparsity %.3f (target %.3f), %d heads and %d channels left",
-                 it, row["sparsity"], cfg.sparsity, row["heads_left"], row["channels_left"])
-        if row["sparsity"] >= cfg.sparsity - 1e-9:
+        log.info(
+            "iteration %d: sparsity %.3f (target %.3f), %d heads and %d channels left",
+            it,
+            row["sparsity"],
+            cfg.sparsity,
+            row["heads_left"],
+            row["channels_left"],
+        )
+        if plan.reached(row["sparsity"]):
             break
         if row["candidates"] == 0:
             log.warning("no units left to prune; stopping at sparsity %.3f", row["sparsity"])
@@ -72,11 +128,14 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
 
 def _fit_summary(imp: ArtifactRef) -> dict:
     info = imp.info()
-    return {"cv_kendall_tau": info.get("cv_kendall_tau"), "alpha": info.get("alpha"),
-            "non_finite": info.get("masks_non_finite", 0)}
+    return {
+        "cv_kendall_tau": info.get("cv_kendall_tau"),
+        "alpha": info.get("alpha"),
+        "non_finite": info.get("masks_non_finite", 0),
+    }
 
 
-def run_prune(model: str, data: str, out: str, config: PruneConfig, execute: Executor = Inline()) -> dict:
+def run_prune(model: str, data: str, out: str, config: PruneOptions, execute: Executor = Inline()) -> dict:
     """Prepare, lock, run, unlock: the whole of `bonsai prune` without Prefect."""
     prepared = prepare(model, data, out, config)
     resuming = open_run(prepared)

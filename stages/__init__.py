@@ -1,8 +1,8 @@
-"""Pipeline stages: plain functions over the artifact store, no Prefect, no global state
-beyond the process's model cache (model_io.shared_models).
+"""The pipeline's stages, and what they are built from.
 
-Each stage module has ``VERSION`` (bumped when its output would change), a frozen config
-dataclass, and ``run(inputs..., cfg, store[, device]) -> ArtifactRef``:
+The modules at this level are the DAG's stages and nothing else.  Each has ``VERSION``
+(bumped when its output would change), a keyword-only frozen config dataclass, and
+``run(inputs..., cfg, store[, device]) -> ArtifactRef``; none imports Prefect:
 
     calibration  text source -> token windows
     priors       current model -> per-unit wanda / activation / fluctuation priors
@@ -10,5 +10,16 @@ dataclass, and ``run(inputs..., cfg, store[, device]) -> ArtifactRef``:
     evaluate     one shard of sub-models -> utilities
     importance   utilities (or priors) -> importance per candidate
     select       importance -> cumulative keep-state
-    export       keep-state -> sliced model directory
+    export       keep-state -> sliced model directory (and ``publish`` into RUN/model)
+    logits       parent -> cached top-k teacher log-probabilities, one shard of windows
+    adapt        pruned model + teacher cache -> LoRA / full fine-tune, merged model
+    perplexity   model + text -> held-out perplexity
+    harness      model -> lm-evaluation-harness task scores
+    tiny_parent  Python's own docs -> a small trained LLaMA (demo, benchmarks)
+
+core/     what stages are built from: the options and the prune plan, model families, taps
+          (virtual masks and activation statistics), slicing, units, the regression,
+          distillation, model loading and model directories, text sources, devices, seeds.
+reports/  read-only views of runs and models: status, audit, evaluation report, speed,
+          parent-vs-pruned comparison, and the markdown / terminal / plot helpers.
 """

@@ -15,18 +15,17 @@ import polars as pl
 import torch
 
 from bonsai.artifacts import ArtifactRef, Store
-
-from .data import documents
-from .errors import UserError
-from .model_io import load_tokenizer
-from .progress import Progress
-from .rng import generator
+from bonsai.stages.core.data import documents
+from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.model_io import load_tokenizer
+from bonsai.stages.core.progress import Progress
+from bonsai.stages.core.rng import generator
 
 VERSION = "1"
 FILE = "windows.parquet"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CalibrationConfig:
     seq_len: int
     pool: int

@@ -20,21 +20,20 @@ import polars as pl
 import torch
 
 from bonsai.artifacts import ArtifactRef, Store, kill_point
-
-from . import masks as masks_stage
-from .calibration import iteration_windows
-from .masking import Taps, unit_priors, weight_terms
-from .model_io import current_model
-from .progress import Progress
-from .units import HEAD
-from .utility import batches, row_nll
+from bonsai.stages import masks as masks_stage
+from bonsai.stages.calibration import iteration_windows
+from bonsai.stages.core.model_io import current_model
+from bonsai.stages.core.nll import batches, row_nll
+from bonsai.stages.core.progress import Progress
+from bonsai.stages.core.taps import Taps, unit_priors, weight_terms
+from bonsai.stages.core.units import HEAD
 
 VERSION = "1"
 UTILITIES = "utilities.parquet"
 PERTURBED_PRIORS = "perturbed_priors.parquet"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvaluateConfig:
     iteration: int
     shard: int
@@ -44,10 +43,6 @@ class EvaluateConfig:
     batch_size: int
     dtype: str
     perturbed_prior: str | None = None  # also collect this prior under each sub-model
-
-
-def shard_count(masks: int, shard_size: int) -> int:
-    return math.ceil(masks / shard_size)
 
 
 def run(
@@ -67,7 +62,13 @@ def run(
         keep = masks_stage.keep_matrix(table)
         windows = iteration_windows(calibration, cfg.seed, cfg.iteration, cfg.calib_samples)
         result = evaluate_masks(
-            model, family, windows, cands, keep, cfg.batch_size, dev,
+            model,
+            family,
+            windows,
+            cands,
+            keep,
+            cfg.batch_size,
+            dev,
             label=f"evaluate (iteration {cfg.iteration}, shard {cfg.shard})",
             collect=cfg.perturbed_prior,
         )
@@ -83,13 +84,23 @@ def run(
                 "utility": utility.tolist(),
                 "finite": np.isfinite(utility).tolist(),
             },
-            schema={"iteration": pl.Int32, "shard": pl.Int32, "mask": pl.Int32, "nll_sum": pl.Float64,
-                    "tokens": pl.Int64, "utility": pl.Float64, "finite": pl.Boolean},
+            schema={
+                "iteration": pl.Int32,
+                "shard": pl.Int32,
+                "mask": pl.Int32,
+                "nll_sum": pl.Float64,
+                "tokens": pl.Int64,
+                "utility": pl.Float64,
+                "finite": pl.Boolean,
+            },
         ).write_parquet(out / UTILITIES)
         if cfg.perturbed_prior is not None:
             pl.DataFrame(
-                {"candidate": cands["candidate"].to_list(), "prior_sum": result["prior_sum"].tolist(),
-                 "kept": result["prior_count"].tolist()},
+                {
+                    "candidate": cands["candidate"].to_list(),
+                    "prior_sum": result["prior_sum"].tolist(),
+                    "kept": result["prior_count"].tolist(),
+                },
                 schema={"candidate": pl.Int32, "prior_sum": pl.Float64, "kept": pl.Int64},
             ).write_parquet(out / PERTURBED_PRIORS)
         return {"masks": len(nll), "non_finite": int((~np.isfinite(utility)).sum())}

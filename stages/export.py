@@ -18,22 +18,21 @@ from pathlib import Path
 import torch
 
 from bonsai.artifacts import ArtifactRef, Store, kill_point
-
-from .families import EXPORT_PREFIX, Family
-from .checkpoints import inspect_model_dir
-from .devices import dtype_name, stored_dtype
-from .model_io import load_model, load_tokenizer, shared_models
-from .slicing import slice_model
-from .units import KeepState, layer_shapes, read_keep_state
+from bonsai.stages.core.devices import dtype_name, stored_dtype
+from bonsai.stages.core.families import EXPORT_PREFIX, Family
+from bonsai.stages.core.model_dirs import inspect_model_dir
+from bonsai.stages.core.model_io import load_model, load_tokenizer, shared_models
+from bonsai.stages.core.slicing import slice_model
+from bonsai.stages.core.units import KeepState, layer_shapes, read_keep_state
 
 VERSION = "1"
 MODEL = "model"
 CODE_FILE = "modeling_bonsai.py"
-_TEMPLATE = Path(__file__).parent / "families" / "remote_code.py"
+_TEMPLATE = Path(__file__).parent / "core" / "families" / "remote_code.py"
 _BASE_LINE = 'BASE_MODEL_TYPE = "llama"'
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ExportConfig:
     max_shard_size: str = "5GB"
 
@@ -55,9 +54,13 @@ def run(parent: ArtifactRef, select: ArtifactRef, cfg: ExportConfig, store: Stor
         (target / CODE_FILE).write_text(remote_code(base))
         load_tokenizer(parent.path).save_pretrained(target)
         params = sum(p.numel() for p in model.parameters())
-        provenance = {"parent": parent.path, "parent_digest": parent.digest, "parameters": params,
-                      "layer_num_key_value_heads": config["layer_num_key_value_heads"],
-                      "layer_intermediate_sizes": config["layer_intermediate_sizes"]}
+        provenance = {
+            "parent": parent.path,
+            "parent_digest": parent.digest,
+            "parameters": params,
+            "layer_num_key_value_heads": config["layer_num_key_value_heads"],
+            "layer_intermediate_sizes": config["layer_intermediate_sizes"],
+        }
         (target / "bonsai.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
         return {"parameters": params, "dtype": dtype_name(dtype)}
 
@@ -69,8 +72,10 @@ def pruned_config(parent: dict, base: str, family: Family, keep: KeepState, dtyp
     config.update(
         model_type=EXPORT_PREFIX + base,
         architectures=["BonsaiForCausalLM"],
-        auto_map={"AutoConfig": "modeling_bonsai.BonsaiConfig",
-                  "AutoModelForCausalLM": "modeling_bonsai.BonsaiForCausalLM"},
+        auto_map={
+            "AutoConfig": "modeling_bonsai.BonsaiConfig",
+            "AutoModelForCausalLM": "modeling_bonsai.BonsaiForCausalLM",
+        },
         layer_num_key_value_heads=[len(g) for g in keep.groups],
         layer_intermediate_sizes=[len(c) for c in keep.channels],
         bonsai_layout=family.layout(),
@@ -106,6 +111,17 @@ def publish(exported: ArtifactRef, destination: str | os.PathLike, subdir: str =
     else:
         os.replace(fresh, destination)
     return str(destination)
+
+
+def unpublish(destination: str | os.PathLike) -> None:
+    """Remove a published directory atomically (renamed out of the way first), if present."""
+    destination = Path(destination)
+    if destination.exists():
+        scratch = destination.parent / ".tmp"
+        scratch.mkdir(parents=True, exist_ok=True)
+        old = scratch / f"removed-{uuid.uuid4().hex[:8]}"
+        os.replace(destination, old)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -16,16 +16,21 @@ import polars as pl
 import yaml
 
 from bonsai.artifacts import ArtifactRef, Store, text_digest
-
-from .devices import resolve_device, resolve_dtype
-from .errors import UserError
-from .model_io import load_model, load_tokenizer
+from bonsai.stages.core.devices import resolve_device, resolve_dtype
+from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.model_io import load_model, load_tokenizer
 
 VERSION = "1"
 JSON_FILE = "harness.json"
 TABLE_FILE = "harness.parquet"
-SCHEMA = {"task": pl.Utf8, "metric": pl.Utf8, "filter": pl.Utf8, "value": pl.Float64, "stderr": pl.Float64,
-          "samples": pl.Int64}
+SCHEMA = {
+    "task": pl.Utf8,
+    "metric": pl.Utf8,
+    "filter": pl.Utf8,
+    "value": pl.Float64,
+    "stderr": pl.Float64,
+    "samples": pl.Int64,
+}
 
 log = logging.getLogger("bonsai.harness")
 
@@ -38,7 +43,7 @@ class TaskSpec:
     registered: bool  # some names come from lm-eval's own registry (indexing it takes seconds)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class HarnessConfig:
     tasks: tuple[str, ...]
     include: tuple[str, ...]
@@ -89,8 +94,9 @@ def resolve_tasks(specs: list[str]) -> TaskSpec:
         known = set(TaskManager(include_path=include or None).all_tasks)
         unknown = [t for t in registered if t not in known]
         if unknown:
-            raise UserError(f"--tasks {', '.join(unknown)}: neither a registered lm-eval task nor a local "
-                            f"task YAML file or folder")
+            raise UserError(
+                f"--tasks {', '.join(unknown)}: neither a registered lm-eval task nor a local task YAML file or folder"
+            )
         names += registered
     digest = text_digest("\n---\n".join(texts)) if texts else ""
     return TaskSpec(tuple(names), tuple(dict.fromkeys(include)), digest, bool(registered))
@@ -103,13 +109,25 @@ def run(model: ArtifactRef, cfg: HarnessConfig, store: Store, device: str = "aut
         from lm_eval.tasks import TaskManager
 
         dev = resolve_device(device)
-        lm = HFLM(pretrained=load_model(model.path, resolve_dtype(cfg.dtype, dev), dev),
-                  tokenizer=load_tokenizer(model.path), batch_size=cfg.batch_size, device=str(dev))
+        lm = HFLM(
+            pretrained=load_model(model.path, resolve_dtype(cfg.dtype, dev), dev),
+            tokenizer=load_tokenizer(model.path),
+            batch_size=cfg.batch_size,
+            device=str(dev),
+        )
         manager = TaskManager(include_path=list(cfg.include) or None, include_defaults=cfg.registered)
         try:
-            results = lm_eval.simple_evaluate(model=lm, tasks=list(cfg.tasks), task_manager=manager,
-                                              limit=cfg.limit, log_samples=False, random_seed=0,
-                                              numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
+            results = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(cfg.tasks),
+                task_manager=manager,
+                limit=cfg.limit,
+                log_samples=False,
+                random_seed=0,
+                numpy_random_seed=0,
+                torch_random_seed=0,
+                fewshot_random_seed=0,
+            )
         except (ConnectionError, FileNotFoundError) as exc:  # hub and datasets "not on disk" errors
             raise UserError(_offline_message(cfg.tasks, exc)) from None
         table = results_table(results)
@@ -123,9 +141,11 @@ def run(model: ArtifactRef, cfg: HarnessConfig, store: Store, device: str = "aut
 
 def _offline_message(tasks: tuple[str, ...], exc: Exception) -> str:
     first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-    return (f"--tasks {', '.join(tasks)}: the task data is not readable from this machine ({first}); "
-            f"lm-eval needs each dataset on disk: load it once with network (datasets.load_dataset) so it is "
-            f"in the local cache, or write a task YAML with 'dataset_path: json' and local 'data_files'")
+    return (
+        f"--tasks {', '.join(tasks)}: the task data is not readable from this machine ({first}); "
+        f"lm-eval needs each dataset on disk: load it once with network (datasets.load_dataset) so it is "
+        f"in the local cache, or write a task YAML with 'dataset_path: json' and local 'data_files'"
+    )
 
 
 def results_table(results: dict) -> pl.DataFrame:
@@ -138,9 +158,16 @@ def results_table(results: dict) -> pl.DataFrame:
                 continue
             metric, filt = key.split(",", 1)
             stderr = metrics.get(f"{metric}_stderr,{filt}")
-            rows.append({"task": task, "metric": metric, "filter": filt, "value": float(value),
-                         "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-                         "samples": (samples.get(task) or {}).get("effective")})
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "filter": filt,
+                    "value": float(value),
+                    "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                    "samples": (samples.get(task) or {}).get("effective"),
+                }
+            )
     return pl.DataFrame(rows, schema=SCHEMA)
 
 

@@ -23,25 +23,33 @@ import polars as pl
 import torch
 
 from bonsai.artifacts import ArtifactRef, Store, kill_point
-
-from . import masks as masks_stage
-from .errors import UserError
-from .evaluate import PERTURBED_PRIORS, UTILITIES
-from .regression import fit_importance
-from .rng import generator
+from bonsai.stages import masks as masks_stage
+from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.regression import fit_importance
+from bonsai.stages.core.rng import generator
+from bonsai.stages.evaluate import PERTURBED_PRIORS, UTILITIES
 
 VERSION = "1"
 FILE = "importance.parquet"
 CV_FILE = "cv.parquet"
 FIT_FILE = "fit.parquet"
-FIT_SCHEMA = {"iteration": pl.Int32, "estimator": pl.Utf8, "penalty": pl.Utf8, "alpha": pl.Float64,
-              "cv_kendall_tau": pl.Float64, "masks_used": pl.Int64, "masks_non_finite": pl.Int64,
-              "intercept": pl.Float64, "utility_mean": pl.Float64, "utility_std": pl.Float64}
+FIT_SCHEMA = {
+    "iteration": pl.Int32,
+    "estimator": pl.Utf8,
+    "penalty": pl.Utf8,
+    "alpha": pl.Float64,
+    "cv_kendall_tau": pl.Float64,
+    "masks_used": pl.Int64,
+    "masks_non_finite": pl.Int64,
+    "intercept": pl.Float64,
+    "utility_mean": pl.Float64,
+    "utility_std": pl.Float64,
+}
 
 log = logging.getLogger("bonsai.importance")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ImportanceConfig:
     iteration: int
     estimator: str
@@ -91,7 +99,10 @@ def _regression(cands, table, evaluations, cfg) -> tuple[np.ndarray, dict, list]
     if bad:
         log.warning(
             "iteration %d: %d of %d sub-models gave a non-finite loss (half-precision overflow?); "
-            "they are left out of the regression", cfg.iteration, bad, joined.height,
+            "they are left out of the regression",
+            cfg.iteration,
+            bad,
+            joined.height,
         )
     usable = joined.filter(pl.col("finite"))
     if usable.height < max(4, joined.height // 2):
@@ -100,8 +111,9 @@ def _regression(cands, table, evaluations, cfg) -> tuple[np.ndarray, dict, list]
             f"prune in --dtype bfloat16 or float32, or raise --masks-per-iter"
         )
     keep = masks_stage.keep_matrix(usable)
-    fit = fit_importance(keep, usable["utility"].to_numpy(), usable["pair"].to_numpy(), cfg.penalty,
-                         cfg.alphas, cfg.cv_folds, cfg.seed)
+    fit = fit_importance(
+        keep, usable["utility"].to_numpy(), usable["pair"].to_numpy(), cfg.penalty, cfg.alphas, cfg.cv_folds, cfg.seed
+    )
     info = {
         "penalty": cfg.penalty,
         "alpha": fit.alpha,
@@ -113,8 +125,14 @@ def _regression(cands, table, evaluations, cfg) -> tuple[np.ndarray, dict, list]
         "utility_std": float(usable["utility"].std() or 0.0),
         "nonzero_importances": int(np.count_nonzero(fit.beta)),
     }
-    log.info("iteration %d: regression chose %s alpha=%g, held-out Kendall tau %.3f over %d sub-models",
-             cfg.iteration, cfg.penalty, fit.alpha, fit.cv_tau, usable.height)
+    log.info(
+        "iteration %d: regression chose %s alpha=%g, held-out Kendall tau %.3f over %d sub-models",
+        cfg.iteration,
+        cfg.penalty,
+        fit.alpha,
+        fit.cv_tau,
+        usable.height,
+    )
     return fit.beta, info, fit.cv
 
 

@@ -20,18 +20,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from bonsai.artifacts import ArtifactRef, Store, kill_point
-
-from .calibration import load_windows
-from .model_io import current_model
-from .progress import Progress
-from .utility import batches
+from bonsai.stages.calibration import load_windows
+from bonsai.stages.core.model_io import current_model
+from bonsai.stages.core.nll import batches
+from bonsai.stages.core.progress import Progress
 
 VERSION = "1"
 TENSORS = "logits.safetensors"
 INDEX = "index.parquet"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LogitsConfig:
     shard: int
     shard_size: int  # windows per shard
@@ -54,7 +53,9 @@ def top_k_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return top, ids, tail
 
 
-def run(parent: ArtifactRef, windows: ArtifactRef, cfg: LogitsConfig, store: Store, device: str = "auto") -> ArtifactRef:
+def run(
+    parent: ArtifactRef, windows: ArtifactRef, cfg: LogitsConfig, store: Store, device: str = "auto"
+) -> ArtifactRef:
     def build(out: Path) -> dict:
         model, _, dev = current_model(parent, None, cfg.dtype, device)
         total = int(windows.info()["windows"])
@@ -71,12 +72,19 @@ def run(parent: ArtifactRef, windows: ArtifactRef, cfg: LogitsConfig, store: Sto
             tails.append(tail.cpu())
             progress.advance(stop - start)
             kill_point("logits")
-        save_file({"logprobs": torch.cat(values), "indices": torch.cat(indices), "tail": torch.cat(tails)},
-                  str(out / TENSORS), metadata={"vocab_size": str(model.config.vocab_size), "top_k": str(cfg.top_k)})
-        pl.DataFrame({"shard": [cfg.shard] * len(ids), "window": ids}, schema={"shard": pl.Int32, "window": pl.Int32}) \
-            .write_parquet(out / INDEX)
-        return {"windows": len(ids), "vocab_size": int(model.config.vocab_size),
-                "bytes": (out / TENSORS).stat().st_size}
+        save_file(
+            {"logprobs": torch.cat(values), "indices": torch.cat(indices), "tail": torch.cat(tails)},
+            str(out / TENSORS),
+            metadata={"vocab_size": str(model.config.vocab_size), "top_k": str(cfg.top_k)},
+        )
+        pl.DataFrame(
+            {"shard": [cfg.shard] * len(ids), "window": ids}, schema={"shard": pl.Int32, "window": pl.Int32}
+        ).write_parquet(out / INDEX)
+        return {
+            "windows": len(ids),
+            "vocab_size": int(model.config.vocab_size),
+            "bytes": (out / TENSORS).stat().st_size,
+        }
 
     return store.produce("logits", VERSION, cfg, [parent, windows], build)
 

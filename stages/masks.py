@@ -24,9 +24,8 @@ import polars as pl
 import torch
 
 from bonsai.artifacts import ArtifactRef, Store
-
-from . import priors as priors_stage
-from .rng import generator
+from bonsai.stages import priors as priors_stage
+from bonsai.stages.core.rng import generator
 
 VERSION = "2"
 CANDIDATES = "candidates.parquet"
@@ -35,7 +34,7 @@ MASKS = "masks.parquet"
 log = logging.getLogger("bonsai.masks")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MasksConfig:
     iteration: int
     prune_frac: float
@@ -80,7 +79,15 @@ def candidates(priors: pl.DataFrame, prune_frac: float, prior: str) -> pl.DataFr
     chosen = ranked.filter(pl.col("rank") < quota).sort("layer", "kind", "unit")
     return chosen.select(
         pl.int_range(pl.len(), dtype=pl.Int32).alias("candidate"),
-        "iteration", "layer", "kind", "unit", "position", "params", "prior", "prior_norm", "group_prior_mean",
+        "iteration",
+        "layer",
+        "kind",
+        "unit",
+        "position",
+        "params",
+        "prior",
+        "prior_norm",
+        "group_prior_mean",
     )
 
 
@@ -120,8 +127,14 @@ def masks_table(iteration: int, keep: np.ndarray, pair: np.ndarray, complement: 
             "dropped": (~keep).sum(axis=1).tolist(),
             "keep": [row.tolist() for row in keep],
         },
-        schema={"iteration": pl.Int32, "mask": pl.Int32, "pair": pl.Int32, "complement": pl.Boolean,
-                "dropped": pl.Int32, "keep": pl.List(pl.Boolean)},
+        schema={
+            "iteration": pl.Int32,
+            "mask": pl.Int32,
+            "pair": pl.Int32,
+            "complement": pl.Boolean,
+            "dropped": pl.Int32,
+            "keep": pl.List(pl.Boolean),
+        },
     )
 
 

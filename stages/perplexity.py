@@ -16,18 +16,17 @@ from pathlib import Path
 import torch
 
 from bonsai.artifacts import ArtifactRef, Store
-
-from .calibration import cut_windows
-from .errors import UserError
-from .devices import resolve_device, resolve_dtype
-from .model_io import load_model, load_tokenizer
-from .utility import mean_nll
+from bonsai.stages.calibration import cut_windows
+from bonsai.stages.core.devices import resolve_device, resolve_dtype
+from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.model_io import load_model, load_tokenizer
+from bonsai.stages.core.nll import mean_nll
 
 VERSION = "2"
 FILE = "perplexity.json"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PerplexityConfig:
     seq_len: int
     max_windows: int
@@ -35,7 +34,9 @@ class PerplexityConfig:
     dtype: str
 
 
-def run(model: ArtifactRef, data: ArtifactRef, cfg: PerplexityConfig, store: Store, device: str = "auto") -> ArtifactRef:
+def run(
+    model: ArtifactRef, data: ArtifactRef, cfg: PerplexityConfig, store: Store, device: str = "auto"
+) -> ArtifactRef:
     def build(out: Path) -> dict:
         tokenizer = load_tokenizer(model.path)
         windows, _ = cut_windows(tokenizer, data.path, cfg.seq_len, cfg.max_windows, joined=True)
@@ -51,8 +52,8 @@ def run(model: ArtifactRef, data: ArtifactRef, cfg: PerplexityConfig, store: Sto
             "windows": len(windows),
             "seq_len": cfg.seq_len,
             "protocol": f"{data.path}: documents joined by blank lines under one BOS; the first {len(windows)} "
-                        f"non-overlapping windows of {cfg.seq_len} tokens, each scoring its {cfg.seq_len - 1} "
-                        f"next tokens with no context across windows",
+            f"non-overlapping windows of {cfg.seq_len} tokens, each scoring its {cfg.seq_len - 1} "
+            f"next tokens with no context across windows",
         }
         (out / FILE).write_text(json.dumps(result, indent=1, sort_keys=True))
         return result

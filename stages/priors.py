@@ -15,20 +15,19 @@ from pathlib import Path
 import polars as pl
 
 from bonsai.artifacts import ArtifactRef, Store, kill_point
-
-from .calibration import iteration_windows
-from .masking import Taps, unit_priors
-from .model_io import current_model
-from .progress import Progress
-from .units import KINDS, KeepState, read_keep_state
-from .utility import batches, row_nll
+from bonsai.stages.calibration import iteration_windows
+from bonsai.stages.core.model_io import current_model
+from bonsai.stages.core.nll import batches, row_nll
+from bonsai.stages.core.progress import Progress
+from bonsai.stages.core.taps import Taps, unit_priors
+from bonsai.stages.core.units import KINDS, KeepState, read_keep_state
 
 VERSION = "1"
 FILE = "priors.parquet"
 METRICS = ("wanda", "activation", "fluctuation")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PriorsConfig:
     iteration: int
     seed: int
@@ -71,8 +70,9 @@ def run(
                     rows["params"].append(shape.params(kind))
                     for m in METRICS:
                         rows[m].append(metric[m][position])
-        table = pl.DataFrame(rows, schema_overrides={"layer": pl.Int32, "unit": pl.Int32, "position": pl.Int32,
-                                                     "params": pl.Int64})
+        table = pl.DataFrame(
+            rows, schema_overrides={"layer": pl.Int32, "unit": pl.Int32, "position": pl.Int32, "params": pl.Int64}
+        )
         table.insert_column(0, pl.lit(cfg.iteration, pl.Int32).alias("iteration")).write_parquet(out / FILE)
         mean_nll = nll / max(tokens, 1)
         return {

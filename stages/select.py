@@ -15,25 +15,25 @@ from pathlib import Path
 import polars as pl
 
 from bonsai.artifacts import ArtifactRef, Store
-
-from . import importance as importance_stage
-from . import priors as priors_stage
-from .units import CHANNEL, HEAD, KEEP_FILE
+from bonsai.stages import importance as importance_stage
+from bonsai.stages import priors as priors_stage
+from bonsai.stages.core.units import CHANNEL, HEAD, KEEP_FILE
 
 VERSION = "1"
 REMOVED = "removed.parquet"
 SUMMARY = "iteration.parquet"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SelectConfig:
     iteration: int
     sparsity: float
     prune_frac: float
 
 
-def run(priors: ArtifactRef, importance: ArtifactRef, previous: ArtifactRef | None, cfg: SelectConfig,
-        store: Store) -> ArtifactRef:
+def run(
+    priors: ArtifactRef, importance: ArtifactRef, previous: ArtifactRef | None, cfg: SelectConfig, store: Store
+) -> ArtifactRef:
     def build(out: Path) -> dict:
         current = priors_stage.read(priors)
         if previous is None:
@@ -57,9 +57,18 @@ def run(priors: ArtifactRef, importance: ArtifactRef, previous: ArtifactRef | No
                 break
             removed_params += int(params)
             count += 1
-        chosen = ranked.head(count).with_row_index("rank").select(
-            pl.lit(cfg.iteration, pl.Int32).alias("iteration"), pl.col("rank").cast(pl.Int32),
-            "layer", "kind", "unit", "params", "importance",
+        chosen = (
+            ranked.head(count)
+            .with_row_index("rank")
+            .select(
+                pl.lit(cfg.iteration, pl.Int32).alias("iteration"),
+                pl.col("rank").cast(pl.Int32),
+                "layer",
+                "kind",
+                "unit",
+                "params",
+                "importance",
+            )
         )
         chosen.write_parquet(out / REMOVED)
         gone = chosen.select("layer", "kind", "unit").with_columns(pl.lit(True).alias("gone"))
@@ -67,8 +76,10 @@ def run(priors: ArtifactRef, importance: ArtifactRef, previous: ArtifactRef | No
             keep.join(gone, on=["layer", "kind", "unit"], how="left")
             .with_columns(
                 pl.when(pl.col("gone")).then(False).otherwise(pl.col("kept")).alias("kept"),
-                pl.when(pl.col("gone")).then(pl.lit(cfg.iteration, pl.Int32))
-                .otherwise(pl.col("removed_iteration")).alias("removed_iteration"),
+                pl.when(pl.col("gone"))
+                .then(pl.lit(cfg.iteration, pl.Int32))
+                .otherwise(pl.col("removed_iteration"))
+                .alias("removed_iteration"),
             )
             .drop("gone")
             .sort("layer", "kind", "unit")
@@ -96,4 +107,3 @@ def run(priors: ArtifactRef, importance: ArtifactRef, previous: ArtifactRef | No
 
     inputs = [priors, importance] + ([previous] if previous is not None else [])
     return store.produce("select", VERSION, cfg, inputs, build)
-

@@ -22,9 +22,8 @@ import polars as pl
 import torch
 
 from bonsai.artifacts import ArtifactRef, Store
-
-from .progress import Progress
-from .rng import generator
+from bonsai.stages.core.progress import Progress
+from bonsai.stages.core.rng import generator
 
 VERSION = "1"
 MODEL = "model"
@@ -34,7 +33,7 @@ SPECIAL = "<|endoftext|>"
 _SKIP = {"test", "tests", "idlelib", "lib2to3", "tkinter", "turtledemo", "site-packages", "ensurepip"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TinyParentConfig:
     vocab: int = 4096
     hidden: int = 256
@@ -86,8 +85,12 @@ def train_tokenizer(docs: list[str], vocab: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=[SPECIAL], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=[SPECIAL],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(docs, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{SPECIAL} $A", special_tokens=[(SPECIAL, tok.token_to_id(SPECIAL))]
@@ -108,8 +111,11 @@ def run(cfg: TinyParentConfig, store: Store) -> ArtifactRef:
         model.save_pretrained(out / MODEL)
         tokenizer.save_pretrained(out / MODEL)
         pl.DataFrame({"step": list(range(len(losses))), "loss": losses}).write_parquet(out / "training.parquet")
-        return {"parameters": sum(p.numel() for p in model.parameters()), "train_tokens": len(ids),
-                "final_loss": sum(losses[-20:]) / len(losses[-20:])}
+        return {
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "train_tokens": len(ids),
+            "final_loss": sum(losses[-20:]) / len(losses[-20:]),
+        }
 
     python = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
     return store.produce("tiny-parent", VERSION, {**asdict(cfg), "python": python}, [], build)
@@ -119,10 +125,16 @@ def train(cfg: TinyParentConfig, ids: torch.Tensor, vocab: int, special: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-        max_position_embeddings=4 * cfg.seq_len, tie_word_embeddings=True,
-        bos_token_id=special, eos_token_id=special,
+        vocab_size=vocab,
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=4 * cfg.seq_len,
+        tie_word_embeddings=True,
+        bos_token_id=special,
+        eos_token_id=special,
     )
     with torch.random.fork_rng():  # weight init is the one place transformers reads the global RNG
         torch.manual_seed(cfg.seed)
@@ -137,7 +149,7 @@ def train(cfg: TinyParentConfig, ids: torch.Tensor, vocab: int, special: int):
         for group in optimizer.param_groups:
             group["lr"] = lr
         starts = torch.randint(0, len(ids) - cfg.seq_len, (cfg.batch,), generator=batches)
-        x = torch.stack([ids[s: s + cfg.seq_len] for s in starts.tolist()])
+        x = torch.stack([ids[s : s + cfg.seq_len] for s in starts.tolist()])
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 
 import polars as pl
@@ -10,24 +11,30 @@ import pytest
 import torch
 
 from bonsai.artifacts import Store, external_ref, file_digest
-from bonsai.flows.adapt import AdaptOptions, run_adapt
-from bonsai.flows.prune import run_prune
+from bonsai.flows.adapt import run_adapt
 from bonsai.stages import adapt, calibration
-from bonsai.stages.config import build_config
-from bonsai.stages.distill import distill_kl
-from bonsai.stages.errors import UserError
-from bonsai.stages.families import family_for_model_type
+from bonsai.stages.core.distill import distill_kl
+from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.families import family_for_model_type
+from bonsai.stages.core.model_io import load_model
+from bonsai.stages.core.options import AdaptOptions
+from bonsai.stages.core.units import layer_shapes
 from bonsai.stages.logits import top_k_logprobs
-from bonsai.stages.model_io import load_model
-from bonsai.stages.units import layer_shapes
-import tiny
-from cli import bonsai
-from test_cli import assert_one_line_error
-from test_families import awkward_state, export_state, reload_elsewhere
-from tiny import SMALL
 
-QUICK = dict(steps=6, lora_rank=4, lora_alpha=16, sequences=16, batch_size=4, checkpoint_every=2,
-             logits_shard_size=8, top_k=8, lr=1e-3)
+import tiny
+from tiny import assert_one_line_error, awkward_state, bonsai, export_state, reload_elsewhere
+
+QUICK = dict(
+    steps=6,
+    lora_rank=4,
+    lora_alpha=16,
+    sequences=16,
+    batch_size=4,
+    checkpoint_every=2,
+    logits_shard_size=8,
+    top_k=8,
+    lr=1e-3,
+)
 
 
 def test_top_k_cache_keeps_the_tail_mass():
@@ -55,7 +62,7 @@ def test_distillation_is_the_kl_of_the_coarsened_distributions():
 @pytest.fixture(scope="module")
 def pruned(zoo, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("adapt") / "run"
-    run_prune(str(zoo["llama-gqa"]), str(corpus), str(out), build_config({}, SMALL))
+    tiny.prune(zoo["llama-gqa"], corpus, out)
     return out
 
 
@@ -96,19 +103,83 @@ def test_lora_trains_through_layers_with_no_heads_or_channels(zoo, corpus, tmp_p
     student_dir = export_state(tmp_path, zoo[spec], awkward_state(layer_shapes(model, family)), family, model)
     store = Store(tmp_path / "adapt")
     parent = external_ref("parent", zoo[spec], "p" * 64)
-    windows = calibration.run(parent, external_ref("data", corpus, "d" * 64),
-                              calibration.CalibrationConfig(32, 8, 4), store)
-    cfg = adapt.AdaptConfig(steps=3, batch_size=4, lr=1e-3, lora_rank=4, lora_alpha=8, distill_weight=0.0,
-                            top_k=4, full_finetune=False, seed=0, checkpoint_every=2, warmup_steps=1)
+    windows = calibration.run(
+        parent,
+        external_ref("data", corpus, "d" * 64),
+        calibration.CalibrationConfig(seq_len=32, pool=8, min_windows=4),
+        store,
+    )
+    cfg = adapt.AdaptConfig(
+        steps=3,
+        batch_size=4,
+        lr=1e-3,
+        lora_rank=4,
+        lora_alpha=8,
+        distill_weight=0.0,
+        top_k=4,
+        full_finetune=False,
+        seed=0,
+        checkpoint_every=2,
+        warmup_steps=1,
+    )
     ref = adapt.run(external_ref("student", student_dir, "s" * 64), windows, [], cfg, store, "cpu")
     merged = load_model(ref.file(adapt.MODEL), torch.float32, torch.device("cpu"))
     shapes = layer_shapes(merged, family)
     assert shapes[0].groups == 0 and shapes[1].channels == 0
 
 
-def test_full_finetune_writes_no_adapter(pruned, tmp_path):
-    summary = run_adapt(str(pruned), AdaptOptions(**{**QUICK, "full_finetune": True, "distill_weight": 0.0}))
+def test_full_finetune_writes_no_adapter_and_drops_a_stale_one(pruned, adapted, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(pruned, run)  # the shared run stays as the LoRA adaptation left it
+    assert (run / "adapter").is_dir()
+    summary = run_adapt(str(run), AdaptOptions(**{**QUICK, "full_finetune": True, "distill_weight": 0.0}))
     assert summary["adapter"] is None and summary["teacher_cache_bytes"] == 0
+    assert not (run / "adapter").exists()  # it belonged to the LoRA model RUN/adapted no longer is
+
+
+def test_train_resumes_from_a_checkpoint_to_the_same_weights(zoo, tmp_path, monkeypatch):
+    cfg = adapt.AdaptConfig(
+        steps=6,
+        batch_size=2,
+        lr=1e-2,
+        lora_rank=4,
+        lora_alpha=8,
+        distill_weight=0.0,
+        top_k=4,
+        full_finetune=True,
+        seed=0,
+        checkpoint_every=2,
+        warmup_steps=1,
+    )
+    data = torch.randint(0, 300, (4, 16), generator=torch.Generator().manual_seed(0))
+    device = torch.device("cpu")
+
+    def fresh():
+        model = load_model(zoo["llama"], torch.float32, device)
+        model.requires_grad_(True)
+        return model
+
+    straight = fresh()
+    history = adapt.train(straight, data, cfg, device, checkpoints=tmp_path / "a")
+    assert [h["step"] for h in history] == list(range(6))
+    assert history[-1]["task"] < history[0]["task"]  # four windows, six steps: it learns them
+
+    real = adapt.save_checkpoint
+
+    def save_then_die(work, step, *args):
+        real(work, step, *args)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(adapt, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        adapt.train(fresh(), data, cfg, device, checkpoints=tmp_path / "b")
+    monkeypatch.setattr(adapt, "save_checkpoint", real)
+    resumed = fresh()
+    again = adapt.train(resumed, data, cfg, device, checkpoints=tmp_path / "b")
+    assert again == history
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(pruned, monkeypatch):
@@ -143,17 +214,41 @@ def test_bad_adaptation_requests_are_one_clear_line(pruned, zoo, corpus, tmp_pat
 
 
 def test_a_teacher_of_another_vocabulary_is_refused(zoo, corpus, tmp_path):
-    import tiny
     from bonsai.stages import logits
+
+    import tiny
 
     other = tiny.model_dir(tmp_path / "other", "llama", vocab=300)
     store = Store(tmp_path / "s")
     teacher_ref = external_ref("parent", other, "t" * 64)
-    windows = calibration.run(teacher_ref, external_ref("data", corpus, "d" * 64),
-                              calibration.CalibrationConfig(16, 8, 4), store)
-    cache = [logits.run(teacher_ref, windows, logits.LogitsConfig(0, 8, 4, 4, "float32"), store, "cpu")]
-    cfg = adapt.AdaptConfig(steps=2, batch_size=4, lr=1e-3, lora_rank=4, lora_alpha=8, distill_weight=0.01,
-                            top_k=4, full_finetune=False, seed=0, checkpoint_every=2, warmup_steps=1)
+    windows = calibration.run(
+        teacher_ref,
+        external_ref("data", corpus, "d" * 64),
+        calibration.CalibrationConfig(seq_len=16, pool=8, min_windows=4),
+        store,
+    )
+    cache = [
+        logits.run(
+            teacher_ref,
+            windows,
+            logits.LogitsConfig(shard=0, shard_size=8, top_k=4, batch_size=4, dtype="float32"),
+            store,
+            "cpu",
+        )
+    ]
+    cfg = adapt.AdaptConfig(
+        steps=2,
+        batch_size=4,
+        lr=1e-3,
+        lora_rank=4,
+        lora_alpha=8,
+        distill_weight=0.01,
+        top_k=4,
+        full_finetune=False,
+        seed=0,
+        checkpoint_every=2,
+        warmup_steps=1,
+    )
     with pytest.raises(UserError, match="vocabulary of 300 tokens and the student 320"):
         adapt.run(external_ref("student", zoo["llama"], "s" * 64), windows, cache, cfg, store, "cpu")
 
@@ -161,9 +256,9 @@ def test_a_teacher_of_another_vocabulary_is_refused(zoo, corpus, tmp_path):
 @pytest.mark.slow  # three CLI runs and two prunes (about 2 minutes here)
 def test_killed_adaptation_resumes_to_identical_bytes(prefect_api, zoo, corpus, tmp_path):
     run_dir = tmp_path / "run"
-    run_prune(str(zoo["llama-gqa"]), str(corpus), str(run_dir), build_config({}, SMALL))
+    tiny.prune(zoo["llama-gqa"], corpus, run_dir)
     reference_dir = tmp_path / "reference"
-    run_prune(str(zoo["llama-gqa"]), str(corpus), str(reference_dir), build_config({}, SMALL))
+    tiny.prune(zoo["llama-gqa"], corpus, reference_dir)
     run_adapt(str(reference_dir), AdaptOptions(**QUICK))
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items()]
     for point in ("logits#2", "adapt-checkpoint#2"):
@@ -174,7 +269,8 @@ def test_killed_adaptation_resumes_to_identical_bytes(prefect_api, zoo, corpus, 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "teacher cache:" in done.stdout
     assert file_digest(run_dir / "adapted" / "model.safetensors") == file_digest(
-        reference_dir / "adapted" / "model.safetensors")
+        reference_dir / "adapted" / "model.safetensors"
+    )
     assert not list((run_dir / ".work").glob("adapt-*"))  # checkpoints go once the artifact is complete
 
 
@@ -184,7 +280,7 @@ def test_cli_refuses_a_run_without_a_model(tmp_path):
 
 
 def test_audit_plots_the_adaptation_losses(pruned, adapted):
-    from bonsai.stages.audit import ADAPTATION_PLOT, audit
+    from bonsai.stages.reports.audit import ADAPTATION_PLOT, audit
 
     plots = audit(str(pruned))["plots"]
     assert any(p.endswith(ADAPTATION_PLOT) for p in plots)

@@ -13,28 +13,38 @@ import torch
 
 from bonsai.artifacts import Store, external_ref
 from bonsai.stages import importance, masks, select
-from bonsai.stages.errors import UserError
+from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.families import FAMILIES
+from bonsai.stages.core.model_io import load_model
+from bonsai.stages.core.nll import row_nll
+from bonsai.stages.core.regression import fit_importance, folds_of, tau
+from bonsai.stages.core.rng import generator
+from bonsai.stages.core.slicing import slice_model
+from bonsai.stages.core.taps import Taps, unit_priors
+from bonsai.stages.core.units import CHANNEL, HEAD, KeepState, layer_shapes
 from bonsai.stages.evaluate import evaluate_masks
-from bonsai.stages.families import FAMILIES
-from bonsai.stages.masking import Taps, unit_priors
-from bonsai.stages.model_io import load_model
-from bonsai.stages.regression import fit_importance, folds_of, tau
-from bonsai.stages.rng import generator
-from bonsai.stages.slicing import slice_model
-from bonsai.stages.units import CHANNEL, HEAD, KeepState, layer_shapes
-from bonsai.stages.utility import row_nll
 
 
 def priors_table(groups: dict[tuple[int, str], list[float]]) -> pl.DataFrame:
     rows = []
     for (layer, kind), values in groups.items():
         for unit, value in enumerate(values):
-            rows.append({"iteration": 0, "layer": layer, "kind": kind, "unit": unit, "position": unit,
-                         "params": 10 if kind == CHANNEL else 100, "wanda": value})
+            rows.append(
+                {
+                    "iteration": 0,
+                    "layer": layer,
+                    "kind": kind,
+                    "unit": unit,
+                    "position": unit,
+                    "params": 10 if kind == CHANNEL else 100,
+                    "wanda": value,
+                }
+            )
     return pl.DataFrame(rows)
 
 
 # --- candidates and masks ---------------------------------------------------------------
+
 
 def test_candidates_are_the_bottom_two_p_of_each_group():
     table = priors_table({(0, CHANNEL): [5, 1, 4, 2, 3, 9, 8, 7, 6, 10], (0, HEAD): [3.0, 1.0]})
@@ -82,6 +92,7 @@ def test_sampling_is_seeded_and_favours_high_priors():
 
 # --- regression ---------------------------------------------------------------------------
 
+
 def synthetic(n_pairs=100, units=30, noise=0.01, seed=0):
     rng = np.random.default_rng(seed)
     beta = rng.normal(size=units)
@@ -127,14 +138,17 @@ def test_constant_utilities_give_zero_importance():
 
 # --- priors against a direct computation ----------------------------------------------------
 
+
 def test_priors_match_the_appendix_f_formulas(zoo):
     model = load_model(zoo["llama-gqa"], torch.float32, torch.device("cpu"))
     family = FAMILIES["llama"]
     ids = torch.randint(0, model.config.vocab_size, (3, 10), generator=generator(0, "ids"))
     captured = {}
     layer = model.model.layers[1]
-    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("mlp", a[0].clone())),
-             layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("attn", a[0].clone()))]
+    hooks = [
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("mlp", a[0].clone())),
+        layer.self_attn.o_proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("attn", a[0].clone())),
+    ]
     with Taps(model, family, stat_groups=1) as taps, torch.no_grad():
         model(input_ids=ids)
     for h in hooks:
@@ -155,15 +169,19 @@ def test_priors_match_the_appendix_f_formulas(zoo):
 
 # --- evaluation -----------------------------------------------------------------------------
 
+
 def test_batched_multi_mask_utilities_equal_sliced_models(zoo):
     model = load_model(zoo["llama-gqa"], torch.float32, torch.device("cpu"))
     family = FAMILIES["llama"]
     shapes = layer_shapes(model, family)
-    table = pl.DataFrame([
-        {"iteration": 0, "layer": layer, "kind": kind, "unit": u, "position": u, "params": 1,
-         "wanda": float(u + 1)}
-        for layer, s in enumerate(shapes) for kind in (HEAD, CHANNEL) for u in range(s.count(kind))
-    ])
+    table = pl.DataFrame(
+        [
+            {"iteration": 0, "layer": layer, "kind": kind, "unit": u, "position": u, "params": 1, "wanda": float(u + 1)}
+            for layer, s in enumerate(shapes)
+            for kind in (HEAD, CHANNEL)
+            for u in range(s.count(kind))
+        ]
+    )
     cands = masks.candidates(table, 0.25, "wanda")
     keep, _, _ = masks.sample(cands, 6, generator(0, "m"))
     windows = torch.randint(0, model.config.vocab_size, (4, 16), generator=generator(0, "w"))
@@ -173,8 +191,11 @@ def test_batched_multi_mask_utilities_equal_sliced_models(zoo):
     for row in (0, 3):  # a mask and a complement, as physically sliced models
         sliced = load_model(zoo["llama-gqa"], torch.float32, torch.device("cpu"))
         state = KeepState.full(shapes)
-        dropped = {(l, k, u) for (l, k, u), kept in zip(cands.select("layer", "kind", "unit").iter_rows(), keep[row])
-                   if not kept}
+        dropped = {
+            (layer, k, u)
+            for (layer, k, u), kept in zip(cands.select("layer", "kind", "unit").iter_rows(), keep[row])
+            if not kept
+        }
         state = KeepState(
             tuple(tuple(u for u in g if (i, HEAD, u) not in dropped) for i, g in enumerate(state.groups)),
             tuple(tuple(u for u in c if (i, CHANNEL, u) not in dropped) for i, c in enumerate(state.channels)),
@@ -199,13 +220,24 @@ def test_non_finite_utilities_are_dropped_with_a_warning(tmp_path, caplog):
 
     def utilities(values):
         def build(out):
-            pl.DataFrame({"iteration": 0, "shard": 0, "mask": np.arange(len(values), dtype=np.int32),
-                          "nll_sum": -values, "tokens": 1, "utility": values,
-                          "finite": np.isfinite(values)}).write_parquet(out / "utilities.parquet")
+            pl.DataFrame(
+                {
+                    "iteration": 0,
+                    "shard": 0,
+                    "mask": np.arange(len(values), dtype=np.int32),
+                    "nll_sum": -values,
+                    "tokens": 1,
+                    "utility": values,
+                    "finite": np.isfinite(values),
+                }
+            ).write_parquet(out / "utilities.parquet")
+
         return build
 
     eref = store.produce("evaluate", "t", {"v": 1}, [parent], utilities(utility))
-    cfg = importance.ImportanceConfig(0, "regression", "l1", (1e-3, 1e-2), 3, 0)
+    cfg = importance.ImportanceConfig(
+        iteration=0, estimator="regression", penalty="l1", alphas=(1e-3, 1e-2), cv_folds=3, seed=0
+    )
     with caplog.at_level(logging.WARNING, logger="bonsai.importance"):
         ref = importance.run(mref, [eref], cfg, store)
     assert "3 of 40 sub-models gave a non-finite loss" in caplog.text
@@ -218,25 +250,44 @@ def test_non_finite_utilities_are_dropped_with_a_warning(tmp_path, caplog):
 
 # --- selection ------------------------------------------------------------------------------
 
+
 def test_selection_is_global_cumulative_and_overshoots_by_at_most_one_unit(tmp_path):
     store = Store(tmp_path)
     parent = external_ref("parent", tmp_path, "p" * 64)
     table = priors_table({(0, CHANNEL): [1.0] * 10, (1, CHANNEL): [1.0] * 10, (0, HEAD): [1.0] * 2})
-    priors_ref = store.produce("priors", "t", {}, [parent], lambda out: table.write_parquet(out / "priors.parquet")
-                               or {"model_params": 10_000})
+    priors_ref = store.produce(
+        "priors", "t", {}, [parent], lambda out: table.write_parquet(out / "priors.parquet") or {"model_params": 10_000}
+    )
     scores = {(0, CHANNEL): [0.5] * 10, (1, CHANNEL): [0.1 * u for u in range(10)], (0, HEAD): [0.05, 9.0]}
-    imp = pl.DataFrame([{"iteration": 0, "layer": l, "kind": k, "unit": u, "params": 10 if k == CHANNEL else 100,
-                         "prior": 1.0, "prior_norm": 1.0, "importance": s}
-                        for (l, k), values in scores.items() for u, s in enumerate(values)])
+    imp = pl.DataFrame(
+        [
+            {
+                "iteration": 0,
+                "layer": layer,
+                "kind": k,
+                "unit": u,
+                "params": 10 if k == CHANNEL else 100,
+                "prior": 1.0,
+                "prior_norm": 1.0,
+                "importance": s,
+            }
+            for (layer, k), values in scores.items()
+            for u, s in enumerate(values)
+        ]
+    )
     imp_ref = store.produce("importance", "t", {}, [parent], lambda out: imp.write_parquet(out / importance.FILE))
-    first = select.run(priors_ref, imp_ref, None, select.SelectConfig(0, 0.5, 0.25), store)
+    first = select.run(
+        priors_ref, imp_ref, None, select.SelectConfig(iteration=0, sparsity=0.5, prune_frac=0.25), store
+    )
     removed = pl.read_parquet(first.file(select.REMOVED))
     # budget 0.25 * 400 = 100 params, in ascending importance across layers and kinds;
     # the head (100 params) overshoots the budget by less than one unit
     assert removed.select("layer", "kind", "unit").rows() == [(1, CHANNEL, 0), (0, HEAD, 0)]
     assert first.info()["sparsity"] == pytest.approx(110 / 400)
     # the next iteration skips units already gone; ties (0.5) go to the lower layer
-    second = select.run(priors_ref, imp_ref, first, select.SelectConfig(1, 0.5, 0.25), store)
+    second = select.run(
+        priors_ref, imp_ref, first, select.SelectConfig(iteration=1, sparsity=0.5, prune_frac=0.25), store
+    )
     removed = pl.read_parquet(second.file(select.REMOVED))
     assert removed.select("layer", "kind", "unit").rows() == (
         [(1, CHANNEL, u) for u in range(1, 5)] + [(0, CHANNEL, u) for u in range(5)]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 
 from bonsai.flows.chain import load_spec, run_chain
-from cli import bonsai
+
+from tiny import bonsai
 
 
 def run_file(tmp_path, zoo, corpus) -> str:
     path = tmp_path / "run.yaml"
     path.write_text(f"""
-prune: {{model: {zoo['llama']}, data: {corpus}, out: run, sparsity: 0.5, prune-frac: 0.25,
+prune: {{model: {zoo["llama"]}, data: {corpus}, out: run, sparsity: 0.5, prune-frac: 0.25,
          masks-per-iter: 12, calib-samples: 4, seq-len: 32, batch-size: 8, shard-size: 4, calib-pool: 32,
          cv-folds: 3}}
 adapt: {{steps: 4, lora-rank: 4, lora-alpha: 16, sequences: 8, batch-size: 4, top-k: 8,

@@ -7,20 +7,10 @@ import json
 
 import pytest
 
-import tiny
 from bonsai.artifacts import RunLock
-from bonsai.flows.prune import run_prune
-from bonsai.stages.config import build_config
-from cli import PRUNE_SMALL, bonsai
-from tiny import SMALL
 
-
-def assert_one_line_error(result, fragment: str) -> None:
-    assert result.returncode == 2, result.stderr
-    output = result.stdout + result.stderr
-    assert "Traceback" not in output, output
-    errors = [line for line in output.splitlines() if "error:" in line]
-    assert len(errors) == 1 and fragment in errors[0], output
+import tiny
+from tiny import PRUNE_SMALL, assert_one_line_error, bonsai
 
 
 def prune_args(model, data, out, *extra):
@@ -46,8 +36,7 @@ def test_missing_required_flag(tmp_path):
 
 
 def test_model_problems(corpus, tmp_path):
-    assert_one_line_error(bonsai(prune_args(tmp_path / "nope", corpus, tmp_path / "r"), tmp_path),
-                          "no such directory")
+    assert_one_line_error(bonsai(prune_args(tmp_path / "nope", corpus, tmp_path / "r"), tmp_path), "no such directory")
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
@@ -57,7 +46,9 @@ def test_model_problems(corpus, tmp_path):
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     (gpt2 / "model.safetensors").write_bytes(b"")
     result = bonsai(prune_args(gpt2, corpus, tmp_path / "r"), tmp_path)
-    assert_one_line_error(result, "model type 'gpt2' is not supported; supported: gemma, gemma2, llama, mistral, phi, qwen2, qwen3")
+    assert_one_line_error(
+        result, "model type 'gpt2' is not supported; supported: gemma, gemma2, llama, mistral, phi, qwen2, qwen3"
+    )
     assert not (tmp_path / "r").exists()
 
 
@@ -70,7 +61,7 @@ def test_too_little_text_found_inside_the_flow(prefect_api, zoo, tmp_path):
 
 def test_a_run_of_another_config_or_in_use_is_refused(prefect_api, zoo, corpus, tmp_path):
     out = tmp_path / "run"
-    run_prune(str(zoo["llama"]), str(corpus), str(out), build_config({}, SMALL))
+    tiny.prune(zoo["llama"], corpus, out)
     other = bonsai(prune_args(zoo["llama"], corpus, out, "--seed", "1"), tmp_path)
     assert_one_line_error(other, "holds a different run (--seed: 0 there, 1 now)")
     other_model = bonsai(prune_args(zoo["qwen2"], corpus, out), tmp_path)

@@ -7,17 +7,18 @@ from pathlib import Path
 
 import pytest
 
-from bonsai.flows.cli import build_parser
-from bonsai.stages.config import PruneConfig, build_config, config_fields, load_preset
-from bonsai.stages.errors import UserError
+from bonsai.flows.cli import build_parser, options_from
+from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.options import PruneOptions, build, fields_of, load_preset
+from bonsai.stages.core.plan import PrunePlan
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("preset", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_preset_is_valid(preset):
-    config = build_config(load_preset(preset))
-    assert isinstance(config, PruneConfig)
+    config = build(PruneOptions, load_preset(preset))
+    assert isinstance(config, PruneOptions)
 
 
 def test_there_are_presets():
@@ -37,7 +38,7 @@ def test_there_are_presets():
 )
 def test_bad_values_are_one_clear_line(overrides, message):
     with pytest.raises(UserError) as err:
-        build_config({}, overrides)
+        build(PruneOptions, overrides)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
@@ -52,27 +53,56 @@ def test_unknown_preset_key_is_named(tmp_path):
 def test_flags_override_preset_and_dashes_work(tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("sparsity: 0.4\nprune-frac: 0.1\nalphas: [0.01, 0.1]\n")
-    config = build_config(load_preset(preset), {"sparsity": 0.3})
+    config = build(PruneOptions, load_preset(preset), {"sparsity": 0.3})
     assert (config.sparsity, config.prune_frac, config.alphas) == (0.3, 0.1, (0.01, 0.1))
 
 
 def test_iteration_count_is_robust_to_float_noise():
-    assert PruneConfig(sparsity=0.5, prune_frac=0.05).iterations == 10
-    assert PruneConfig(sparsity=0.5, prune_frac=0.3).iterations == 2
+    assert PrunePlan.of(PruneOptions(sparsity=0.5, prune_frac=0.05)).iterations == 10
+    assert PrunePlan.of(PruneOptions(sparsity=0.3, prune_frac=0.1)).iterations == 3
+    assert PrunePlan.of(PruneOptions(sparsity=0.5, prune_frac=0.3)).iterations == 2
 
 
 def test_device_is_not_part_of_the_run_identity():
-    assert "device" not in PruneConfig().identity() and "sparsity" in PruneConfig().identity()
+    assert "device" not in PruneOptions().identity() and "sparsity" in PruneOptions().identity()
 
 
 def test_every_field_is_a_prune_flag_with_the_issue_names():
-    args = build_parser().parse_args(["prune", "--model", "m", "--data", "d", "--out", "o", "--masks-per-iter", "4",
-                                      "--prune-frac", "0.1", "--calib-samples", "2", "--seq-len", "16",
-                                      "--prior", "activation", "--estimator", "perturbed-prior", "--seed", "3",
-                                      "--device", "cpu", "--dtype", "float32", "--sparsity", "0.3"])
-    for field in config_fields():
+    args = build_parser().parse_args(
+        [
+            "prune",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--masks-per-iter",
+            "4",
+            "--prune-frac",
+            "0.1",
+            "--calib-samples",
+            "2",
+            "--seq-len",
+            "16",
+            "--prior",
+            "activation",
+            "--estimator",
+            "perturbed-prior",
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--sparsity",
+            "0.3",
+        ]
+    )
+    for field in fields_of(PruneOptions):
         assert hasattr(args, field.name)
-    assert (args.masks_per_iter, args.estimator, args.seed) == (4, "perturbed-prior", 3)
+    options = options_from(args, PruneOptions)
+    assert (options.masks_per_iter, options.estimator, options.seed) == (4, "perturbed-prior", 3)
 
 
 def test_the_command_line_answers_bad_input_before_loading_torch():
@@ -80,9 +110,11 @@ def test_the_command_line_answers_bad_input_before_loading_torch():
     import subprocess
     import sys
 
-    code = ("import sys, bonsai.flows.cli as cli; cli.build_parser()\n"
-            "heavy = [m for m in ('torch', 'transformers', 'prefect', 'lm_eval') if m in sys.modules]\n"
-            "assert not heavy, heavy")
+    code = (
+        "import sys, bonsai.flows.cli as cli; cli.build_parser()\n"
+        "heavy = [m for m in ('torch', 'transformers', 'prefect', 'lm_eval') if m in sys.modules]\n"
+        "assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -101,11 +133,13 @@ def test_run_file_problems_are_one_line(tmp_path):
     from bonsai.flows.chain import load_spec
 
     bad = tmp_path / "run.yaml"
-    for text, message in [("adapt: {steps: 3}\n", "needs a 'prune' section"),
-                          ("prune: {model: m, data: d}\n", "the prune section needs out"),
-                          ("prune: {model: m, data: d, out: o}\nextra: {}\n", "unknown section(s) extra"),
-                          ("prune: {model: m, data: d, out: o}\nadapt: {stepz: 3}\n", "unknown option(s) stepz"),
-                          ("prune: {model: m, data: d, out: o, sparsity: 3}\n", "--sparsity must be in (0, 1)")]:
+    for text, message in [
+        ("adapt: {steps: 3}\n", "needs a 'prune' section"),
+        ("prune: {model: m, data: d}\n", "the prune section needs out"),
+        ("prune: {model: m, data: d, out: o}\nextra: {}\n", "unknown section(s) extra"),
+        ("prune: {model: m, data: d, out: o}\nadapt: {stepz: 3}\n", "unknown option(s) stepz"),
+        ("prune: {model: m, data: d, out: o, sparsity: 3}\n", "--sparsity must be in (0, 1)"),
+    ]:
         bad.write_text(text)
         with pytest.raises(UserError, match=re.escape(message)):
             load_spec(bad)

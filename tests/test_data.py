@@ -7,11 +7,12 @@ import json
 import polars as pl
 import pytest
 
-import tiny
 from bonsai.stages.calibration import cut_windows
-from bonsai.stages.data import documents, source_digest
-from bonsai.stages.errors import UserError
-from bonsai.stages.model_io import load_tokenizer
+from bonsai.stages.core.data import documents, source_digest
+from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.model_io import load_tokenizer
+
+import tiny
 
 
 def texts(spec: str) -> list[str]:
@@ -29,7 +30,7 @@ def test_txt_jsonl_parquet_and_folders(tmp_path):
 
 
 def test_big_text_files_come_in_blocks_with_one_start_and_one_end(tmp_path, monkeypatch):
-    import bonsai.stages.data as data
+    import bonsai.stages.core.data as data
 
     monkeypatch.setattr(data, "_TXT_BLOCK", 10)
     (tmp_path / "big.txt").write_text("".join(f"line {i}\n" for i in range(10)))

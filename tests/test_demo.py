@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from cli import bonsai
+from tiny import bonsai
 
 
 @pytest.mark.slow

@@ -11,17 +11,15 @@ import polars as pl
 import pytest
 import torch
 
-import tiny
-from bonsai.flows.evaluate import EvalOptions, run_eval
-from bonsai.flows.prune import run_prune
+from bonsai.flows.eval import run_eval
 from bonsai.stages.calibration import cut_windows
-from bonsai.stages.config import build_config
-from bonsai.stages.errors import UserError
-from bonsai.stages.model_io import load_model, load_tokenizer
-from bonsai.stages.utility import mean_nll
-from cli import bonsai
-from test_cli import assert_one_line_error
-from tiny import SMALL
+from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.model_io import load_model, load_tokenizer
+from bonsai.stages.core.nll import mean_nll
+from bonsai.stages.core.options import EvalOptions
+
+import tiny
+from tiny import assert_one_line_error, bonsai
 
 
 def write_task(folder, name="tiny_mc", rows=10):
@@ -30,8 +28,16 @@ def write_task(folder, name="tiny_mc", rows=10):
     data = folder / f"{name}.jsonl"
     with open(data, "w") as f:
         for i in range(rows):
-            f.write(json.dumps({"question": f"the model prunes {tiny.WORDS[i % 10]}",
-                                "choices": ["heads", "channels", "passes", "modules"], "label": i % 4}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "question": f"the model prunes {tiny.WORDS[i % 10]}",
+                        "choices": ["heads", "channels", "passes", "modules"],
+                        "label": i % 4,
+                    }
+                )
+                + "\n"
+            )
     (folder / f"{name}.yaml").write_text(
         f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
@@ -43,7 +49,7 @@ def write_task(folder, name="tiny_mc", rows=10):
 @pytest.fixture(scope="module")
 def run(zoo, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "run"
-    run_prune(str(zoo["llama"]), str(corpus), str(out), build_config({}, SMALL))
+    tiny.prune(zoo["llama"], corpus, out)
     return out
 
 
@@ -85,17 +91,40 @@ def test_lm_eval_command_line_loads_the_pruned_model_and_agrees(run, evaluated, 
     _, task = evaluated
     out = tmp_path / "lm_eval_out"
     subprocess.run(
-        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-         f"pretrained={run / 'model'},trust_remote_code=True,dtype=float32", "--tasks", "tiny_mc",
-         "--include_path", str(task.parent), "--limit", "6", "--batch_size", "8", "--device", "cpu",
-         "--output_path", str(out)],
-        check=True, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={run / 'model'},trust_remote_code=True,dtype=float32",
+            "--tasks",
+            "tiny_mc",
+            "--include_path",
+            str(task.parent),
+            "--limit",
+            "6",
+            "--batch_size",
+            "8",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     files = list(out.rglob("results*.json"))
     assert files, "lm_eval wrote no results"
     theirs = json.loads(files[0].read_text())["results"]["tiny_mc"]["acc,none"]
-    ours = pl.read_parquet(run / "evaluation" / "results.parquet").filter(
-        pl.col("model") == "pruned", pl.col("name") == "tiny_mc/acc/none")["value"].item()
+    ours = (
+        pl.read_parquet(run / "evaluation" / "results.parquet")
+        .filter(pl.col("model") == "pruned", pl.col("name") == "tiny_mc/acc/none")["value"]
+        .item()
+    )
     assert theirs == pytest.approx(ours)
 
 
@@ -129,15 +158,35 @@ def test_a_parent_with_another_tokenizer_is_refused(zoo, run, tmp_path):
 
 def test_cli_eval_publishes_prefect_artifacts(prefect_api, run, evaluated, corpus, tmp_path):
     _, task = evaluated
-    result = bonsai(["eval", str(run / "model"), "--parent", str(run.parent / "run" / "model"),
-                     "--ppl-data", str(corpus), "--seq-len", "32", "--max-windows", "8", "--tasks", str(task),
-                     "--limit", "4", "--out", str(tmp_path / "ev")], tmp_path)
+    result = bonsai(
+        [
+            "eval",
+            str(run / "model"),
+            "--parent",
+            str(run.parent / "run" / "model"),
+            "--ppl-data",
+            str(corpus),
+            "--seq-len",
+            "32",
+            "--max-windows",
+            "8",
+            "--tasks",
+            str(task),
+            "--limit",
+            "4",
+            "--out",
+            str(tmp_path / "ev"),
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "## Perplexity" in result.stdout and (tmp_path / "ev" / "report.md").is_file()
     import httpx
 
-    found = httpx.post(f"{prefect_api}/artifacts/filter",
-                       json={"artifacts": {"key": {"any_": ["bonsai-eval-report", "bonsai-eval-results"]}}}).json()
+    found = httpx.post(
+        f"{prefect_api}/artifacts/filter",
+        json={"artifacts": {"key": {"any_": ["bonsai-eval-report", "bonsai-eval-results"]}}},
+    ).json()
     assert {a["key"] for a in found} == {"bonsai-eval-report", "bonsai-eval-results"}
     assert any("## Perplexity" in str(a["data"]) for a in found)
     bad = bonsai(["eval", str(run), "--parent", str(tmp_path / "nowhere"), "--speed"], tmp_path)

@@ -14,11 +14,9 @@ import httpx
 import pytest
 
 from bonsai.artifacts import RunLock, file_digest
-from bonsai.flows.prune import run_prune
-from bonsai.stages.config import build_config
-from cli import PRUNE_SMALL, bonsai, env, popen
-from test_cli import assert_one_line_error
-from tiny import SMALL
+
+import tiny
+from tiny import PRUNE_SMALL, SMALL, assert_one_line_error, bonsai, env, popen
 
 
 def snapshot(run) -> dict:
@@ -45,7 +43,7 @@ def test_status_says_where_a_stopped_run_resumes_and_changes_nothing(prefect_api
 
 def test_audit_prints_tables_draws_plots_and_publishes(prefect_api, zoo, corpus, tmp_path):
     run = tmp_path / "run"
-    run_prune(str(zoo["llama"]), str(corpus), str(run), build_config({}, SMALL))
+    tiny.prune(zoo["llama"], corpus, run)
     shown = bonsai(["audit", str(run)], tmp_path)
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert "## Iterations" in shown.stdout and "cv_kendall_tau" in shown.stdout
@@ -54,8 +52,10 @@ def test_audit_prints_tables_draws_plots_and_publishes(prefect_api, zoo, corpus,
     assert [r["iteration"] for r in data["iterations"]] == [0, 1]
     layers = {(r["iteration"], r["layer"]): r for r in data["layers"]}
     assert layers[(-1, 0)]["heads"] == 4 and layers[(-1, 0)]["channels"] == 96
-    found = httpx.post(f"{prefect_api}/artifacts/filter",
-                       json={"artifacts": {"key": {"any_": ["bonsai-audit", "bonsai-audit-iterations"]}}}).json()
+    found = httpx.post(
+        f"{prefect_api}/artifacts/filter",
+        json={"artifacts": {"key": {"any_": ["bonsai-audit", "bonsai-audit-iterations"]}}},
+    ).json()
     assert {a["key"] for a in found} == {"bonsai-audit", "bonsai-audit-iterations"}
 
 
@@ -70,20 +70,41 @@ def test_unreachable_servers_and_bad_schedules_are_one_line(zoo, corpus, tmp_pat
     assert not out.exists()
     run_file = tmp_path / "run.yaml"
     run_file.write_text(f"prune: {{model: {zoo['llama']}, data: {corpus}, out: {out}}}\n")
-    assert_one_line_error(bonsai(["schedule", "--config", str(run_file), "--cron", "0 25 * * *"], tmp_path),
-                          "--cron '0 25 * * *'")
+    assert_one_line_error(
+        bonsai(["schedule", "--config", str(run_file), "--cron", "0 25 * * *"], tmp_path), "--cron '0 25 * * *'"
+    )
     no_server = {**env(tmp_path), "PREFECT_API_URL": ""}
-    result = subprocess.run([sys.executable, "-m", "bonsai.flows.cli", "schedule", "--config", str(run_file), "--cron",
-                             "0 2 * * *"], env=no_server, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "bonsai.flows.cli", "schedule", "--config", str(run_file), "--cron", "0 2 * * *"],
+        env=no_server,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert_one_line_error(result, "schedules need a running Prefect server")
 
 
 @pytest.mark.slow
 def test_dask_workers_give_the_sequential_bytes(prefect_api, zoo, corpus, tmp_path):
-    reference = run_prune(str(zoo["llama-gqa"]), str(corpus), str(tmp_path / "reference"), build_config({}, SMALL))
+    reference = tiny.prune(zoo["llama-gqa"], corpus, tmp_path / "reference")
     run = tmp_path / "run"
-    result = bonsai(["prune", "--model", str(zoo["llama-gqa"]), "--data", str(corpus), "--out", str(run),
-                     *PRUNE_SMALL, "--runner", "dask", "--dask-address", "local:2"], tmp_path)
+    result = bonsai(
+        [
+            "prune",
+            "--model",
+            str(zoo["llama-gqa"]),
+            "--data",
+            str(corpus),
+            "--out",
+            str(run),
+            *PRUNE_SMALL,
+            "--runner",
+            "dask",
+            "--dask-address",
+            "local:2",
+        ],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert file_digest(run / "model" / "model.safetensors") == file_digest(f"{reference['model']}/model.safetensors")
     assert "Starting temporary server" not in result.stderr  # the workers report to the session's server
@@ -110,26 +131,43 @@ def test_a_schedule_on_a_real_server_runs_and_resumes_a_half_finished_run(zoo, c
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     server_env = {**env(tmp_path), "PREFECT_API_URL": api, "PREFECT_UI_ENABLED": "false"}
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                               "--port", str(port)], env=server_env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=server_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     serving = None
     try:
         _wait(lambda: _healthy(api), 180, "the Prefect server")
         run = tmp_path / "run"
         run_file = tmp_path / "run.yaml"
-        run_file.write_text(json.dumps({"prune": {"model": str(zoo["llama"]), "data": str(corpus), "out": str(run),
-                                                  **SMALL}}))
-        killed = bonsai(["prune", "--model", str(zoo["llama"]), "--data", str(corpus), "--out", str(run),
-                         *PRUNE_SMALL], tmp_path, PREFECT_API_URL=api, BONSAI_KILL_AT="importance#2")
+        run_file.write_text(
+            json.dumps({"prune": {"model": str(zoo["llama"]), "data": str(corpus), "out": str(run), **SMALL}})
+        )
+        killed = bonsai(
+            ["prune", "--model", str(zoo["llama"]), "--data", str(corpus), "--out", str(run), *PRUNE_SMALL],
+            tmp_path,
+            PREFECT_API_URL=api,
+            BONSAI_KILL_AT="importance#2",
+        )
         assert killed.returncode == -signal.SIGKILL
         done_before = {p: p.stat().st_mtime_ns for p in run.glob("*/*/manifest.json")}
-        serving = popen(["schedule", "--config", str(run_file), "--cron", "0 2 * * *", "--name", "nightly"], tmp_path,
-                        PREFECT_API_URL=api)
+        serving = popen(
+            ["schedule", "--config", str(run_file), "--cron", "0 2 * * *", "--name", "nightly"],
+            tmp_path,
+            PREFECT_API_URL=api,
+        )
         deployment = _wait(lambda: _deployment(api, "nightly"), 180, "the deployment")
         assert deployment["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
-        subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "bonsai-run/nightly"],
-                       env=server_env, check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [sys.executable, "-m", "prefect", "deployment", "run", "bonsai-run/nightly"],
+            env=server_env,
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
         state = _wait(lambda: _final_state(api, deployment["id"]), 300, "the triggered flow run")
         assert state == "COMPLETED"
         assert (run / "model" / "model.safetensors").is_file()

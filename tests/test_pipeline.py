@@ -9,18 +9,17 @@ import polars as pl
 import pytest
 import torch
 
+from bonsai.artifacts import file_digest
+from bonsai.stages.core.errors import UserError
+
 import tiny
 from tiny import SMALL
-from bonsai.artifacts import file_digest
-from bonsai.flows.prune import run_prune
-from bonsai.stages.config import build_config
-from bonsai.stages.errors import UserError
 
 README = Path(__file__).parent.parent / "README.md"
 
 
 def prune(zoo, corpus, out, spec="llama-gqa", **changes):
-    return run_prune(str(zoo[spec]), str(corpus), str(out), build_config({}, {**SMALL, **changes}))
+    return tiny.prune(zoo[spec], corpus, out, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +56,7 @@ def readme_tables() -> list[tuple[str, list[str]]]:
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 3 and cells[1].startswith("`RUN/"):
-            rows.append((cells[1].strip("`")[len("RUN/"):], re.findall(r"`([a-z_]+)`", cells[2])))
+            rows.append((cells[1].strip("`")[len("RUN/") :], re.findall(r"`([a-z_]+)`", cells[2])))
     return rows
 
 
@@ -113,7 +112,7 @@ def test_a_different_config_on_the_same_run_is_refused(finished, zoo, corpus):
 def test_too_little_data_is_refused_and_leaves_nothing(zoo, tmp_path):
     short = tiny.text_file(tmp_path, "short.txt", sentences=3)
     with pytest.raises(UserError, match="at least 4 windows"):
-        run_prune(str(zoo["llama"]), str(short), str(tmp_path / "run"), build_config({}, SMALL))
+        tiny.prune(zoo["llama"], short, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from bonsai.stages.config import build_config
-from tiny import SMALL
+import tiny
 
 
 def task_runs(flow_run_id) -> list:
@@ -14,14 +13,17 @@ def task_runs(flow_run_id) -> list:
     from prefect.client.schemas.sorting import TaskRunSort
 
     with get_client(sync_client=True) as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=200)
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+            limit=200,
+        )
 
 
 def test_prune_flow_runs_each_stage_as_a_named_task(prefect_api, zoo, corpus, tmp_path):
     from bonsai.flows.pipelines import prune_flow
 
-    config = dataclasses.asdict(build_config({}, SMALL))
+    config = dataclasses.asdict(tiny.options())
     state = prune_flow(str(zoo["qwen2"]), str(corpus), str(tmp_path / "run"), config, return_state=True)
     assert state.is_completed()
     summary = state.result()

@@ -13,13 +13,14 @@ import pytest
 
 from bonsai.artifacts import file_digest
 from bonsai.flows.prune import run_prune
-from bonsai.stages.config import build_config
-from cli import PRUNE_SMALL, bonsai, env, popen
+from bonsai.stages.core.options import PruneOptions, build
+
+from tiny import PRUNE_SMALL, bonsai, env, popen
 
 
 def as_config(flags: list[str]):
     pairs = dict(zip(flags[0::2], flags[1::2]))
-    return build_config({}, {k[2:].replace("-", "_"): v for k, v in pairs.items()})
+    return build(PruneOptions, {k[2:].replace("-", "_"): v for k, v in pairs.items()})
 
 
 def manifests(run) -> dict:
@@ -33,8 +34,16 @@ def reference_digest(zoo, corpus, tmp, flags) -> str:
 
 
 def test_killed_at_every_stage_resumes_to_identical_bytes(prefect_api, zoo, corpus, tmp_path):
-    args = ["prune", "--model", str(zoo["llama-gqa"]), "--data", str(corpus), "--out", str(tmp_path / "run"),
-            *PRUNE_SMALL]
+    args = [
+        "prune",
+        "--model",
+        str(zoo["llama-gqa"]),
+        "--data",
+        str(corpus),
+        "--out",
+        str(tmp_path / "run"),
+        *PRUNE_SMALL,
+    ]
     expected = reference_digest(zoo, corpus, tmp_path, PRUNE_SMALL)
     run = tmp_path / "run"
     # each run resumes the one before and is killed further on (12 masks in 3 shards of
@@ -86,16 +95,33 @@ def _state(pid: int) -> tuple[str, int] | None:
 
 
 def _children(pid: int) -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (_state(int(p.name)) or ("", 0))[1] == pid]
+    return [
+        int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and (_state(int(p.name)) or ("", 0))[1] == pid
+    ]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_a_killed_run_takes_its_temporary_prefect_server_with_it(zoo, corpus, tmp_path):
     environment = env(tmp_path)
     environment.pop("PREFECT_API_URL", None)  # no server configured: the run starts its own
-    process = subprocess.Popen([sys.executable, "-m", "bonsai.flows.cli", "prune", "--model", str(zoo["llama"]),
-                                "--data", str(corpus), "--out", str(tmp_path / "run"), *PRUNE_SMALL],
-                               env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bonsai.flows.cli",
+            "prune",
+            "--model",
+            str(zoo["llama"]),
+            "--data",
+            str(corpus),
+            "--out",
+            str(tmp_path / "run"),
+            *PRUNE_SMALL,
+        ],
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (servers := _children(process.pid)):
         assert process.poll() is None and time.time() < deadline
@@ -106,3 +132,24 @@ def test_a_killed_run_takes_its_temporary_prefect_server_with_it(zoo, corpus, tm
     while any((_state(pid) or ("Z",))[0] != "Z" for pid in servers):
         assert time.time() < deadline, f"temporary Prefect server {servers} outlived its killed run"
         time.sleep(0.1)
+
+
+def test_a_run_made_by_an_earlier_version_resumes(tmp_path):
+    """tests/fixtures/legacy-run: a run killed inside its second iteration by an earlier
+    version (see its README).  Artifact keys hash stage names, versions and configs, not
+    module paths, so this version finds the finished work and ends with the same model."""
+    import json
+    import shutil
+
+    fixture = Path(__file__).parent / "fixtures" / "legacy-run"
+    root = tmp_path / "legacy"
+    shutil.copytree(fixture, root)
+    expected = json.loads((root / "expected.json").read_text())
+    before = manifests(root / "run")
+    summary = run_prune(
+        str(root / "model"), str(root / "train.txt"), str(root / "run"), build(PruneOptions, expected["flags"])
+    )
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items()), "finished work was redone"
+    assert len(manifests(root / "run")) > len(before)
+    assert file_digest(Path(summary["model"]) / "model.safetensors") == expected["model_safetensors_sha256"]
+    assert summary["iterations"][-1]["sparsity"] == pytest.approx(expected["sparsity"])

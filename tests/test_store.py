@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -50,7 +52,9 @@ def test_key_depends_on_version_config_and_upstream_content(tmp_path):
     }
     assert len(keys) == 4
     # same content, different location: same key (digests, not paths, identify inputs)
-    assert store.key("s", "1", {"n": 1}, [up_a]) == store.key("s", "1", {"n": 1}, [external_ref("parent", "/x", "a" * 64)])
+    assert store.key("s", "1", {"n": 1}, [up_a]) == store.key(
+        "s", "1", {"n": 1}, [external_ref("parent", "/x", "a" * 64)]
+    )
 
 
 def test_identical_rebuild_keeps_the_digest(tmp_path):
@@ -128,11 +132,17 @@ def test_empty_new_run_is_discarded(tmp_path):
 
 def test_lock_is_exclusive_across_processes_and_names_the_holder(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; sys.path[:0] = sys.argv[2:];"
-         "from bonsai.artifacts import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
-         str(tmp_path), *sys.path],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.path[:0] = sys.argv[2:];"
+            "from bonsai.artifacts import RunLock; RunLock(sys.argv[1]).acquire();"
+            "print('held', flush=True); time.sleep(60)",
+            str(tmp_path),
+            *sys.path,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -161,3 +171,43 @@ def test_manifest_records_config_inputs_and_wall_time(tmp_path):
     assert manifest["version"] == "7" and manifest["config"] == {"n": 3}
     assert manifest["inputs"][0]["digest"] == "c" * 64
     assert set(manifest["files"]) == {"a.txt", "sub/b.txt"} and manifest["wall_s"] >= 0
+
+
+def test_lookups_trust_unchanged_files_and_verify_rereads_everything(tmp_path, monkeypatch):
+    import os
+
+    import bonsai.artifacts.digest as digest
+
+    store = Store(tmp_path)
+    ref = store.produce("s", "1", {}, [], write("good"))
+    for f in ref.file("sub").parent.rglob("*.txt"):  # as if written an hour ago
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns - 3600 * 10**9))
+    assert store.lookup("s", ref.key) is not None  # hashed once, remembered
+    reads = []
+    original = digest.file_digest
+    monkeypatch.setattr(digest, "file_digest", lambda p: reads.append(p) or original(p))
+    assert Store(tmp_path).lookup("s", ref.key) is not None and reads == []
+    # a change that keeps size and modification time is invisible to lookups...
+    target = ref.file("sub/b.txt")
+    stat = target.stat()
+    target.write_text("bad!bad!")
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert Store(tmp_path).lookup("s", ref.key) is not None
+    # ...but not to verify, after which the next lookup rebuilds the artifact
+    checked, problems = Store(tmp_path).verify()
+    assert checked == 1 and problems == [(f"s/{ref.key}", "sub/b.txt: digest mismatch")]
+    assert Store(tmp_path).lookup("s", ref.key) is None
+
+
+def test_a_kill_between_manifest_and_rename_leaves_nothing_readable(tmp_path):
+    code = (
+        "import sys; from bonsai.artifacts import Store; "
+        "Store(sys.argv[1]).produce('s', '1', {}, [], lambda out: (out / 'a.txt').write_text('x') and None)"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env={**os.environ, "BONSAI_KILL_AT": "commit"})
+    assert result.returncode == -signal.SIGKILL
+    half = list((tmp_path / ".tmp").iterdir())
+    assert len(half) == 1 and (half[0] / "manifest.json").is_file()  # complete, but never renamed
+    assert not (tmp_path / "s").exists()
+    ref = Store(tmp_path).produce("s", "1", {}, [], lambda out: (out / "a.txt").write_text("x") and None)
+    assert ref.file("a.txt").read_text() == "x"

@@ -1,13 +1,24 @@
-"""Tiny models of every supported family, built from configs (never downloaded), and text
-files to prune them on.  Random weights: enough for masking, slicing, export and resume
-checks; quality checks use the trained demo parent instead."""
+"""Shared test helpers: tiny models of every supported family, built from configs (never
+downloaded), text files to prune them on, the small pruning setting, the real command line
+as a subprocess, and the masked-versus-sliced checks.  Random weights: enough for masking,
+slicing, export and resume checks; quality checks use the trained demo parent instead."""
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
+import polars as pl
 import torch
+
+from bonsai.artifacts import Store, external_ref
+from bonsai.stages.core.options import PruneOptions, build
+from bonsai.stages.core.taps import Taps
+from bonsai.stages.core.units import KEEP_FILE, KeepState, layer_shapes, units_table
 
 WORDS = (
     "the model prunes heads and channels with forward passes only while a regression ranks every "
@@ -15,8 +26,17 @@ WORDS = (
 ).split()
 
 # Pruning settings small enough for a 3-layer random model to finish in seconds (two iterations).
-SMALL = dict(sparsity=0.5, prune_frac=0.25, masks_per_iter=12, calib_samples=4, seq_len=32, batch_size=8,
-             shard_size=4, calib_pool=32, cv_folds=3)
+SMALL = dict(
+    sparsity=0.5,
+    prune_frac=0.25,
+    masks_per_iter=12,
+    calib_samples=4,
+    seq_len=32,
+    batch_size=8,
+    shard_size=4,
+    calib_pool=32,
+    cv_folds=3,
+)
 
 # (family, transformers config class, extra config)
 SPECS = {
@@ -27,9 +47,17 @@ SPECS = {
     "qwen3": ("Qwen3Config", {"num_key_value_heads": 2, "head_dim": 16}),
     "phi": ("PhiConfig", {"num_key_value_heads": 4, "partial_rotary_factor": 0.5, "qk_layernorm": True}),
     "gemma": ("GemmaConfig", {"num_key_value_heads": 2, "head_dim": 16}),
-    "gemma2": ("Gemma2Config", {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": 8,
-                                "attn_logit_softcapping": 30.0, "final_logit_softcapping": 20.0,
-                                "query_pre_attn_scalar": 16}),
+    "gemma2": (
+        "Gemma2Config",
+        {
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "sliding_window": 8,
+            "attn_logit_softcapping": 30.0,
+            "final_logit_softcapping": 20.0,
+            "query_pre_attn_scalar": 16,
+        },
+    ),
 }
 
 
@@ -46,8 +74,12 @@ def tokenizer(directory: Path, vocab: int = 320, seed: int = 1):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([text(200, seed=seed)], trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", tok.token_to_id("<|endoftext|>"))]
@@ -57,8 +89,9 @@ def tokenizer(directory: Path, vocab: int = 320, seed: int = 1):
     return fast
 
 
-def model_dir(root: Path, spec: str = "llama", seed: int = 0, layers: int = 3, dtype=torch.float32, vocab: int = 320,
-              **overrides) -> Path:
+def model_dir(
+    root: Path, spec: str = "llama", seed: int = 0, layers: int = 3, dtype=torch.float32, vocab: int = 320, **overrides
+) -> Path:
     """Save a random-weight model of ``spec`` with its tokenizer under ``root/spec``."""
     import transformers
 
@@ -66,11 +99,18 @@ def model_dir(root: Path, spec: str = "llama", seed: int = 0, layers: int = 3, d
     directory = Path(root) / spec
     directory.mkdir(parents=True, exist_ok=True)
     tok = tokenizer(directory, vocab)
-    config = getattr(transformers, class_name)(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
-        num_attention_heads=4, max_position_embeddings=128, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **{**extra, **overrides},
+    settings = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
     )
+    config = getattr(transformers, class_name)(**{**settings, **extra, **overrides})
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = transformers.AutoModelForCausalLM.from_config(config)
@@ -86,3 +126,223 @@ def text_file(root: Path, name: str = "train.txt", sentences: int = 400, seed: i
     path = Path(root) / name
     path.write_text(text(sentences, seed))
     return path
+
+
+def options(**changes) -> PruneOptions:
+    """The SMALL setting, with changes."""
+    return build(PruneOptions, SMALL, changes)
+
+
+def prune(model, data, out, **changes) -> dict:
+    """`bonsai prune` in process with the SMALL setting (the wiring the Prefect flow runs)."""
+    from bonsai.flows.prune import run_prune
+
+    return run_prune(str(model), str(data), str(out), options(**changes))
+
+
+# --- the real command line --------------------------------------------------------------
+
+# the same settings as tiny.SMALL, as `bonsai prune` flags
+PRUNE_SMALL = [item for key, value in SMALL.items() for item in (f"--{key.replace('_', '-')}", str(value))]
+
+
+def env(tmp: Path, **extra: str) -> dict[str, str]:
+    """A fresh PREFECT_HOME per call: the store, not Prefect's state, must carry a resume."""
+    home = tmp / f"prefect-home-{len(list(tmp.glob('prefect-home-*')))}"
+    home.mkdir(parents=True)
+    out = {**os.environ, "PREFECT_HOME": str(home), "BONSAI_CACHE": str(tmp / "cache"), **extra}
+    out.pop("BONSAI_KILL_AT", None)
+    out.update(extra)
+    return out
+
+
+def bonsai(args: list[str], tmp: Path, timeout: float = 600, **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bonsai.flows.cli", *args],
+        env=env(tmp, **extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def popen(args: list[str], tmp: Path, **extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "bonsai.flows.cli", *args],
+        env=env(tmp, **extra),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def assert_one_line_error(result, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and fragment in errors[0], output
+
+
+# --- masked parents, exports and clean reloads ------------------------------------------
+
+
+def awkward_state(shapes) -> KeepState:
+    """Layer 0 loses every head, layer 1 every channel, the rest keep odd subsets."""
+    groups, channels = [], []
+    for index, shape in enumerate(shapes):
+        groups.append(() if index == 0 else tuple(range(shape.groups))[1:] or (0,))
+        channels.append(() if index == 1 else tuple(range(0, shape.channels, 3)))
+    return KeepState(tuple(groups), tuple(channels))
+
+
+def masked_logits(model, family, state: KeepState, ids: torch.Tensor) -> torch.Tensor:
+    shapes = layer_shapes(model, family)
+    heads = [torch.zeros(1, s.groups) for s in shapes]
+    chans = [torch.zeros(1, s.channels) for s in shapes]
+    for layer in range(len(shapes)):
+        heads[layer][0, list(state.groups[layer])] = 1
+        chans[layer][0, list(state.channels[layer])] = 1
+    with Taps(model, family) as taps, torch.no_grad():
+        taps.set_masks([h.expand(ids.shape[0], -1) for h in heads], [c.expand(ids.shape[0], -1) for c in chans])
+        return model(input_ids=ids).logits
+
+
+def ids_for(model, rows=2, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (rows, length), generator=g)
+
+
+_RELOAD = textwrap.dedent(
+    """
+    import sys, json, torch
+    class NoBonsai:  # prove the export needs nothing from this project
+        def find_spec(self, name, path=None, target=None):
+            if name == "bonsai" or name.startswith("bonsai."):
+                raise ImportError("bonsai is not installed here")
+    sys.meta_path.insert(0, NoBonsai())
+    from transformers import AutoModelForCausalLM
+    for directory, ids_file, out_file in zip(*[iter(sys.argv[1:])] * 3):
+        model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=torch.float32).eval()
+        ids = torch.load(ids_file)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+            generated = model.generate(ids[:1, :4], max_new_tokens=6, do_sample=False)
+        torch.save({"logits": logits, "generated": generated, "class": type(model).__name__,
+                    "params": sum(p.numel() for p in model.parameters())}, out_file)
+    """
+)
+
+
+def reload_elsewhere(tmp_path, jobs: list[tuple]) -> None:
+    """Load each (directory, ids file, output file) in one interpreter that has no bonsai."""
+    script = tmp_path / "reload.py"
+    script.write_text(_RELOAD)
+    args = [str(x) for job in jobs for x in job]
+    subprocess.run([sys.executable, "-I", str(script), *args], check=True, capture_output=True, timeout=600)
+
+
+def export_state(tmp_path, model_dir, state: KeepState, family, model):
+    """Run the export stage on a hand-made keep-state; returns the exported directory."""
+    from bonsai.stages import export
+
+    store = Store(tmp_path / "run")
+    parent = external_ref("parent", model_dir, "0" * 64)
+    table = units_table(layer_shapes(model, family), KeepState.full(layer_shapes(model, family)))
+    kept = [unit in state.units(kind)[layer] for layer, kind, unit in table.select("layer", "kind", "unit").iter_rows()]
+    table = table.with_columns(pl.Series("kept", kept), pl.lit(None, pl.Int32).alias("removed_iteration"))
+    select = store.produce("select", "test", {}, [parent], lambda out: table.write_parquet(out / KEEP_FILE))
+    ref = export.run(parent, select, export.ExportConfig(), store)
+    return ref.file(export.MODEL)
+
+
+# --- GGUF files and hub caches, as users have them ------------------------------------------
+
+CHAT_TEMPLATE = "{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+def gguf_file(path: Path, model_dir: Path, architecture: str = "llama") -> Path:
+    """Write ``model_dir`` (a tiny LLaMA and its byte-level BPE) as a float32 GGUF file laid out
+    as llama.cpp's converter lays it out (q/k rows permuted for its rotary convention)."""
+    import json as _json
+
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    config = _json.loads((model_dir / "config.json").read_text())
+    tokenizer = _json.loads((model_dir / "tokenizer.json").read_text())
+    weights = load_file(str(model_dir / "model.safetensors"))
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+
+    def permute(w: torch.Tensor, n: int) -> np.ndarray:
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape).numpy()
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    arch = architecture
+    writer.add_uint32(f"{arch}.block_count", config["num_hidden_layers"])
+    writer.add_uint32(f"{arch}.context_length", config["max_position_embeddings"])
+    writer.add_uint32(f"{arch}.embedding_length", config["hidden_size"])
+    writer.add_uint32(f"{arch}.feed_forward_length", config["intermediate_size"])
+    writer.add_uint32(f"{arch}.attention.head_count", heads)
+    writer.add_uint32(f"{arch}.attention.head_count_kv", kv_heads)
+    writer.add_float32(f"{arch}.rope.freq_base", float(config.get("rope_theta", 10000.0)))
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", float(config["rms_norm_eps"]))
+    writer.add_uint32(f"{arch}.vocab_size", config["vocab_size"])
+    vocab = sorted(tokenizer["model"]["vocab"].items(), key=lambda kv: kv[1])
+    special = {t["content"] for t in tokenizer["added_tokens"]}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_types([3 if t in special else 1 for t, _ in vocab])
+    merges = tokenizer["model"]["merges"]
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    writer.add_add_bos_token(True)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    names = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"].numpy())
+    for layer in range(config["num_hidden_layers"]):
+        for hf, name in names.items():
+            w = weights[f"model.layers.{layer}.{hf}.weight"]
+            if hf.endswith("q_proj"):
+                w = permute(w, heads)
+            elif hf.endswith("k_proj"):
+                w = permute(w, kv_heads)
+            writer.add_tensor(f"blk.{layer}.{name}.weight", np.ascontiguousarray(np.asarray(w, dtype=np.float32)))
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"].numpy())
+    if "lm_head.weight" in weights:
+        writer.add_tensor("output.weight", weights["lm_head.weight"].numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def hub_cache(root: Path, repo: str, model_dir: Path, commit: str = "0" * 39 + "1") -> Path:
+    """Lay ``model_dir`` out as huggingface_hub keeps a downloaded repository (refs/main naming
+    a snapshot whose files link to blobs); returns the cache root for HF_HUB_CACHE."""
+    import hashlib
+
+    repo_dir = root / f"models--{repo.replace('/', '--')}"
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo_dir / "blobs").mkdir()
+    for item in sorted(model_dir.iterdir()):
+        blob = repo_dir / "blobs" / hashlib.sha256(item.read_bytes()).hexdigest()
+        blob.write_bytes(item.read_bytes())
+        (snapshot / item.name).symlink_to(os.path.relpath(blob, snapshot))
+    return root

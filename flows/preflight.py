@@ -1,0 +1,92 @@
+"""Before any work: check the inputs, fingerprint them, and claim the run directory.
+
+Only light modules are imported here, so that a wrong path or option is reported at once,
+before torch, transformers and Prefect are loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from bonsai.artifacts import ArtifactRef, RunDir, RunLocked, RunMismatch, external_ref
+from bonsai.stages.core.data import describe, source_digest
+from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.model_dirs import inspect_model_dir, model_digest
+from bonsai.stages.core.model_source import ModelSource
+from bonsai.stages.core.model_source import resolve as resolve_model
+from bonsai.stages.core.options import PruneOptions
+
+
+@dataclass(frozen=True)
+class Prepared:
+    run: RunDir
+    parent: ArtifactRef  # the local model directory (a GGUF file's conversion, a hub snapshot)
+    source: ModelSource  # what --model named
+    data: ArtifactRef
+    config: PruneOptions  # dtype resolved: "auto" becomes what this device uses
+
+
+def prepare(model: str, data: str, out: str, config: PruneOptions) -> Prepared:
+    """Check every input before any work starts; each problem is one UserError line.  A GGUF
+    file is converted here (once; the conversion is cached), in the pruning dtype."""
+    data_ref = ArtifactRef("data", key="text", path=describe(data), digest=source_digest(data))
+    source = resolve_model(model, dtype=lambda: _resolved(config).dtype)
+    info = inspect_model_dir(source.path)
+    raw = json.loads((Path(info.path) / "config.json").read_text())
+    limit = raw.get("max_position_embeddings")
+    if limit and config.seq_len > limit:
+        raise UserError(f"--seq-len {config.seq_len} exceeds the model's context ({limit} tokens)")
+    parent = external_ref("parent", info.path, model_digest(info.path))
+    return Prepared(RunDir(out), parent, source, data_ref, _resolved(config))
+
+
+def _resolved(config: PruneOptions) -> PruneOptions:
+    """The options with ``dtype`` resolved for the device (imports torch)."""
+    from bonsai.stages.core.devices import dtype_name, resolve_device, resolve_dtype
+
+    return replace(config, dtype=dtype_name(resolve_dtype(config.dtype, resolve_device(config.device))))
+
+
+def identity(p: Prepared) -> dict:
+    return {"model": p.parent.digest, "data": p.data.digest, "config": p.config.identity()}
+
+
+def open_run(p: Prepared, probe: bool = False) -> bool:
+    """Lock the run directory and check it holds this run; True when resuming.  With
+    ``probe``, only check (nothing is written and the lock is not kept)."""
+    described = {**p.source.described(), "data": p.data.path}
+    try:
+        return p.run.probe(identity(p)) if probe else p.run.open(identity(p), described)
+    except RunLocked as exc:
+        raise UserError(
+            f"--out {p.run.path} is in use by another bonsai process (pid {exc.pid}); wait for it to finish or stop it"
+        ) from None
+    except RunMismatch as exc:
+        what = "; ".join(_readable(d) for d in exc.differences)
+        raise UserError(
+            f"--out {p.run.path} holds a different run ({what}); continue it with the same "
+            f"options, or pass a new --out to start a new run"
+        ) from None
+
+
+def _readable(difference: str) -> str:
+    key = difference.split(":", 1)[0]
+    if key == "model":
+        return "a different --model"
+    if key == "data":
+        return "different --data"
+    if key.startswith("config."):
+        return f"--{key[len('config.') :].replace('_', '-')}{difference[len(key) :]}"
+    return difference
+
+
+def run_parent(recorded: dict, flag: str = "the run's parent model") -> ModelSource:
+    """The parent a run was pruned from, as run.json names it (a directory, a GGUF file, a hub
+    id), resolved again; a GGUF file is converted in the run's dtype, so it is the same model."""
+    spec = recorded.get("described", {}).get("model")
+    if not spec:
+        raise UserError(f"{flag}: run.json does not name it")
+    dtype = recorded.get("identity", {}).get("config", {}).get("dtype", "float32")
+    return resolve_model(spec, dtype=lambda: dtype, flag=flag)

@@ -1,0 +1,264 @@
+"""Every option of every command, in one place.
+
+Each command's options are one keyword-only frozen dataclass; a field's metadata carries its
+help text, its allowed values and whether it belongs to the run's identity.  The command
+line (flows/cli.py builds every command's flags from these classes), YAML presets and run
+files, and the Prefect flows' parameters all go through them, so a name, a default or a
+meaning is written exactly once.  Importing this module imports neither torch nor Prefect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.plan import ESTIMATORS
+
+PRIORS = ("wanda", "activation", "fluctuation")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+PENALTIES = ("l1", "l2")
+
+# Regularisation grids searched by cross-validation (Appendix A.1 searches a grid too).
+# Utilities are standardised before fitting, so the same grid serves every model size.
+DEFAULT_ALPHAS = {"l1": (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), "l2": (0.1, 1.0, 10.0, 100.0, 1000.0)}
+
+
+def option(default: Any, help: str, choices: tuple | None = None, identity: bool = True, path: bool = False):
+    """A field of an options class.  ``identity``: a run refuses to continue under another
+    value; ``path``: a file or folder, relative to the run file when it comes from one."""
+    return field(default=default, metadata={"help": help, "choices": choices, "identity": identity, "path": path})
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+class Options:
+    """What the three options classes share: choice checks, identity, field lookup."""
+
+    def _check_choices(self) -> None:
+        for f in dataclasses.fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices is not None and value is not None:
+                _check(value in choices, f"{flag(f.name)} must be one of {', '.join(choices)}; got {value!r}")
+
+    def _check_at_least(self, minimum: int, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            _check(value is None or value >= minimum, f"{flag(name)} must be at least {minimum}")
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that change results: a run directory refuses to continue if these differ."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("identity", True)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneOptions(Options):
+    sparsity: float = option(0.5, "target fraction of attention+MLP parameters to remove, in (0, 1)")
+    masks_per_iter: int = option(200, "sub-models evaluated per iteration (pairs of mask and complement)")
+    prune_frac: float = option(0.05, "p_iter: fraction of parameters removed per iteration")
+    calib_samples: int = option(32, "calibration windows per iteration (each sub-model is scored on all)")
+    seq_len: int = option(2048, "tokens per calibration window")
+    prior: str = option("wanda", "prior that guides sampling", PRIORS)
+    estimator: str = option(
+        "regression",
+        "how importances are estimated (the paper's Figure 2 ablations; random is a baseline)",
+        tuple(ESTIMATORS),
+    )
+    seed: int = option(0, "seed of every random choice (windows, masks, CV folds)")
+    device: str = option("auto", "torch device: auto, cpu, cuda, cuda:N", identity=False)
+    dtype: str = option("auto", "dtype of forward passes while pruning (auto: float32 on CPU, bfloat16 on GPU)", DTYPES)
+    batch_size: int = option(
+        8, "rows (mask x window) per forward pass; several masks share a batch when it exceeds calib-samples"
+    )
+    shard_size: int = option(20, "sub-models per evaluation shard: the most work a kill can lose")
+    calib_pool: int = option(1024, "windows cut from the start of SOURCE, from which each iteration draws")
+    penalty: str = option("l1", "regression penalty (the paper uses l1; l2 for Phi-2)", PENALTIES)
+    alphas: tuple[float, ...] | None = option(
+        None, "regularisation strengths to cross-validate (default: a grid per penalty)"
+    )
+    cv_folds: int = option(5, "folds over held-out mask pairs for choosing the regularisation by Kendall tau")
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.sparsity < 1.0, f"--sparsity must be in (0, 1), got {self.sparsity}")
+        _check(0.0 < self.prune_frac <= 0.5, f"--prune-frac must be in (0, 0.5], got {self.prune_frac}")
+        _check(self.prune_frac <= self.sparsity, "--prune-frac must not exceed --sparsity")
+        self._check_at_least(1, "masks_per_iter", "calib_samples", "seq_len", "batch_size", "shard_size", "calib_pool")
+        self._check_choices()
+        _check(self.cv_folds >= 2, "--cv-folds must be at least 2")
+        _check(
+            self.masks_per_iter >= 2 * self.cv_folds or not ESTIMATORS[self.estimator].regression,
+            f"--masks-per-iter must be at least 2 x cv-folds ({2 * self.cv_folds}) for the regression",
+        )
+        _check(self.calib_pool >= self.calib_samples, "--calib-pool must be at least --calib-samples")
+        if self.alphas is not None:
+            object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
+            _check(len(self.alphas) > 0 and all(a >= 0 for a in self.alphas), "--alphas must be non-negative")
+
+    @property
+    def alpha_grid(self) -> tuple[float, ...]:
+        return self.alphas if self.alphas is not None else DEFAULT_ALPHAS[self.penalty]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptOptions(Options):
+    data: str | None = option(None, "adaptation text SOURCE (default: the run's --data)", path=True)
+    steps: int = option(1000, "optimizer steps")
+    lora_rank: int = option(128, "LoRA rank (Table 10: 128)")
+    lora_alpha: int = option(512, "LoRA alpha (Table 10: 4 x rank)")
+    distill_weight: float = option(0.01, "lambda of the distillation term (Table 10: 0.01); 0 trains without a teacher")
+    top_k: int = option(64, "teacher log-probabilities cached per position")
+    lr: float = option(1e-4, "peak learning rate (linear warm-up, cosine decay)")
+    full_finetune: bool = option(False, "train every weight instead of LoRA (for models small enough)")
+    seq_len: int | None = option(None, "tokens per training sequence (default: the run's --seq-len)")
+    sequences: int = option(1024, "sequences cut from SOURCE; the teacher cache covers them all")
+    batch_size: int = option(8, "sequences per step")
+    checkpoint_every: int = option(100, "steps between checkpoints (what a kill can lose)")
+    logits_shard_size: int = option(64, "sequences per teacher-cache shard")
+    seed: int = option(0, "seed of the data order and the LoRA initialisation")
+    device: str = option("auto", "torch device", identity=False)
+    dtype: str = option(
+        "auto", "teacher forward dtype and training autocast (auto: float32 on CPU, bfloat16 on GPU)", DTYPES
+    )
+
+    def __post_init__(self) -> None:
+        self._check_at_least(
+            1,
+            "steps",
+            "lora_rank",
+            "lora_alpha",
+            "top_k",
+            "sequences",
+            "batch_size",
+            "checkpoint_every",
+            "logits_shard_size",
+            "seq_len",
+        )
+        _check(self.lr > 0 and self.distill_weight >= 0, "--lr must be positive and --distill-weight not negative")
+        self._check_choices()
+
+
+DEFAULT_PPL_DATA = "hf:wikitext:wikitext-2-raw-v1:test"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalOptions(Options):
+    parent: str | None = option(
+        None, "parent model: a directory, a .gguf file or a hub id (default: the run's --model)", path=True
+    )
+    ppl_data: str | None = option(
+        None, f"text SOURCE for perplexity (default: {DEFAULT_PPL_DATA} when on disk)", path=True
+    )
+    seq_len: int | None = option(None, "window length for perplexity (default: min(2048, the model's context))")
+    max_windows: int = option(4096, "perplexity scores at most this many windows")
+    tasks: tuple[str, ...] = option((), "lm-eval task names, or task YAML files or folders", path=True)
+    limit: int | None = option(None, "at most this many examples per task")
+    speed: bool = option(False, "measure prefill throughput and decode latency against the parent")
+    batch_size: int = option(8, "rows per forward pass")
+    device: str = option("auto", "torch device", identity=False)
+    dtype: str = option("auto", "dtype for every model (auto: float32 on CPU, bfloat16 on GPU)", DTYPES)
+    out: str | None = option(None, "where results go (default: RUN/evaluation, or eval-<name>)", path=True)
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        self._check_at_least(1, "seq_len", "limit", "batch_size", "max_windows")
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+
+
+COMMANDS: dict[str, type[Options]] = {"prune": PruneOptions, "adapt": AdaptOptions, "eval": EvalOptions}
+
+
+# --- reading options from flags, presets and run files ------------------------------------
+
+
+def fields_of(cls: type[Options]) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(cls))
+
+
+@dataclass(frozen=True)
+class FieldKind:
+    type: type  # of the value, or of each element of a tuple
+    many: bool  # a tuple
+    optional: bool  # may be None
+
+
+def kinds(cls: type[Options]) -> dict[str, FieldKind]:
+    """Each field's kind, read from its annotation (so the annotation is the schema)."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        optional = False
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            optional, hint = True, args[0]
+        many = typing.get_origin(hint) is tuple
+        out[name] = FieldKind(typing.get_args(hint)[0] if many else hint, many, optional)
+    return out
+
+
+def coerce(name: str, kind: FieldKind, value: Any) -> Any:
+    """A flag's or a YAML file's value as the field's type; a wrong one is one UserError line."""
+    try:
+        if kind.many:  # a YAML list, flags' words, and "a,b" all work
+            items = value if isinstance(value, (list, tuple)) else [value]
+            flat = [p for v in items for p in (v.replace(",", " ").split() if isinstance(v, str) else [v])]
+            return tuple(_scalar(kind.type, v) for v in flat)
+        return _scalar(kind.type, value)
+    except (TypeError, ValueError):
+        raise UserError(f"{flag(name)}: cannot use {value!r} here") from None
+
+
+def _scalar(kind: type, value: Any) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(value)
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    return kind(value)
+
+
+def build(cls: type[Options], *layers: Mapping[str, Any] | None, where: str = "options") -> Options:
+    """Defaults, then each layer in turn (a preset, then flags); None values are skipped."""
+    known = kinds(cls)
+    values: dict[str, Any] = {}
+    for layer in layers:
+        layer = {str(k).replace("-", "_"): v for k, v in (layer or {}).items()}
+        unknown = sorted(set(layer) - set(known))
+        if unknown:
+            raise UserError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values.update({k: coerce(k, known[k], v) for k, v in layer.items() if v is not None})
+    return cls(**values)
+
+
+def read_yaml(path: str | Path, expected: str) -> dict[str, Any]:
+    """A YAML file that must hold a mapping; every way it can be wrong is one UserError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected {expected}")
+    return data
+
+
+def load_preset(path: str | Path) -> dict[str, Any]:
+    """A YAML preset of `bonsai prune` options (dashes or underscores), checked against the schema."""
+    data = read_yaml(path, "a mapping of option: value")
+    build(PruneOptions, data, where=f"--config {path}")  # unknown keys and bad values fail now
+    return {str(k).replace("-", "_"): v for k, v in data.items()}

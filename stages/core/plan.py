@@ -1,0 +1,88 @@
+"""The prune plan: what a run will do, derived once from its options.
+
+The flow that runs the stages, ``bonsai status`` that reports how far a run got, the
+importance stage and the audit all read this one object, so they cannot disagree about how
+many iterations, sub-models and shards a run has, or which estimators evaluate sub-models.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bonsai.stages.core.options import PruneOptions
+
+
+@dataclass(frozen=True)
+class Estimator:
+    name: str
+    evaluates: bool  # sub-models are sampled and evaluated
+    regression: bool  # importances are fitted to the sub-models' utilities
+    perturbed_prior: bool  # evaluation also collects the prior under each sub-model
+    summary: str
+
+
+ESTIMATORS: dict[str, Estimator] = {
+    e.name: e
+    for e in (
+        Estimator(
+            "regression", True, True, False, "Bonsai: importances regressed from the utilities of sampled sub-models"
+        ),
+        Estimator(
+            "perturbed-prior",
+            True,
+            False,
+            True,
+            "the prior averaged over the sampled sub-models that kept the unit (Figure 2)",
+        ),
+        Estimator("prior-only", False, False, False, "the prior of the unperturbed model (Figure 2)"),
+        Estimator("random", False, False, False, "a seeded uniform score: the floor any estimator must beat"),
+    )
+}
+
+# the stages of one iteration, in the order they run
+ITERATION_STAGES = ("priors", "masks", "evaluate", "importance", "select")
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    sparsity: float
+    prune_frac: float
+    iterations: int  # ceil(p / p_iter): what the target needs
+    iteration_limit: int  # more iterations run only if candidates ran short
+    sub_models: int  # per iteration, mask + complement pairs (0 if the estimator evaluates none)
+    shard_size: int
+    estimator: Estimator
+
+    @classmethod
+    def of(cls, options: PruneOptions) -> PrunePlan:
+        estimator = ESTIMATORS[options.estimator]
+        iterations = max(1, math.ceil(round(options.sparsity / options.prune_frac, 9)))
+        return cls(
+            sparsity=options.sparsity,
+            prune_frac=options.prune_frac,
+            iterations=iterations,
+            iteration_limit=2 * iterations,
+            sub_models=2 * math.ceil(options.masks_per_iter / 2) if estimator.evaluates else 0,
+            shard_size=options.shard_size,
+            estimator=estimator,
+        )
+
+    @property
+    def shards(self) -> int:
+        """Evaluation shards per iteration."""
+        return math.ceil(self.sub_models / self.shard_size)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """This run's stages per iteration, in order."""
+        return tuple(s for s in ITERATION_STAGES if s != "evaluate" or self.estimator.evaluates)
+
+    def target(self, iteration: int) -> float:
+        """The cumulative sparsity iteration ``iteration`` must reach."""
+        return min(self.sparsity, (iteration + 1) * self.prune_frac)
+
+    def reached(self, sparsity: float) -> bool:
+        return sparsity >= self.sparsity - 1e-9

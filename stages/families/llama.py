@@ -1,5 +1,0 @@
-"""LLaMA 1/2/3 (MHA and GQA): RMSNorm, SwiGLU MLP, no biases unless `attention_bias`."""
-
-from .base import Family
-
-FAMILY = Family(name="llama", model_types=("llama",), notes="RMSNorm, SwiGLU; MHA or GQA")

@@ -1,5 +1,0 @@
-"""Mistral: LLaMA's tensors with GQA and sliding-window attention (the window needs no change)."""
-
-from .base import Family
-
-FAMILY = Family(name="mistral", model_types=("mistral",), notes="GQA, sliding-window attention")

@@ -1,5 +1,0 @@
-"""Qwen2 / Qwen2.5: LLaMA's layout with q/k/v biases, which are sliced with their rows."""
-
-from .base import Family
-
-FAMILY = Family(name="qwen2", model_types=("qwen2",), notes="q/k/v biases sliced with their rows")

@@ -1,0 +1,166 @@
+"""What happened in a run, iteration by iteration, from its Parquet tables and manifests.
+
+Read-only: nothing is loaded but tables.  Two tables (``iterations``: one row per
+iteration; ``layers``: heads and channels left per layer after each iteration) and two
+plots (heads and channels per layer against the parent, like the paper's Figure 4; and
+sparsity with calibration perplexity over iterations).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import polars as pl
+
+from bonsai.artifacts import RunDir
+from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.units import HEAD
+from bonsai.stages.reports.render import pyplot, save
+from bonsai.stages.reports.status import manifests
+
+LAYERS_PLOT = "layers.png"
+PROGRESS_PLOT = "progress.png"
+ADAPTATION_PLOT = "adaptation.png"
+
+
+def _glob(run: Path, pattern: str) -> pl.DataFrame | None:
+    files = sorted(run.glob(pattern))
+    return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed") if files else None
+
+
+def iteration_table(run: Path) -> pl.DataFrame:
+    selected = _glob(run, "select/*/iteration.parquet")
+    if selected is None:
+        raise UserError(f"{run}: no iteration has finished yet (see `bonsai status {run}`)")
+    table = selected.select(
+        "iteration",
+        "target_sparsity",
+        "sparsity",
+        "total_sparsity",
+        "heads_left",
+        "channels_left",
+        "candidates",
+        "removed_heads",
+        "removed_channels",
+    ).sort("iteration")
+    utilities = _glob(run, "evaluate/*/utilities.parquet")
+    if utilities is not None:
+        spread = utilities.group_by("iteration").agg(
+            pl.len().alias("sub_models"),
+            (~pl.col("finite")).sum().alias("non_finite"),
+            pl.col("utility").filter(pl.col("finite")).mean().alias("utility_mean"),
+            pl.col("utility").filter(pl.col("finite")).std().alias("utility_std"),
+            pl.col("utility").filter(pl.col("finite")).min().alias("utility_min"),
+            pl.col("utility").filter(pl.col("finite")).max().alias("utility_max"),
+        )
+        table = table.join(spread.with_columns(pl.col("iteration").cast(pl.Int64)), on="iteration", how="left")
+    fits = _glob(run, "importance/*/fit.parquet")
+    if fits is not None:
+        table = table.join(
+            fits.select("iteration", "estimator", "alpha", "cv_kendall_tau").with_columns(
+                pl.col("iteration").cast(pl.Int64)
+            ),
+            on="iteration",
+            how="left",
+        )
+    baselines = {
+        m["config"]["iteration"]: m["info"].get("baseline_nll") for m in manifests(run) if m["stage"] == "priors"
+    }
+    return table.with_columns(
+        pl.col("iteration")
+        .map_elements(
+            lambda it: math.exp(baselines[it]) if baselines.get(it) is not None else None, return_dtype=pl.Float64
+        )
+        .alias("calibration_perplexity")
+    )
+
+
+def layer_table(run: Path) -> pl.DataFrame:
+    """Per iteration (-1: the parent) and layer: KV groups, query heads and channels left."""
+    keep = _glob(run, "select/*/keep.parquet")
+    if keep is None:
+        raise UserError(f"{run}: no iteration has finished yet")
+    per_group = _query_heads_per_group(run)
+    parent = keep.filter(pl.col("iteration") == keep["iteration"].min()).with_columns(
+        pl.lit(True).alias("kept"), pl.lit(-1, keep.schema["iteration"]).alias("iteration")
+    )
+    rows = (
+        pl.concat([parent, keep])
+        .group_by("iteration", "layer")
+        .agg(
+            (pl.col("kept") & (pl.col("kind") == HEAD)).sum().alias("kv_groups"),
+            (pl.col("kept") & (pl.col("kind") != HEAD)).sum().alias("channels"),
+        )
+    )
+    return rows.with_columns((pl.col("kv_groups") * per_group).alias("heads")).sort("iteration", "layer")
+
+
+def _query_heads_per_group(run: Path) -> int:
+    parent = (RunDir(run).recorded() or {}).get("described", {}).get("model")
+    try:
+        config = json.loads((Path(parent) / "config.json").read_text())
+        return config["num_attention_heads"] // config.get("num_key_value_heads", config["num_attention_heads"])
+    except (TypeError, OSError, ValueError, KeyError):
+        return 1
+
+
+def plot_layers(layers: pl.DataFrame, path: Path) -> None:
+    plt = pyplot()
+    parent = layers.filter(pl.col("iteration") == -1).sort("layer")
+    final = layers.filter(pl.col("iteration") == layers["iteration"].max()).sort("layer")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for ax, column, title in zip(axes, ("heads", "channels"), ("attention heads", "MLP channels")):
+        ax.bar(parent["layer"], parent[column], color="lightgray", label="parent")
+        ax.bar(final["layer"], final[column], color="tab:green", label="pruned")
+        ax.set_xlabel("layer")
+        ax.set_xticks(parent["layer"].to_list())
+        ax.set_title(f"{title} left per layer")
+    axes[0].legend()
+    save(fig, path)
+
+
+def plot_progress(iterations: pl.DataFrame, path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    ax.plot(iterations["iteration"], iterations["sparsity"], marker="o", color="tab:green")
+    ax.set_xlabel("iteration")
+    ax.set_xticks(iterations["iteration"].to_list())
+    ax.set_ylabel("attention+MLP sparsity", color="tab:green")
+    right = ax.twinx()
+    right.plot(iterations["iteration"], iterations["calibration_perplexity"], marker="s", color="tab:blue")
+    right.set_yscale("log")
+    right.set_ylabel("calibration perplexity at start (log)", color="tab:blue")
+    save(fig, path)
+
+
+def plot_adaptation(history: pl.DataFrame, path: Path) -> None:
+    """Task and distillation loss over the steps of the run's most recent adaptation."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    ax.plot(history["step"], history["task"], label="task cross-entropy", color="tab:green")
+    if (history["distill"] > 0).any():
+        right = ax.twinx()
+        right.plot(history["step"], history["distill"], label="KL to teacher", color="tab:blue", alpha=0.7)
+        right.set_ylabel("KL(student || teacher)", color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("task loss (nats)", color="tab:green")
+    save(fig, path)
+
+
+def audit(run_dir: str, out: str | None = None) -> dict:
+    run = Path(run_dir)
+    if RunDir(run).recorded() is None:
+        raise UserError(f"{run_dir}: not a bonsai run directory (no run.json)")
+    iterations, layers = iteration_table(run), layer_table(run)
+    where = Path(out) if out else run / "audit"
+    where.mkdir(parents=True, exist_ok=True)
+    plot_layers(layers, where / LAYERS_PLOT)
+    plot_progress(iterations, where / PROGRESS_PLOT)
+    plots = [str(where / LAYERS_PLOT), str(where / PROGRESS_PLOT)]
+    histories = sorted(run.glob("adapt/*/training.parquet"), key=lambda p: p.stat().st_mtime)
+    if histories:
+        plot_adaptation(pl.read_parquet(histories[-1]), where / ADAPTATION_PLOT)
+        plots.append(str(where / ADAPTATION_PLOT))
+    return {"iterations": iterations, "layers": layers, "plots": plots}

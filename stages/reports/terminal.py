@@ -1,0 +1,88 @@
+"""Plain-text tables for the terminal."""
+
+from __future__ import annotations
+
+from bonsai.stages.reports.render import cell, frame_markdown
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    """Numbers right-aligned, text left-aligned."""
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows) for i in range(len(headers))]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def iteration_table(summary: dict) -> str:
+    rows = [
+        [
+            r["iteration"],
+            r["sparsity"],
+            r["total_sparsity"],
+            r["heads_left"],
+            r["channels_left"],
+            r["sub_models"],
+            r.get("cv_kendall_tau"),
+            r["model_params"],
+        ]
+        for r in summary["iterations"]
+    ]
+    head = [
+        "iteration",
+        "sparsity",
+        "of all params",
+        "heads left",
+        "channels left",
+        "sub-models",
+        "CV tau",
+        "parameters",
+    ]
+    return table(head, rows) + f"\n\npruned model: {summary['model']}"
+
+
+def audit_markdown(result: dict) -> str:
+    import polars as pl
+
+    iterations = result["iterations"]
+    wanted = [
+        c
+        for c in (
+            "iteration",
+            "sparsity",
+            "total_sparsity",
+            "sub_models",
+            "non_finite",
+            "cv_kendall_tau",
+            "utility_std",
+            "utility_min",
+            "utility_max",
+            "calibration_perplexity",
+            "heads_left",
+            "channels_left",
+        )
+        if c in iterations.columns
+    ]
+    layers = result["layers"]
+    last = layers["iteration"].max()
+    per_layer = (
+        layers.filter(pl.col("iteration") == -1)
+        .select("layer", pl.col("heads").alias("heads_parent"), pl.col("channels").alias("channels_parent"))
+        .join(layers.filter(pl.col("iteration") == last).select("layer", "heads", "channels"), on="layer")
+        .sort("layer")
+    )
+    plots = "\n".join(f"![{p.rsplit('/', 1)[-1]}]({p})" for p in result["plots"])
+    return "\n\n".join(
+        [
+            "# Audit",
+            "## Iterations",
+            frame_markdown(iterations.select(wanted)),
+            "## Layers after the last iteration",
+            frame_markdown(per_layer),
+            "## Plots",
+            plots,
+        ]
+    )
