@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,20 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 class RunDir:
-    def __init__(self, path: str | os.PathLike):
+    """``format`` is written into a new run.json; ``upgrade`` maps a recorded run.json to the
+    identity it stands for in this version's terms (runs made by earlier versions keep
+    resuming when a name or a default changes)."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        format: int = 1,
+        upgrade: Callable[[dict], dict] = lambda recorded: recorded.get("identity", {}),
+    ):
         self.path = Path(path)
         self.store = Store(self.path)
         self.lock = RunLock(self.path)
+        self.format, self.upgrade = format, upgrade
 
     def recorded(self) -> dict | None:
         file = self.path / IDENTITY_FILE
@@ -55,7 +66,7 @@ class RunDir:
             if self.path.is_dir() and any(p.name not in _OWN for p in self.path.iterdir()):
                 raise RunMismatch(self.path, ["the directory exists and is not a bonsai run"])
             return False
-        differences = _diff(recorded.get("identity"), identity)
+        differences = _diff(self.upgrade(recorded), identity)
         if differences:
             raise RunMismatch(self.path, differences)
         return True
@@ -75,7 +86,7 @@ class RunDir:
         try:
             resuming = self.check(identity)
             if not resuming:
-                record = {"identity": identity, "described": described}
+                record = {"format": self.format, "identity": identity, "described": described}
                 write_text_atomic(self.path / IDENTITY_FILE, json.dumps(record, indent=1, sort_keys=True))
             self.store.clear_partial()
         except BaseException:

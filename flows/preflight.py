@@ -16,7 +16,7 @@ from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.model_dirs import inspect_model_dir, model_digest
 from bonsai.stages.core.model_source import ModelSource
 from bonsai.stages.core.model_source import resolve as resolve_model
-from bonsai.stages.core.options import PruneOptions
+from bonsai.stages.core.options import RUN_FORMAT, PruneOptions, recorded_identity
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ def prepare(model: str, data: str, out: str, config: PruneOptions) -> Prepared:
     if limit and config.seq_len > limit:
         raise UserError(f"--seq-len {config.seq_len} exceeds the model's context ({limit} tokens)")
     parent = external_ref("parent", info.path, model_digest(info.path))
-    return Prepared(RunDir(out), parent, source, data_ref, _resolved(config))
+    run = RunDir(out, format=RUN_FORMAT, upgrade=recorded_identity)
+    return Prepared(run, parent, source, data_ref, _resolved(config))
 
 
 def _resolved(config: PruneOptions) -> PruneOptions:

@@ -60,7 +60,12 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
             masks.run,
             pri,
             masks.MasksConfig(
-                iteration=it, prune_frac=cfg.prune_frac, count=plan.sub_models, prior=cfg.prior, seed=cfg.seed
+                iteration=it,
+                prune_frac=cfg.prune_frac,
+                count=plan.sub_models,
+                prior=cfg.prior,
+                seed=cfg.seed,
+                design=plan.estimator.design,
             ),
             store,
         )

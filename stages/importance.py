@@ -1,6 +1,12 @@
 """Importance stage: one score per candidate unit; the lower, the sooner it is removed.
 
-- ``regression`` (Bonsai): beta from regressing sub-model utilities on their masks.
+The estimators are listed once, in core/plan.py; each has an implementation here:
+
+- ``regression`` (the default): sub-model utilities regressed on masks with a prior-informed
+  model, one measured scale of the prior per (layer, kind) group plus per-unit corrections
+  (core/group_scales.py), on the ``split`` sampling design (masks.py).
+- ``paper-regression``: the paper's Eq. 3, an L1 (or L2) regression of utilities on masks
+  with its penalty chosen by held-out Kendall tau (Appendix A.1; core/regression.py).
 - ``perturbed-prior``: the prior averaged over the sampled sub-models that kept the unit
   (Figure 2, "perturbation, no regression").
 - ``prior-only``: the prior of the unperturbed model (Figure 2, "no perturbation").
@@ -25,14 +31,18 @@ import torch
 from bonsai.artifacts import ArtifactRef, Store, kill_point
 from bonsai.stages import masks as masks_stage
 from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.group_scales import Groups, fit_group_scales
 from bonsai.stages.core.regression import fit_importance
 from bonsai.stages.core.rng import generator
+from bonsai.stages.core.units import KINDS
 from bonsai.stages.evaluate import PERTURBED_PRIORS, UTILITIES
 
-VERSION = "1"
+VERSION = "2"
 FILE = "importance.parquet"
-CV_FILE = "cv.parquet"
+CV_FILE = "cv.parquet"  # paper-regression: (alpha, fold) -> Kendall tau
+PENALTIES_FILE = "penalties.parquet"  # regression: (kind, penalties) -> held-out squared error
 FIT_FILE = "fit.parquet"
+SCALES_FILE = "scales.parquet"
 FIT_SCHEMA = {
     "iteration": pl.Int32,
     "estimator": pl.Utf8,
@@ -44,6 +54,15 @@ FIT_SCHEMA = {
     "intercept": pl.Float64,
     "utility_mean": pl.Float64,
     "utility_std": pl.Float64,
+    # the group-scale regression's choices and held-out fit, per kind
+    "lam_scale_head": pl.Float64,
+    "lam_scale_channel": pl.Float64,
+    "lam_correction_head": pl.Float64,
+    "lam_correction_channel": pl.Float64,
+    "cv_r2_head": pl.Float64,
+    "cv_r2_channel": pl.Float64,
+    "nonzero_corrections_head": pl.Int64,
+    "nonzero_corrections_channel": pl.Int64,
 }
 
 log = logging.getLogger("bonsai.importance")
@@ -63,18 +82,7 @@ def run(masks: ArtifactRef, evaluations: list[ArtifactRef], cfg: ImportanceConfi
     def build(out: Path) -> dict:
         cands, table = masks_stage.read(masks)
         info: dict = {"estimator": cfg.estimator, "candidates": cands.height}
-        if cfg.estimator == "regression":
-            score, fit_info, cv = _regression(cands, table, evaluations, cfg)
-            info.update(fit_info)
-            pl.DataFrame(cv, schema={"alpha": pl.Float64, "fold": pl.Int32, "kendall_tau": pl.Float64}).with_columns(
-                pl.lit(cfg.iteration, pl.Int32).alias("iteration")
-            ).write_parquet(out / CV_FILE)
-        elif cfg.estimator == "perturbed-prior":
-            score = _perturbed_prior(cands, evaluations)
-        elif cfg.estimator == "prior-only":
-            score = cands["prior_norm"].to_numpy()
-        else:
-            score = torch.rand(cands.height, generator=generator(cfg.seed, "random", cfg.iteration)).numpy()
+        score = ESTIMATES[cfg.estimator](cands, table, evaluations, cfg, out, info)
         kill_point("importance")
         row = {name: info.get(name) for name in FIT_SCHEMA} | {"iteration": cfg.iteration}
         pl.DataFrame([row], schema=FIT_SCHEMA).write_parquet(out / FIT_FILE)
@@ -86,45 +94,50 @@ def run(masks: ArtifactRef, evaluations: list[ArtifactRef], cfg: ImportanceConfi
     return store.produce("importance", VERSION, cfg, [masks, *evaluations], build)
 
 
-def _utilities(evaluations: list[ArtifactRef]) -> pl.DataFrame:
-    if not evaluations:
-        return pl.DataFrame(schema={"mask": pl.Int32, "utility": pl.Float64, "finite": pl.Boolean})
-    return pl.concat([pl.read_parquet(e.file(UTILITIES)) for e in evaluations]).sort("mask")
-
-
-def _regression(cands, table, evaluations, cfg) -> tuple[np.ndarray, dict, list]:
-    scores = _utilities(evaluations)
+def _usable(table: pl.DataFrame, evaluations: list[ArtifactRef], iteration: int, info: dict) -> pl.DataFrame:
+    """The evaluated sub-models with a finite utility (warning about the others)."""
+    scores = pl.concat([pl.read_parquet(e.file(UTILITIES)) for e in evaluations]).sort("mask")
     joined = table.join(scores.select("mask", "utility", "finite"), on="mask", how="inner").sort("mask")
     bad = int((~joined["finite"]).sum())
     if bad:
         log.warning(
             "iteration %d: %d of %d sub-models gave a non-finite loss (half-precision overflow?); "
             "they are left out of the regression",
-            cfg.iteration,
+            iteration,
             bad,
             joined.height,
         )
     usable = joined.filter(pl.col("finite"))
     if usable.height < max(4, joined.height // 2):
         raise UserError(
-            f"iteration {cfg.iteration}: only {usable.height} of {joined.height} sub-models had a finite loss; "
+            f"iteration {iteration}: only {usable.height} of {joined.height} sub-models had a finite loss; "
             f"prune in --dtype bfloat16 or float32, or raise --masks-per-iter"
         )
+    info.update(
+        masks_used=usable.height,
+        masks_non_finite=bad,
+        utility_mean=float(usable["utility"].mean()),
+        utility_std=float(usable["utility"].std() or 0.0),
+    )
+    return usable
+
+
+def _paper_regression(cands, table, evaluations, cfg, out, info) -> np.ndarray:
+    usable = _usable(table, evaluations, cfg.iteration, info)
     keep = masks_stage.keep_matrix(usable)
     fit = fit_importance(
         keep, usable["utility"].to_numpy(), usable["pair"].to_numpy(), cfg.penalty, cfg.alphas, cfg.cv_folds, cfg.seed
     )
-    info = {
-        "penalty": cfg.penalty,
-        "alpha": fit.alpha,
-        "cv_kendall_tau": fit.cv_tau,
-        "intercept": fit.intercept,
-        "masks_used": usable.height,
-        "masks_non_finite": bad,
-        "utility_mean": float(usable["utility"].mean()),
-        "utility_std": float(usable["utility"].std() or 0.0),
-        "nonzero_importances": int(np.count_nonzero(fit.beta)),
-    }
+    info.update(
+        penalty=cfg.penalty,
+        alpha=fit.alpha,
+        cv_kendall_tau=fit.cv_tau,
+        intercept=fit.intercept,
+        nonzero_importances=int(np.count_nonzero(fit.beta)),
+    )
+    pl.DataFrame(fit.cv, schema={"alpha": pl.Float64, "fold": pl.Int32, "kendall_tau": pl.Float64}).with_columns(
+        pl.lit(cfg.iteration, pl.Int32).alias("iteration")
+    ).write_parquet(out / CV_FILE)
     log.info(
         "iteration %d: regression chose %s alpha=%g, held-out Kendall tau %.3f over %d sub-models",
         cfg.iteration,
@@ -133,10 +146,55 @@ def _regression(cands, table, evaluations, cfg) -> tuple[np.ndarray, dict, list]
         fit.cv_tau,
         usable.height,
     )
-    return fit.beta, info, fit.cv
+    return fit.beta
 
 
-def _perturbed_prior(cands: pl.DataFrame, evaluations: list[ArtifactRef]) -> np.ndarray:
+def _group_regression(cands, table, evaluations, cfg, out, info) -> np.ndarray:
+    usable = _usable(table, evaluations, cfg.iteration, info)
+    group_table = cands.select("layer", "kind").unique(maintain_order=True).with_row_index("group")
+    group_of = cands.join(group_table, on=["layer", "kind"], how="left")["group"].to_numpy()
+    kind_index = {k: i for i, k in enumerate(KINDS)}
+    groups = Groups.build(group_of, np.array([kind_index[k] for k in group_table["kind"]]), cands["prior"].to_numpy())
+    fit = fit_group_scales(
+        masks_stage.keep_matrix(usable),
+        usable["utility"].to_numpy(),
+        usable["pair"].to_numpy(),
+        masks_stage.perturbed_kinds(usable, KINDS),
+        groups,
+        np.array([kind_index[k] for k in cands["kind"]]),
+        cfg.cv_folds,
+        cfg.seed,
+    )
+    for kind_fit in fit.kinds:
+        kind = KINDS[kind_fit.kind]
+        info[f"lam_scale_{kind}"] = kind_fit.lam_scale
+        info[f"lam_correction_{kind}"] = kind_fit.lam_correction
+        info[f"cv_r2_{kind}"] = 1.0 - kind_fit.cv_mse
+        info[f"nonzero_corrections_{kind}"] = int(
+            np.count_nonzero(np.abs(fit.corrections[cands["kind"].to_numpy() == kind]) > 1e-12)
+        )
+        log.info(
+            "iteration %d: %s scales fitted on %d sub-models (penalties %s / %s), held-out R^2 %.3f",
+            cfg.iteration,
+            kind,
+            kind_fit.rows,
+            kind_fit.lam_scale,
+            kind_fit.lam_correction,
+            1.0 - kind_fit.cv_mse,
+        )
+    group_table.with_columns(
+        pl.lit(cfg.iteration, pl.Int32).alias("iteration"),
+        pl.Series("scale", fit.scales),
+        pl.Series("candidates", np.bincount(group_of, minlength=group_table.height)),
+    ).select("iteration", "layer", "kind", "scale", "candidates").write_parquet(out / SCALES_FILE)
+    cv_rows = [{"kind": KINDS[k.kind], **row} for k in fit.kinds for row in k.cv]
+    pl.DataFrame(
+        cv_rows, schema={"kind": pl.Utf8, "lam_scale": pl.Float64, "lam_correction": pl.Float64, "cv_mse": pl.Float64}
+    ).with_columns(pl.lit(cfg.iteration, pl.Int32).alias("iteration")).write_parquet(out / PENALTIES_FILE)
+    return fit.beta
+
+
+def _perturbed_prior(cands, table, evaluations, cfg, out, info) -> np.ndarray:
     total = np.zeros(cands.height)
     kept = np.zeros(cands.height)
     for ref in evaluations:
@@ -146,6 +204,24 @@ def _perturbed_prior(cands: pl.DataFrame, evaluations: list[ArtifactRef]) -> np.
     mean = np.divide(total, kept, out=np.zeros_like(total), where=kept > 0)
     scale = cands["group_prior_mean"].to_numpy()
     return np.divide(mean, scale, out=np.zeros_like(mean), where=scale > 0)
+
+
+def _prior_only(cands, table, evaluations, cfg, out, info) -> np.ndarray:
+    return cands["prior_norm"].to_numpy()
+
+
+def _random(cands, table, evaluations, cfg, out, info) -> np.ndarray:
+    return torch.rand(cands.height, generator=generator(cfg.seed, "random", cfg.iteration)).numpy()
+
+
+# one implementation per estimator of core/plan.py (a test checks that the two lists agree)
+ESTIMATES = {
+    "regression": _group_regression,
+    "paper-regression": _paper_regression,
+    "perturbed-prior": _perturbed_prior,
+    "prior-only": _prior_only,
+    "random": _random,
+}
 
 
 def read(importance: ArtifactRef) -> pl.DataFrame:

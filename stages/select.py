@@ -4,7 +4,9 @@ Iteration l's budget is cumulative: after it, min(p, (l+1) p_iter) of the parent
 attention+MLP parameters are gone.  Candidates are removed in ascending importance until
 the budget is met, so the last removal may overshoot it by at most one unit (Eq. 2's greedy
 solution, as in the paper).  The output is the whole cumulative keep-state, not a delta:
-any iteration's model is the parent sliced by one table.
+any iteration's model is the parent sliced by one table.  ``prior_only_jaccard`` in the
+summary says how far the removal moved from what the prior alone would have removed under
+the same budget (1: the same units).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from bonsai.stages import importance as importance_stage
 from bonsai.stages import priors as priors_stage
 from bonsai.stages.core.units import CHANNEL, HEAD, KEEP_FILE
 
-VERSION = "1"
+VERSION = "2"
 REMOVED = "removed.parquet"
 SUMMARY = "iteration.parquet"
 
@@ -51,12 +53,11 @@ def run(
             .join(present, on=["layer", "kind", "unit"], how="semi")
             .sort("importance", "prior_norm", "layer", "kind", "unit")
         )
-        removed_params, count = removed_before, 0
-        for params in ranked["params"]:
-            if removed_params >= target * prunable:
-                break
-            removed_params += int(params)
-            count += 1
+        count, removed_params = _within_budget(ranked["params"], removed_before, target * prunable)
+        # what the prior alone would have removed under the same budget, for the audit
+        by_prior = ranked.sort("prior_norm", "layer", "kind", "unit")
+        prior_count, _ = _within_budget(by_prior["params"], removed_before, target * prunable)
+        jaccard = _jaccard(ranked.head(count), by_prior.head(prior_count))
         chosen = (
             ranked.head(count)
             .with_row_index("rank")
@@ -101,9 +102,29 @@ def run(
             "removed_channels": int((chosen["kind"] == CHANNEL).sum()),
             "heads_left": int((left["kind"] == HEAD).sum()),
             "channels_left": int((left["kind"] == CHANNEL).sum()),
+            "prior_only_jaccard": jaccard,
         }
         pl.DataFrame([summary]).write_parquet(out / SUMMARY)
         return summary
 
     inputs = [priors, importance] + ([previous] if previous is not None else [])
     return store.produce("select", VERSION, cfg, inputs, build)
+
+
+def _within_budget(params: pl.Series, removed: int, budget: float) -> tuple[int, int]:
+    """How many units, in order, are removed until ``budget`` parameters are gone (the last
+    one may overshoot), and the parameters removed then."""
+    count = 0
+    for value in params:
+        if removed >= budget:
+            break
+        removed += int(value)
+        count += 1
+    return count, removed
+
+
+def _jaccard(a: pl.DataFrame, b: pl.DataFrame) -> float | None:
+    """Overlap of two removal sets: 1 when they are the same units."""
+    key = ["layer", "kind", "unit"]
+    union = pl.concat([a.select(key), b.select(key)]).unique().height
+    return a.select(key).join(b.select(key), on=key, how="semi").height / union if union else None

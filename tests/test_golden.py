@@ -21,7 +21,8 @@ from bonsai.artifacts import file_digest
 
 import tiny
 
-GOLDEN = Path(__file__).parent / "golden" / "small-run"
+GOLDEN = Path(__file__).parent / "golden"
+SETTINGS = {"small-run": {}, "small-run-paper": {"estimator": "paper-regression"}}
 
 
 def outputs(run: Path) -> dict[str, dict]:
@@ -38,35 +39,30 @@ def outputs(run: Path) -> dict[str, dict]:
     return found
 
 
-@pytest.fixture(scope="module")
-def small_run(zoo, corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("golden") / "run"
-    tiny.prune(zoo["llama-gqa"], corpus, out)
-    return out
-
-
-def test_stage_outputs_match_the_goldens(small_run):
-    now = outputs(small_run)
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_stage_outputs_match_the_goldens(zoo, corpus, tmp_path, setting):
+    tiny.prune(zoo["llama-gqa"], corpus, tmp_path / "run", **SETTINGS[setting])
+    now = outputs(tmp_path / "run")
+    golden = GOLDEN / setting
     if os.environ.get("BONSAI_UPDATE_GOLDEN"):
-        shutil.rmtree(GOLDEN, ignore_errors=True)
+        shutil.rmtree(golden, ignore_errors=True)
         for name, artifact in now.items():
             for file, path in artifact["files"].items():
-                target = GOLDEN / name / file
+                target = golden / name / file
                 target.parent.mkdir(parents=True, exist_ok=True)
                 if path.suffix == ".parquet":
                     shutil.copy(path, target)
                 elif path.suffix == ".safetensors":  # weights: the digest suffices (copies of the parent's)
                     target.with_name(target.name + ".sha256").write_text(file_digest(path) + "\n")
-            (GOLDEN / name / "VERSION").write_text(artifact["version"] + "\n")
-    golden = sorted(p.name for p in GOLDEN.iterdir())
-    assert sorted(now) == golden, "the run's artifacts differ from the goldens'"
+            (golden / name / "VERSION").write_text(artifact["version"] + "\n")
+    assert sorted(now) == sorted(p.name for p in golden.iterdir()), "the run's artifacts differ from the goldens'"
     for name, artifact in now.items():
-        version = (GOLDEN / name / "VERSION").read_text().strip()
+        version = (golden / name / "VERSION").read_text().strip()
         assert artifact["version"] == version, f"{name}: VERSION {artifact['version']}, goldens {version}: update them"
         for file, path in artifact["files"].items():
             if path.suffix == ".parquet":
-                expected = pl.read_parquet(GOLDEN / name / file)
+                expected = pl.read_parquet(golden / name / file)
                 assert_frame_equal(pl.read_parquet(path), expected, check_exact=False, rel_tol=1e-5, abs_tol=1e-8)
             elif path.suffix == ".safetensors":
-                digest = (GOLDEN / name / f"{file}.sha256").read_text().strip()
+                digest = (golden / name / f"{file}.sha256").read_text().strip()
                 assert file_digest(path) == digest, f"{name}/{file} changed"

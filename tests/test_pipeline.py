@@ -56,7 +56,7 @@ def readme_tables() -> list[tuple[str, list[str]]]:
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 3 and cells[1].startswith("`RUN/"):
-            rows.append((cells[1].strip("`")[len("RUN/") :], re.findall(r"`([a-z_]+)`", cells[2])))
+            rows.append((cells[1].strip("`")[len("RUN/") :], re.findall(r"`([a-z0-9_]+)`", cells[2])))
     return rows
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from bonsai.artifacts import file_digest
 from bonsai.flows.prune import run_prune
+from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.options import PruneOptions, build
 
 from tiny import PRUNE_SMALL, bonsai, env, popen
@@ -146,9 +147,11 @@ def test_a_run_made_by_an_earlier_version_resumes(tmp_path):
     shutil.copytree(fixture, root)
     expected = json.loads((root / "expected.json").read_text())
     before = manifests(root / "run")
-    summary = run_prune(
-        str(root / "model"), str(root / "train.txt"), str(root / "run"), build(PruneOptions, expected["flags"])
-    )
+    args = (str(root / "model"), str(root / "train.txt"), str(root / "run"))
+    # the estimator it used was then called "regression"; that name now means another one
+    with pytest.raises(UserError, match="--estimator: 'paper-regression' there, 'regression' now"):
+        run_prune(*args, build(PruneOptions, expected["flags"]))
+    summary = run_prune(*args, build(PruneOptions, expected["flags"], {"estimator": "paper-regression"}))
     assert all(p.stat().st_mtime_ns == t for p, t in before.items()), "finished work was redone"
     assert len(manifests(root / "run")) > len(before)
     assert file_digest(Path(summary["model"]) / "model.safetensors") == expected["model_safetensors_sha256"]

@@ -31,10 +31,25 @@ PENALTIES = ("l1", "l2")
 DEFAULT_ALPHAS = {"l1": (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), "l2": (0.1, 1.0, 10.0, 100.0, 1000.0)}
 
 
-def option(default: Any, help: str, choices: tuple | None = None, identity: bool = True, path: bool = False):
+_NONE = object()
+
+
+def option(
+    default: Any,
+    help: str,
+    choices: tuple | None = None,
+    identity: bool = True,
+    path: bool = False,
+    legacy: Any = _NONE,
+):
     """A field of an options class.  ``identity``: a run refuses to continue under another
-    value; ``path``: a file or folder, relative to the run file when it comes from one."""
-    return field(default=default, metadata={"help": help, "choices": choices, "identity": identity, "path": path})
+    value; ``path``: a file or folder, relative to the run file when it comes from one;
+    ``legacy``: for an option added after runs were made, the value that reproduces what
+    those runs did (see ``recorded_identity``)."""
+    metadata = {"help": help, "choices": choices, "identity": identity, "path": path}
+    if legacy is not _NONE:
+        metadata["legacy"] = legacy
+    return field(default=default, metadata=metadata)
 
 
 def _check(ok: bool, message: str) -> None:
@@ -86,11 +101,11 @@ class PruneOptions(Options):
     )
     shard_size: int = option(20, "sub-models per evaluation shard: the most work a kill can lose")
     calib_pool: int = option(1024, "windows cut from the start of SOURCE, from which each iteration draws")
-    penalty: str = option("l1", "regression penalty (the paper uses l1; l2 for Phi-2)", PENALTIES)
+    penalty: str = option("l1", "paper-regression's penalty (the paper uses l1; l2 for Phi-2)", PENALTIES)
     alphas: tuple[float, ...] | None = option(
-        None, "regularisation strengths to cross-validate (default: a grid per penalty)"
+        None, "paper-regression's penalty strengths to cross-validate (default: a grid per penalty)"
     )
-    cv_folds: int = option(5, "folds over held-out mask pairs for choosing the regularisation by Kendall tau")
+    cv_folds: int = option(5, "folds of held-out mask pairs that choose the regressions' penalties")
 
     def __post_init__(self) -> None:
         _check(0.0 < self.sparsity < 1.0, f"--sparsity must be in (0, 1), got {self.sparsity}")
@@ -262,3 +277,20 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     data = read_yaml(path, "a mapping of option: value")
     build(PruneOptions, data, where=f"--config {path}")  # unknown keys and bad values fail now
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+RUN_FORMAT = 2  # of run.json; format 1 called the paper's estimator "regression"
+
+
+def recorded_identity(recorded: dict) -> dict:
+    """A run.json's identity in this version's terms: a run of format 1 made with the paper's
+    estimator (then "regression") reads as ``paper-regression``, and options added since the
+    run was made take the value that reproduces what it did (their ``legacy`` value)."""
+    identity = dict(recorded.get("identity", {}))
+    config = dict(identity.get("config", {}))
+    if recorded.get("format", 1) < 2 and config.get("estimator") == "regression":
+        config["estimator"] = "paper-regression"
+    for f in fields_of(PruneOptions):
+        if f.name not in config and "legacy" in f.metadata:
+            config[f.name] = f.metadata["legacy"]
+    return {**identity, "config": config}

@@ -21,6 +21,7 @@ class Estimator:
     evaluates: bool  # sub-models are sampled and evaluated
     regression: bool  # importances are fitted to the sub-models' utilities
     perturbed_prior: bool  # evaluation also collects the prior under each sub-model
+    design: str  # how sub-models are sampled (stages/masks.py): "half" or "split"
     summary: str
 
 
@@ -28,17 +29,46 @@ ESTIMATORS: dict[str, Estimator] = {
     e.name: e
     for e in (
         Estimator(
-            "regression", True, True, False, "Bonsai: importances regressed from the utilities of sampled sub-models"
+            name="regression",
+            evaluates=True,
+            regression=True,
+            perturbed_prior=False,
+            design="split",
+            summary="Bonsai with measured group scales: the prior's worth per (layer, kind) group and per-unit "
+            "corrections, regressed from sub-models that drop varied fractions",
         ),
         Estimator(
-            "perturbed-prior",
-            True,
-            False,
-            True,
-            "the prior averaged over the sampled sub-models that kept the unit (Figure 2)",
+            name="paper-regression",
+            evaluates=True,
+            regression=True,
+            perturbed_prior=False,
+            design="half",
+            summary="the paper's Eq. 3: L1 regression of sub-model utilities on masks, penalty by Kendall tau",
         ),
-        Estimator("prior-only", False, False, False, "the prior of the unperturbed model (Figure 2)"),
-        Estimator("random", False, False, False, "a seeded uniform score: the floor any estimator must beat"),
+        Estimator(
+            name="perturbed-prior",
+            evaluates=True,
+            regression=False,
+            perturbed_prior=True,
+            design="half",
+            summary="the prior averaged over the sampled sub-models that kept the unit (Figure 2)",
+        ),
+        Estimator(
+            name="prior-only",
+            evaluates=False,
+            regression=False,
+            perturbed_prior=False,
+            design="half",
+            summary="the prior of the unperturbed model (Figure 2)",
+        ),
+        Estimator(
+            name="random",
+            evaluates=False,
+            regression=False,
+            perturbed_prior=False,
+            design="half",
+            summary="a seeded uniform score: the floor any estimator must beat",
+        ),
     )
 }
 

@@ -16,13 +16,14 @@ import polars as pl
 
 from bonsai.artifacts import RunDir
 from bonsai.stages.core.errors import UserError
-from bonsai.stages.core.units import HEAD
+from bonsai.stages.core.units import CHANNEL, HEAD
 from bonsai.stages.reports.render import pyplot, save
 from bonsai.stages.reports.status import manifests
 
 LAYERS_PLOT = "layers.png"
 PROGRESS_PLOT = "progress.png"
 ADAPTATION_PLOT = "adaptation.png"
+SCALES_PLOT = "scales.png"
 
 
 def _glob(run: Path, pattern: str) -> pl.DataFrame | None:
@@ -44,6 +45,7 @@ def iteration_table(run: Path) -> pl.DataFrame:
         "candidates",
         "removed_heads",
         "removed_channels",
+        *[c for c in ("prior_only_jaccard",) if c in selected.columns],
     ).sort("iteration")
     utilities = _glob(run, "evaluate/*/utilities.parquet")
     if utilities is not None:
@@ -58,10 +60,18 @@ def iteration_table(run: Path) -> pl.DataFrame:
         table = table.join(spread.with_columns(pl.col("iteration").cast(pl.Int64)), on="iteration", how="left")
     fits = _glob(run, "importance/*/fit.parquet")
     if fits is not None:
+        wanted = (
+            "iteration",
+            "estimator",
+            "alpha",
+            "cv_kendall_tau",
+            "cv_r2_head",
+            "cv_r2_channel",
+            "nonzero_corrections_head",
+            "nonzero_corrections_channel",
+        )
         table = table.join(
-            fits.select("iteration", "estimator", "alpha", "cv_kendall_tau").with_columns(
-                pl.col("iteration").cast(pl.Int64)
-            ),
+            fits.select(c for c in wanted if c in fits.columns).with_columns(pl.col("iteration").cast(pl.Int64)),
             on="iteration",
             how="left",
         )
@@ -135,6 +145,26 @@ def plot_progress(iterations: pl.DataFrame, path: Path) -> None:
     save(fig, path)
 
 
+def plot_scales(scales: pl.DataFrame, path: Path) -> None:
+    """The regression's measured scale of each group's prior, per layer, one line per iteration:
+    where keeping a layer's candidate heads or channels is worth more (or nothing)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    colors = plt.get_cmap("viridis")
+    iterations = sorted(scales["iteration"].unique().to_list())
+    for ax, kind, title in zip(axes, (HEAD, CHANNEL), ("heads (KV groups)", "MLP channels")):
+        for i, iteration in enumerate(iterations):
+            part = scales.filter((pl.col("kind") == kind) & (pl.col("iteration") == iteration)).sort("layer")
+            color = colors(i / max(1, len(iterations) - 1))
+            ax.plot(part["layer"], part["scale"], marker="o", markersize=3, color=color, label=f"iteration {iteration}")
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_xlabel("layer")
+        ax.set_title(f"{title}: utility of keeping the candidates")
+    axes[0].set_ylabel("scale (nats)")
+    axes[0].legend(fontsize=7)
+    save(fig, path)
+
+
 def plot_adaptation(history: pl.DataFrame, path: Path) -> None:
     """Task and distillation loss over the steps of the run's most recent adaptation."""
     plt = pyplot()
@@ -159,6 +189,10 @@ def audit(run_dir: str, out: str | None = None) -> dict:
     plot_layers(layers, where / LAYERS_PLOT)
     plot_progress(iterations, where / PROGRESS_PLOT)
     plots = [str(where / LAYERS_PLOT), str(where / PROGRESS_PLOT)]
+    scales = _glob(run, "importance/*/scales.parquet")
+    if scales is not None:
+        plot_scales(scales, where / SCALES_PLOT)
+        plots.append(str(where / SCALES_PLOT))
     histories = sorted(run.glob("adapt/*/training.parquet"), key=lambda p: p.stat().st_mtime)
     if histories:
         plot_adaptation(pl.read_parquet(histories[-1]), where / ADAPTATION_PLOT)

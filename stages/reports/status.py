@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bonsai.artifacts import RunDir
 from bonsai.stages.core.errors import UserError
-from bonsai.stages.core.options import PruneOptions, build
+from bonsai.stages.core.options import PruneOptions, build, recorded_identity
 from bonsai.stages.core.plan import PrunePlan
 
 
@@ -37,7 +37,7 @@ def run_status(run_dir: str) -> dict:
     recorded = RunDir(run).recorded()
     if recorded is None:
         raise UserError(f"{run_dir}: not a bonsai run directory (no run.json)")
-    plan = PrunePlan.of(build(PruneOptions, recorded["identity"]["config"], where=f"{run_dir}/run.json"))
+    plan = PrunePlan.of(build(PruneOptions, recorded_identity(recorded)["config"], where=f"{run_dir}/run.json"))
     done: dict[str, dict] = defaultdict(dict)  # stage -> {(iteration, shard): info}
     for m in manifests(run):
         cfg = m.get("config", {})

@@ -18,30 +18,23 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
 
 
 def iteration_table(summary: dict) -> str:
-    rows = [
-        [
-            r["iteration"],
-            r["sparsity"],
-            r["total_sparsity"],
-            r["heads_left"],
-            r["channels_left"],
-            r["sub_models"],
-            r.get("cv_kendall_tau"),
-            r["model_params"],
-        ]
-        for r in summary["iterations"]
+    """One row per iteration of a prune summary; "like prior-only" is the overlap (Jaccard) of
+    the iteration's removals with what the prior alone would have removed."""
+    rows = summary["iterations"]
+    columns = [
+        ("iteration", "iteration"),
+        ("sparsity", "sparsity"),
+        ("total_sparsity", "of all params"),
+        ("heads_left", "heads left"),
+        ("channels_left", "channels left"),
+        ("sub_models", "sub-models"),
+        ("prior_only_jaccard", "like prior-only"),
+        ("cv_kendall_tau", "CV tau"),
+        ("model_params", "parameters"),
     ]
-    head = [
-        "iteration",
-        "sparsity",
-        "of all params",
-        "heads left",
-        "channels left",
-        "sub-models",
-        "CV tau",
-        "parameters",
-    ]
-    return table(head, rows) + f"\n\npruned model: {summary['model']}"
+    shown = [(key, name) for key, name in columns if any(r.get(key) is not None for r in rows)]
+    body = [[r.get(key) for key, _ in shown] for r in rows]
+    return table([name for _, name in shown], body) + f"\n\npruned model: {summary['model']}"
 
 
 def audit_markdown(result: dict) -> str:
@@ -57,6 +50,9 @@ def audit_markdown(result: dict) -> str:
             "sub_models",
             "non_finite",
             "cv_kendall_tau",
+            "cv_r2_head",
+            "cv_r2_channel",
+            "prior_only_jaccard",
             "utility_std",
             "utility_min",
             "utility_max",
