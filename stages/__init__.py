@@ -6,11 +6,13 @@ The modules at this level are the DAG's stages and nothing else.  Each has ``VER
 
     calibration  text source -> token windows
     priors       current model -> per-unit wanda / activation / fluctuation priors
-    masks        priors -> candidates and sampled sub-models (with complements)
+    masks        priors -> candidates and sampled sub-models (with complements), per round
     evaluate     one shard of sub-models -> utilities
     importance   utilities (or priors) -> importance per candidate
+    settle       after a round of adaptive sampling: would more sub-models change the removal?
     select       importance -> cumulative keep-state
-    export       keep-state -> sliced model directory (and ``publish`` into RUN/model)
+    reconstruct  keep-state -> least-squares repair of the kept output-projection columns
+    export       keep-state + repairs -> sliced model directory (and ``publish`` into RUN/model)
     logits       parent -> cached top-k teacher log-probabilities, one shard of windows
     adapt        pruned model + teacher cache -> LoRA / full fine-tune, merged model
     perplexity   model + text -> held-out perplexity
@@ -18,8 +20,9 @@ The modules at this level are the DAG's stages and nothing else.  Each has ``VER
     tiny_parent  Python's own docs -> a small trained LLaMA (demo, benchmarks)
 
 core/     what stages are built from: the options and the prune plan, model families, taps
-          (virtual masks and activation statistics), slicing, units, the regression,
-          distillation, model loading and model directories, text sources, devices, seeds.
+          (virtual masks and activation statistics), slicing, units, the regressions (the
+          paper's and the group-scale one), the least-squares repair, distillation, model
+          loading, model directories and model sources (GGUF, hub), text sources, devices, seeds.
 reports/  read-only views of runs and models: status, audit, evaluation report, speed,
           parent-vs-pruned comparison, and the markdown / terminal / plot helpers.
 """

@@ -12,6 +12,7 @@ samples) is recorded with ``finite = false`` and left to the regression to drop.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,13 +50,14 @@ def run(
     parent: ArtifactRef,
     calibration: ArtifactRef,
     previous: ArtifactRef | None,
+    repairs: Sequence[ArtifactRef],
     masks: ArtifactRef,
     cfg: EvaluateConfig,
     store: Store,
     device: str = "auto",
 ) -> ArtifactRef:
     def build(out: Path) -> dict:
-        model, family, dev = current_model(parent, previous, cfg.dtype, device)
+        model, family, dev = current_model(parent, previous, cfg.dtype, device, repairs)
         cands, table = masks_stage.read(masks)
         first = cfg.shard * cfg.shard_size
         table = table.slice(first, cfg.shard_size)
@@ -105,7 +107,7 @@ def run(
             ).write_parquet(out / PERTURBED_PRIORS)
         return {"masks": len(nll), "non_finite": int((~np.isfinite(utility)).sum())}
 
-    inputs = [parent, calibration, masks] + ([previous] if previous is not None else [])
+    inputs = [parent, calibration, masks] + ([previous] if previous is not None else []) + list(repairs)
     return store.produce("evaluate", VERSION, cfg, inputs, build)
 
 

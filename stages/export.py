@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from bonsai.artifacts import ArtifactRef, Store, kill_point
 from bonsai.stages.core.devices import dtype_name, stored_dtype
 from bonsai.stages.core.families import EXPORT_PREFIX, Family
 from bonsai.stages.core.model_dirs import inspect_model_dir
-from bonsai.stages.core.model_io import load_model, load_tokenizer, shared_models
+from bonsai.stages.core.model_io import apply_repair, load_model, load_tokenizer, shared_models
 from bonsai.stages.core.slicing import slice_model
 from bonsai.stages.core.units import KeepState, layer_shapes, read_keep_state
 
@@ -37,7 +38,12 @@ class ExportConfig:
     max_shard_size: str = "5GB"
 
 
-def run(parent: ArtifactRef, select: ArtifactRef, cfg: ExportConfig, store: Store) -> ArtifactRef:
+def run(
+    parent: ArtifactRef, select: ArtifactRef, cfg: ExportConfig, store: Store, repairs: Sequence[ArtifactRef] = ()
+) -> ArtifactRef:
+    """The parent sliced to ``select``'s keep-state, with ``repairs`` (reconstruct artifacts,
+    in order) written into its kept columns, in the parent's own dtype."""
+
     def build(out: Path) -> dict:
         shared_models().clear()  # the pruning model is no longer needed; free its memory first
         info = inspect_model_dir(parent.path)
@@ -45,6 +51,8 @@ def run(parent: ArtifactRef, select: ArtifactRef, cfg: ExportConfig, store: Stor
         model = load_model(parent.path, dtype, torch.device("cpu"))
         keep = read_keep_state(select)
         slice_model(model, info.family, keep.positions(KeepState.full(layer_shapes(model, info.family))))
+        for repair in repairs:
+            apply_repair(model, info.family, keep, repair)
         target = out / MODEL
         model.save_pretrained(target, max_shard_size=cfg.max_shard_size)
         kill_point("export")
@@ -64,7 +72,7 @@ def run(parent: ArtifactRef, select: ArtifactRef, cfg: ExportConfig, store: Stor
         (target / "bonsai.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
         return {"parameters": params, "dtype": dtype_name(dtype)}
 
-    return store.produce("export", VERSION, cfg, [parent, select], build)
+    return store.produce("export", VERSION, cfg, [parent, select, *repairs], build)
 
 
 def pruned_config(parent: dict, base: str, family: Family, keep: KeepState, dtype: torch.dtype) -> dict:

@@ -78,9 +78,14 @@ class ImportanceConfig:
     seed: int
 
 
-def run(masks: ArtifactRef, evaluations: list[ArtifactRef], cfg: ImportanceConfig, store: Store) -> ArtifactRef:
+def run(
+    masks: ArtifactRef | list[ArtifactRef], evaluations: list[ArtifactRef], cfg: ImportanceConfig, store: Store
+) -> ArtifactRef:
+    """``masks``: the iteration's masks artifact, or one per round of adaptive sampling."""
+    rounds = masks if isinstance(masks, list) else [masks]
+
     def build(out: Path) -> dict:
-        cands, table = masks_stage.read(masks)
+        cands, table = masks_stage.read_rounds(rounds)
         info: dict = {"estimator": cfg.estimator, "candidates": cands.height}
         score = ESTIMATES[cfg.estimator](cands, table, evaluations, cfg, out, info)
         kill_point("importance")
@@ -91,13 +96,18 @@ def run(masks: ArtifactRef, evaluations: list[ArtifactRef], cfg: ImportanceConfi
         ).write_parquet(out / FILE)
         return info
 
-    return store.produce("importance", VERSION, cfg, [masks, *evaluations], build)
+    return store.produce("importance", VERSION, cfg, [*rounds, *evaluations], build)
+
+
+def usable_submodels(table: pl.DataFrame, evaluations: list[ArtifactRef]) -> pl.DataFrame:
+    """The evaluated sub-models with their utility (all of them; ``finite`` says which count)."""
+    scores = pl.concat([pl.read_parquet(e.file(UTILITIES)) for e in evaluations]).sort("mask")
+    return table.join(scores.select("mask", "utility", "finite"), on="mask", how="inner").sort("mask")
 
 
 def _usable(table: pl.DataFrame, evaluations: list[ArtifactRef], iteration: int, info: dict) -> pl.DataFrame:
     """The evaluated sub-models with a finite utility (warning about the others)."""
-    scores = pl.concat([pl.read_parquet(e.file(UTILITIES)) for e in evaluations]).sort("mask")
-    joined = table.join(scores.select("mask", "utility", "finite"), on="mask", how="inner").sort("mask")
+    joined = usable_submodels(table, evaluations)
     bad = int((~joined["finite"]).sum())
     if bad:
         log.warning(
@@ -149,22 +159,28 @@ def _paper_regression(cands, table, evaluations, cfg, out, info) -> np.ndarray:
     return fit.beta
 
 
-def _group_regression(cands, table, evaluations, cfg, out, info) -> np.ndarray:
-    usable = _usable(table, evaluations, cfg.iteration, info)
+def group_problem(cands: pl.DataFrame, usable: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
+    """(the (layer, kind) groups table, the arguments of fit_group_scales) for the candidates
+    and the usable evaluated sub-models."""
     group_table = cands.select("layer", "kind").unique(maintain_order=True).with_row_index("group")
     group_of = cands.join(group_table, on=["layer", "kind"], how="left")["group"].to_numpy()
     kind_index = {k: i for i, k in enumerate(KINDS)}
     groups = Groups.build(group_of, np.array([kind_index[k] for k in group_table["kind"]]), cands["prior"].to_numpy())
-    fit = fit_group_scales(
-        masks_stage.keep_matrix(usable),
-        usable["utility"].to_numpy(),
-        usable["pair"].to_numpy(),
-        masks_stage.perturbed_kinds(usable, KINDS),
-        groups,
-        np.array([kind_index[k] for k in cands["kind"]]),
-        cfg.cv_folds,
-        cfg.seed,
-    )
+    return group_table, {
+        "keep": masks_stage.keep_matrix(usable),
+        "utility": usable["utility"].to_numpy(),
+        "pair": usable["pair"].to_numpy(),
+        "perturbed": masks_stage.perturbed_kinds(usable, KINDS),
+        "groups": groups,
+        "candidate_kind": np.array([kind_index[k] for k in cands["kind"]]),
+    }
+
+
+def _group_regression(cands, table, evaluations, cfg, out, info) -> np.ndarray:
+    usable = _usable(table, evaluations, cfg.iteration, info)
+    group_table, problem = group_problem(cands, usable)
+    group_of = problem["groups"].of
+    fit = fit_group_scales(**problem, folds=cfg.cv_folds, seed=cfg.seed)
     for kind_fit in fit.kinds:
         kind = KINDS[kind_fit.kind]
         info[f"lam_scale_{kind}"] = kind_fit.lam_scale

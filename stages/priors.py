@@ -9,6 +9,7 @@ on this iteration's windows is recorded too, as the baseline sub-models are comp
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +41,13 @@ def run(
     parent: ArtifactRef,
     calibration: ArtifactRef,
     previous: ArtifactRef | None,
+    repairs: Sequence[ArtifactRef],
     cfg: PriorsConfig,
     store: Store,
     device: str = "auto",
 ) -> ArtifactRef:
     def build(out: Path) -> dict:
-        model, family, dev = current_model(parent, previous, cfg.dtype, device)
+        model, family, dev = current_model(parent, previous, cfg.dtype, device, repairs)
         windows = iteration_windows(calibration, cfg.seed, cfg.iteration, cfg.calib_samples)
         progress = Progress(f"priors (iteration {cfg.iteration})", windows.shape[0], "windows")
         nll, tokens = 0.0, 0
@@ -81,7 +83,7 @@ def run(
             "tokens": tokens,
         }
 
-    inputs = [parent, calibration] + ([previous] if previous is not None else [])
+    inputs = [parent, calibration] + ([previous] if previous is not None else []) + list(repairs)
     return store.produce("priors", VERSION, cfg, inputs, build)
 
 

@@ -37,26 +37,15 @@ def run(
     priors: ArtifactRef, importance: ArtifactRef, previous: ArtifactRef | None, cfg: SelectConfig, store: Store
 ) -> ArtifactRef:
     def build(out: Path) -> dict:
-        current = priors_stage.read(priors)
-        if previous is None:
-            keep = current.select("layer", "kind", "unit", "params").with_columns(
-                pl.lit(True).alias("kept"), pl.lit(None, pl.Int32).alias("removed_iteration")
-            )
-        else:
-            keep = pl.read_parquet(previous.file(KEEP_FILE)).drop("iteration")
+        keep, budget = current_keep(priors, previous, cfg)
         prunable = int(keep["params"].sum())
         removed_before = int(keep.filter(~pl.col("kept"))["params"].sum())
         target = min(cfg.sparsity, (cfg.iteration + 1) * cfg.prune_frac)
-        present = keep.filter(pl.col("kept")).select("layer", "kind", "unit")
-        ranked = (
-            importance_stage.read(importance)
-            .join(present, on=["layer", "kind", "unit"], how="semi")
-            .sort("importance", "prior_norm", "layer", "kind", "unit")
-        )
-        count, removed_params = _within_budget(ranked["params"], removed_before, target * prunable)
+        ranked = rank(importance_stage.read(importance), keep)
+        count, removed_params = _within_budget(ranked["params"], removed_before, budget)
         # what the prior alone would have removed under the same budget, for the audit
         by_prior = ranked.sort("prior_norm", "layer", "kind", "unit")
-        prior_count, _ = _within_budget(by_prior["params"], removed_before, target * prunable)
+        prior_count, _ = _within_budget(by_prior["params"], removed_before, budget)
         jaccard = _jaccard(ranked.head(count), by_prior.head(prior_count))
         chosen = (
             ranked.head(count)
@@ -109,6 +98,34 @@ def run(
 
     inputs = [priors, importance] + ([previous] if previous is not None else [])
     return store.produce("select", VERSION, cfg, inputs, build)
+
+
+def current_keep(priors: ArtifactRef, previous: ArtifactRef | None, cfg: SelectConfig) -> tuple[pl.DataFrame, float]:
+    """(the keep-state before this iteration, the attention+MLP parameters removed after it)."""
+    if previous is None:
+        keep = (
+            priors_stage.read(priors)
+            .select("layer", "kind", "unit", "params")
+            .with_columns(pl.lit(True).alias("kept"), pl.lit(None, pl.Int32).alias("removed_iteration"))
+        )
+    else:
+        keep = pl.read_parquet(previous.file(KEEP_FILE)).drop("iteration")
+    return keep, min(cfg.sparsity, (cfg.iteration + 1) * cfg.prune_frac) * int(keep["params"].sum())
+
+
+def rank(importance: pl.DataFrame, keep: pl.DataFrame) -> pl.DataFrame:
+    """Candidates still present, in removal order: ascending importance, ties by the prior."""
+    present = keep.filter(pl.col("kept")).select("layer", "kind", "unit")
+    return importance.join(present, on=["layer", "kind", "unit"], how="semi").sort(
+        "importance", "prior_norm", "layer", "kind", "unit"
+    )
+
+
+def removal(importance: pl.DataFrame, keep: pl.DataFrame, budget: float) -> pl.DataFrame:
+    """The (layer, kind, unit, params) this iteration removes, in order, under ``budget``."""
+    ranked = rank(importance, keep)
+    count, _ = _within_budget(ranked["params"], int(keep.filter(~pl.col("kept"))["params"].sum()), budget)
+    return ranked.head(count).select("layer", "kind", "unit", "params")
 
 
 def _within_budget(params: pl.Series, removed: int, budget: float) -> tuple[int, int]:

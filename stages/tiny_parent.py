@@ -98,11 +98,31 @@ def train_tokenizer(docs: list[str], vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIAL, eos_token=SPECIAL)
 
 
+def write_texts(out: Path, heldout: float) -> tuple[list[str], list[str]]:
+    """Write the train and held-out documents into ``out``; returns them."""
+    train_docs, heldout_docs = split(corpus(), heldout)
+    (out / TRAIN_TEXT).write_text("\n\n".join(train_docs))
+    (out / HELDOUT_TEXT).write_text("\n\n".join(heldout_docs))
+    return train_docs, heldout_docs
+
+
+def docs(store: Store, heldout: float = TinyParentConfig.heldout) -> ArtifactRef:
+    """Python's documentation split into train and held-out text exactly as the tiny parent
+    splits it (files TRAIN_TEXT and HELDOUT_TEXT): calibration text and text to measure on
+    that it never saw, for any model."""
+    python = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    return store.produce(
+        "python-docs",
+        VERSION,
+        {"heldout": heldout, "python": python},
+        [],
+        lambda out: {"documents": sum(map(len, write_texts(out, heldout)))},
+    )
+
+
 def run(cfg: TinyParentConfig, store: Store) -> ArtifactRef:
     def build(out: Path) -> dict:
-        train_docs, heldout_docs = split(corpus(), cfg.heldout)
-        (out / TRAIN_TEXT).write_text("\n\n".join(train_docs))
-        (out / HELDOUT_TEXT).write_text("\n\n".join(heldout_docs))
+        train_docs, _ = write_texts(out, cfg.heldout)
         tokenizer = train_tokenizer(train_docs, cfg.vocab)
         ids = []
         for doc in train_docs:

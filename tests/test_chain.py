@@ -14,7 +14,7 @@ def run_file(tmp_path, zoo, corpus) -> str:
     path.write_text(f"""
 prune: {{model: {zoo["llama"]}, data: {corpus}, out: run, sparsity: 0.5, prune-frac: 0.25,
          masks-per-iter: 12, calib-samples: 4, seq-len: 32, batch-size: 8, shard-size: 4, calib-pool: 32,
-         cv-folds: 3}}
+         cv-folds: 3, reconstruct-samples: 16}}
 adapt: {{steps: 4, lora-rank: 4, lora-alpha: 16, sequences: 8, batch-size: 4, top-k: 8,
          logits-shard-size: 8, checkpoint-every: 2}}
 eval: {{ppl-data: {corpus}, seq-len: 32, max-windows: 8}}

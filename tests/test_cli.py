@@ -36,7 +36,9 @@ def test_missing_required_flag(tmp_path):
 
 
 def test_model_problems(corpus, tmp_path):
-    assert_one_line_error(bonsai(prune_args(tmp_path / "nope", corpus, tmp_path / "r"), tmp_path), "no such directory")
+    assert_one_line_error(
+        bonsai(prune_args(tmp_path / "nope", corpus, tmp_path / "r"), tmp_path), "no such file or directory"
+    )
     bert = tmp_path / "bert"
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))

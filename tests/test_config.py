@@ -143,3 +143,14 @@ def test_run_file_problems_are_one_line(tmp_path):
         bad.write_text(text)
         with pytest.raises(UserError, match=re.escape(message)):
             load_spec(bad)
+
+
+def test_the_readme_option_table_agrees_with_the_schema():
+    """Every prune option is in README's table with its default, and the table names no other."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = re.findall(r"^\| `--([a-z-]+)` \| ([^|]+) \|", readme, re.M)
+    documented = {name.replace("-", "_"): default.strip() for name, default in rows}
+    fields = {f.name: f.default for f in fields_of(PruneOptions)}
+    assert set(documented) == set(fields)
+    for name, default in fields.items():
+        assert documented[name] == ("per penalty" if default is None else str(default)), name

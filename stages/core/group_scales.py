@@ -130,12 +130,14 @@ def fit_group_scales(
     candidate_kind: np.ndarray,
     folds: int,
     seed: int,
+    penalties: dict[int, tuple[float, float | None]] | None = None,
 ) -> GroupFit:
     """Importance of every candidate; see the module docstring.
 
     keep (masks, candidates) bools; utility (masks,); pair (masks,) pair ids;
     perturbed (masks, kinds) bools: which kinds each sub-model's pair perturbs;
-    candidate_kind (candidates,) kind index.
+    candidate_kind (candidates,) kind index.  ``penalties`` (per kind) skips the
+    cross-validation and fits with these (a bootstrap refit does).
     """
     n_kinds = perturbed.shape[1]
     beta = np.zeros(keep.shape[1])
@@ -150,10 +152,13 @@ def fit_group_scales(
         rows = alone if alone.sum() >= 2 * folds else perturbed[:, kind]
         y = np.asarray(utility, dtype=np.float64)[rows]
         spread = float(y.std()) if len(y) > 1 else 0.0
-        if spread == 0.0 or len(np.unique(pair[rows])) < 2:
+        if spread == 0.0 or len(np.unique(pair[rows])) < 2 or (penalties is not None and kind not in penalties):
             continue  # nothing measured: these candidates keep beta 0 and fall back to the prior's order
         z = (y - y.mean()) / spread
-        chosen, cv = _select(keep[rows].astype(np.float64), z, pair[rows], groups, folds, seed)
+        if penalties is None:
+            chosen, cv = _select(keep[rows].astype(np.float64), z, pair[rows], groups, folds, seed)
+        else:
+            chosen, cv = (*penalties[kind], float("nan")), []
         fits.append(KindFit(kind, int(rows.sum()), chosen[0], chosen[1], chosen[2], cv))
         intercept, s, d = _fit_once(keep[rows].astype(np.float64), z, groups, *chosen[:2])
         # a scale at or below zero says keeping the group's candidates does not help: they
@@ -185,4 +190,6 @@ def _select(keep, z, pair, groups, folds, seed):
     plain = min((p for p in scores if p[1] is None), key=lambda p: scores[p][0])
     corrected = min((p for p in scores if p[1] is not None), key=lambda p: scores[p][0])
     chosen = corrected if scores[corrected][0] < scores[plain][0] - scores[plain][1] else plain
+    if scores[chosen][0] >= 1.0:  # no better than the mean on held-out pairs: one scale per kind
+        chosen = (math.inf, None)
     return (*chosen, scores[chosen][0]), cv

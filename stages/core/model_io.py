@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -11,9 +12,10 @@ from torch import nn
 from bonsai.artifacts import ArtifactRef, kill_point
 from bonsai.stages.core.devices import dtype_name, resolve_device, resolve_dtype
 from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.families.remote_code import get_module
 from bonsai.stages.core.model_dirs import inspect_model_dir, needs_remote_code
 from bonsai.stages.core.slicing import slice_model
-from bonsai.stages.core.units import KeepState, layer_shapes, read_keep_state
+from bonsai.stages.core.units import HEAD, KeepState, layer_shapes, output_projection, read_keep_state
 
 log = logging.getLogger("bonsai.model")
 
@@ -41,11 +43,11 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 class ModelCache:
-    """Keeps the one model a process works on, sliced to the state last asked for.
+    """Keeps the one model a process works on, sliced and repaired to the state last asked for.
 
     Consecutive stages of an iteration ask for the same state, and the next iteration for
-    a subset of it, so the parent is loaded once per process and only ever sliced further.
-    Asking for a state that is not a subset of the cached one reloads the parent.
+    a subset of it with the same repairs or more, so the parent is loaded once per process,
+    only ever sliced further, and each repair is applied once.  Anything else reloads it.
     """
 
     def __init__(self) -> None:
@@ -53,15 +55,25 @@ class ModelCache:
         self._model: nn.Module | None = None
         self._state: KeepState | None = None
         self._full: KeepState | None = None
+        self._repairs: tuple[str, ...] = ()
 
-    def get(self, parent: ArtifactRef, state: KeepState | None, dtype: torch.dtype, device: torch.device):
+    def get(
+        self,
+        parent: ArtifactRef,
+        state: KeepState | None,
+        dtype: torch.dtype,
+        device: torch.device,
+        repairs: Sequence[ArtifactRef] = (),
+    ):
         info = inspect_model_dir(parent.path)
         key = (parent.digest, dtype, str(device))
         wanted = state
+        digests = tuple(r.digest for r in repairs)
         if (
             self._key != key
             or (wanted is not None and not self._state.contains(wanted))
             or (wanted is None and self._state != self._full)
+            or digests[: len(self._repairs)] != self._repairs
         ):
             self.clear()
             log.info("loading %s (%s, %s)", parent.path, dtype_name(dtype), device)
@@ -72,20 +84,79 @@ class ModelCache:
             slice_model(self._model, info.family, wanted.positions(self._state))
             self._state = wanted
             kill_point("slice")
+        for repair in repairs[len(self._repairs) :]:
+            apply_repair(self._model, info.family, self._state, repair)
+        self._repairs = digests
         return self._model, info.family
+
+    def invalidate(self) -> None:
+        """The model is about to change in place: until ``adopt``, the next ``get`` reloads."""
+        self._key = None
+
+    def adopt(
+        self,
+        parent: ArtifactRef,
+        dtype: torch.dtype,
+        device: torch.device,
+        state: KeepState,
+        repairs: Sequence[ArtifactRef],
+    ) -> None:
+        """Take the model changed in place as (state, repairs): the caller has sliced it to
+        ``state`` and written the weights the last repair records."""
+        self._key, self._state = (parent.digest, dtype, str(device)), state
+        self._repairs = tuple(r.digest for r in repairs)
 
     def clear(self) -> None:
         self._key = self._model = self._state = self._full = None
+        self._repairs = ()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-def current_model(parent: ArtifactRef, previous: ArtifactRef | None, dtype: str, device: str):
+REPAIRS_FILE = "weights.safetensors"
+
+
+def repair_tensors(updated: dict[tuple[int, str], torch.Tensor], state: KeepState) -> dict[str, torch.Tensor]:
+    """The tensors a repair artifact holds: per repaired projection, its kept columns'
+    weights and the parent indices of the units those columns belong to."""
+    out = {}
+    for (layer, kind), weight in sorted(updated.items()):
+        out[f"layers.{layer}.{kind}.weight"] = weight.contiguous().cpu()
+        out[f"layers.{layer}.{kind}.units"] = torch.tensor(state.units(kind)[layer], dtype=torch.long)
+    return out
+
+
+@torch.no_grad()
+def apply_repair(model: nn.Module, family, state: KeepState, repair: ArtifactRef) -> None:
+    """Write a repair artifact's weights into a model sliced to ``state`` (a subset of the
+    state the repair was made at: only the columns of the units still present are taken)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(repair.file(REPAIRS_FILE)))
+    layers = get_module(model, family.layers)
+    shapes = layer_shapes(model, family)
+    for name in sorted(n for n in tensors if n.endswith(".weight")):
+        _, layer, kind, _ = name.split(".")
+        layer = int(layer)
+        stored = tensors[name.replace(".weight", ".units")].tolist()
+        where = {u: i for i, u in enumerate(stored)}
+        positions = [where[u] for u in state.units(kind)[layer]]
+        shape = shapes[layer]
+        width = shape.per_group * shape.head_dim if kind == HEAD else 1
+        columns = (torch.tensor(positions, dtype=torch.long).unsqueeze(1) * width + torch.arange(width)).reshape(-1)
+        target = output_projection(layers[layer], family, kind)
+        target.weight.copy_(tensors[name].index_select(1, columns).to(target.weight.dtype))
+
+
+def current_model(
+    parent: ArtifactRef, previous: ArtifactRef | None, dtype: str, device: str, repairs: Sequence[ArtifactRef] = ()
+):
     """(model, family, device) of an iteration: the parent sliced to the keep-state that the
-    previous iteration's select stage wrote (the parent itself when there is none)."""
+    previous iteration's select stage wrote (the parent itself when there is none), with the
+    weight repairs of the iterations before applied in order."""
     dev = resolve_device(device)
     state = read_keep_state(previous) if previous is not None else None
-    model, family = shared_models().get(parent, state, resolve_dtype(dtype, dev), dev)
+    model, family = shared_models().get(parent, state, resolve_dtype(dtype, dev), dev, repairs)
     return model, family, dev
 
 

@@ -25,6 +25,8 @@ from bonsai.stages.core.plan import ESTIMATORS
 PRIORS = ("wanda", "activation", "fluctuation")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 PENALTIES = ("l1", "l2")
+RECONSTRUCT = ("lsq", "lsq-final", "none")
+SAMPLING = ("adaptive", "fixed")
 
 # Regularisation grids searched by cross-validation (Appendix A.1 searches a grid too).
 # Utilities are standardised before fitting, so the same grid serves every model size.
@@ -106,6 +108,36 @@ class PruneOptions(Options):
         None, "paper-regression's penalty strengths to cross-validate (default: a grid per penalty)"
     )
     cv_folds: int = option(5, "folds of held-out mask pairs that choose the regressions' penalties")
+    sampling: str = option(
+        "adaptive",
+        "adaptive: --masks-per-iter is a budget spent in rounds until the removal decision settles "
+        "(regression only); fixed: every iteration evaluates all of them",
+        SAMPLING,
+        legacy="fixed",
+    )
+    round_size: int = option(16, "sub-models per round of adaptive sampling (a multiple of 4)", legacy=16)
+    settle_tolerance: float = option(
+        0.05,
+        "adaptive sampling stops when resampling the sub-models would change at most this fraction of the removal",
+        legacy=0.05,
+    )
+    reconstruct: str = option(
+        "lsq",
+        "repair the kept columns of each layer's output projections by least squares after every "
+        "iteration (lsq), once after the last (lsq-final), or not at all (none: the paper's method)",
+        RECONSTRUCT,
+        legacy="none",
+    )
+    reconstruct_samples: int = option(
+        128,
+        "calibration windows the repair is fitted and checked on (never an iteration's evaluation windows)",
+        legacy=128,
+    )
+    reconstruct_damping: float = option(
+        0.1,
+        "shrinks the repaired weights toward their current values: a multiple of G's mean diagonal",
+        legacy=0.1,
+    )
 
     def __post_init__(self) -> None:
         _check(0.0 < self.sparsity < 1.0, f"--sparsity must be in (0, 1), got {self.sparsity}")
@@ -119,6 +151,17 @@ class PruneOptions(Options):
             f"--masks-per-iter must be at least 2 x cv-folds ({2 * self.cv_folds}) for the regression",
         )
         _check(self.calib_pool >= self.calib_samples, "--calib-pool must be at least --calib-samples")
+        _check(self.round_size >= 4, "--round-size must be at least 4 (two pairs of each kind of pair)")
+        _check(0 <= self.settle_tolerance <= 1, f"--settle-tolerance must be in [0, 1], got {self.settle_tolerance}")
+        _check(
+            self.reconstruct_damping >= 0, f"--reconstruct-damping must not be negative, got {self.reconstruct_damping}"
+        )
+        _check(self.reconstruct_samples >= 2, "--reconstruct-samples must be at least 2 (windows to fit and to check)")
+        _check(
+            self.reconstruct == "none" or self.calib_pool >= self.calib_samples + self.reconstruct_samples,
+            f"--calib-pool ({self.calib_pool}) must hold --calib-samples and --reconstruct-samples "
+            f"({self.calib_samples} + {self.reconstruct_samples}) windows",
+        )
         if self.alphas is not None:
             object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
             _check(len(self.alphas) > 0 and all(a >= 0 for a in self.alphas), "--alphas must be non-negative")

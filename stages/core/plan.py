@@ -73,7 +73,7 @@ ESTIMATORS: dict[str, Estimator] = {
 }
 
 # the stages of one iteration, in the order they run
-ITERATION_STAGES = ("priors", "masks", "evaluate", "importance", "select")
+ITERATION_STAGES = ("priors", "masks", "evaluate", "importance", "settle", "select", "reconstruct")
 
 
 @dataclass(frozen=True)
@@ -82,33 +82,59 @@ class PrunePlan:
     prune_frac: float
     iterations: int  # ceil(p / p_iter): what the target needs
     iteration_limit: int  # more iterations run only if candidates ran short
-    sub_models: int  # per iteration, mask + complement pairs (0 if the estimator evaluates none)
+    sub_models: int  # per iteration (the budget, under adaptive sampling), mask + complement pairs
     shard_size: int
     estimator: Estimator
+    reconstruct: str  # "lsq": repair after every iteration, "lsq-final": after the last, "none"
+    adaptive: bool  # sub-models in rounds until the decision settles (estimators that fit group scales)
+    round_size: int  # sub-models per round (all of them in one round when not adaptive)
 
     @classmethod
     def of(cls, options: PruneOptions) -> PrunePlan:
         estimator = ESTIMATORS[options.estimator]
         iterations = max(1, math.ceil(round(options.sparsity / options.prune_frac, 9)))
+        sub_models = 2 * math.ceil(options.masks_per_iter / 2) if estimator.evaluates else 0
+        adaptive = options.sampling == "adaptive" and estimator.design == "split" and sub_models > 0
         return cls(
             sparsity=options.sparsity,
             prune_frac=options.prune_frac,
             iterations=iterations,
             iteration_limit=2 * iterations,
-            sub_models=2 * math.ceil(options.masks_per_iter / 2) if estimator.evaluates else 0,
+            sub_models=sub_models,
             shard_size=options.shard_size,
             estimator=estimator,
+            reconstruct=options.reconstruct,
+            adaptive=adaptive,
+            round_size=min(4 * math.ceil(options.round_size / 4), sub_models) if adaptive else sub_models,
         )
 
     @property
+    def rounds(self) -> int:
+        """The most rounds of sub-models an iteration can use."""
+        return math.ceil(self.sub_models / self.round_size) if self.sub_models else 1
+
+    def round_count(self, round_: int) -> int:
+        """Sub-models drawn in round ``round_`` (the last one takes what is left of the budget)."""
+        return min(self.round_size, self.sub_models - round_ * self.round_size)
+
+    def round_shards(self, round_: int) -> int:
+        """Evaluation shards of round ``round_``."""
+        return math.ceil(self.round_count(round_) / self.shard_size)
+
+    @property
     def shards(self) -> int:
-        """Evaluation shards per iteration."""
-        return math.ceil(self.sub_models / self.shard_size)
+        """Evaluation shards per iteration, at most (every round run)."""
+        return sum(self.round_shards(r) for r in range(self.rounds))
 
     @property
     def stages(self) -> tuple[str, ...]:
         """This run's stages per iteration, in order."""
-        return tuple(s for s in ITERATION_STAGES if s != "evaluate" or self.estimator.evaluates)
+        skip = {"evaluate"} if not self.estimator.evaluates else set()
+        if not self.adaptive:
+            skip.add("settle")
+        if self.reconstruct != "lsq":
+            skip.add("reconstruct")  # none, or only after the last iteration
+        return tuple(s for s in ITERATION_STAGES if s not in skip)
 
     def target(self, iteration: int) -> float:
         """The cumulative sparsity iteration ``iteration`` must reach."""
@@ -116,3 +142,7 @@ class PrunePlan:
 
     def reached(self, sparsity: float) -> bool:
         return sparsity >= self.sparsity - 1e-9
+
+    def repairs_after(self, iteration: int, last: bool) -> bool:
+        """Whether the reconstruct stage runs after ``iteration`` (``last``: the final one)."""
+        return self.reconstruct == "lsq" or (self.reconstruct == "lsq-final" and last)

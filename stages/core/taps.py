@@ -20,7 +20,7 @@ from torch import nn
 
 from bonsai.stages.core.families.base import Family
 from bonsai.stages.core.families.remote_code import get_module
-from bonsai.stages.core.units import CHANNEL, HEAD, KINDS, LayerShape, layer_shapes
+from bonsai.stages.core.units import CHANNEL, HEAD, KINDS, LayerShape, layer_shapes, output_projection
 
 
 @dataclass
@@ -75,10 +75,7 @@ class Taps:
         self._handles: list = []
 
     def targets(self, index: int) -> dict[str, nn.Linear]:
-        layer = self.layers[index]
-        attention = get_module(layer, self.family.attention)
-        mlp = get_module(layer, self.family.mlp)
-        return {HEAD: getattr(attention, self.family.attention_out), CHANNEL: getattr(mlp, self.family.mlp_out)}
+        return {kind: output_projection(self.layers[index], self.family, kind) for kind in KINDS}
 
     def __enter__(self) -> Taps:
         for index in range(len(self.layers)):

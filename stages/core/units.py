@@ -38,6 +38,14 @@ class LayerShape:
         return self.group_params if kind == HEAD else self.channel_params
 
 
+def output_projection(layer: nn.Module, family: Family, kind: str) -> nn.Linear:
+    """The projection whose input columns are a layer's units of ``kind``: attention-output
+    for heads, MLP-output for channels (masking, priors and repairs all act there)."""
+    if kind == HEAD:
+        return getattr(get_module(layer, family.attention), family.attention_out)
+    return getattr(get_module(layer, family.mlp), family.mlp_out)
+
+
 def _rows_params(linear: nn.Linear, rows: int) -> int:
     return rows * (linear.in_features + (1 if linear.bias is not None else 0))
 

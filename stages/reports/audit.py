@@ -24,6 +24,8 @@ LAYERS_PLOT = "layers.png"
 PROGRESS_PLOT = "progress.png"
 ADAPTATION_PLOT = "adaptation.png"
 SCALES_PLOT = "scales.png"
+REPAIRS_PLOT = "repairs.png"
+CONVERGENCE_PLOT = "convergence.png"
 
 
 def _glob(run: Path, pattern: str) -> pl.DataFrame | None:
@@ -75,6 +77,24 @@ def iteration_table(run: Path) -> pl.DataFrame:
             on="iteration",
             how="left",
         )
+    rounds = _glob(run, "settle/*/convergence.parquet")
+    if rounds is not None:
+        settled = rounds.group_by("iteration").agg(
+            pl.len().alias("rounds"), pl.col("bootstrap_change").sort_by("round").last().alias("bootstrap_change")
+        )
+        table = table.join(settled.with_columns(pl.col("iteration").cast(pl.Int64)), on="iteration", how="left")
+    repairs = _glob(run, "reconstruct/*/repair.parquet")
+    if repairs is not None:
+        summary = repairs.group_by("iteration").agg(
+            pl.col("applied").sum().alias("repaired"),
+            pl.col("error_before").mean().alias("repair_error_before"),
+            pl.when(pl.col("applied"))
+            .then(pl.col("error_after"))
+            .otherwise(pl.col("error_before"))
+            .mean()
+            .alias("repair_error_after"),
+        )
+        table = table.join(summary.with_columns(pl.col("iteration").cast(pl.Int64)), on="iteration", how="left")
     baselines = {
         m["config"]["iteration"]: m["info"].get("baseline_nll") for m in manifests(run) if m["stage"] == "priors"
     }
@@ -158,11 +178,70 @@ def plot_scales(scales: pl.DataFrame, path: Path) -> None:
             color = colors(i / max(1, len(iterations) - 1))
             ax.plot(part["layer"], part["scale"], marker="o", markersize=3, color=color, label=f"iteration {iteration}")
         ax.axhline(0.0, color="black", linewidth=0.6)
+        ax.set_xticks(_layer_ticks(int(scales["layer"].max()) + 1))
         ax.set_xlabel("layer")
         ax.set_title(f"{title}: utility of keeping the candidates")
     axes[0].set_ylabel("scale (nats)")
     axes[0].legend(fontsize=7)
     save(fig, path)
+
+
+def _layer_ticks(layers: int) -> list[int]:
+    return list(range(0, layers, 1 if layers <= 16 else 5 if layers <= 80 else 10))
+
+
+def plot_convergence(rounds: pl.DataFrame, path: Path) -> None:
+    """Per iteration and round of adaptive sampling: the fraction of the removal (in parameters)
+    that changed since the round before (solid) and that a resample of the sub-models would
+    change (dashed); the iteration stopped at the round where the dashed line met the tolerance."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    colors = plt.get_cmap("viridis")
+    iterations = sorted(rounds["iteration"].unique().to_list())
+    for i, iteration in enumerate(iterations):
+        part = rounds.filter(pl.col("iteration") == iteration).sort("round")
+        color = colors(i / max(1, len(iterations) - 1))
+        ax.plot(
+            part["sub_models"], part["change_since_last_round"], marker="o", color=color, label=f"iteration {iteration}"
+        )
+        ax.plot(part["sub_models"], part["bootstrap_change"], linestyle="--", color=color)
+    ax.set_xlabel("sub-models evaluated")
+    ax.set_ylabel("fraction of the removal that changes")
+    ax.set_title("adaptive sampling: solid, since the last round; dashed, under resampling")
+    ax.legend(fontsize=7)
+    save(fig, path)
+
+
+def repair_table(run: Path) -> pl.DataFrame | None:
+    """Per iteration, layer and projection that lost units: relative held-out output error of
+    plain removal and after the least-squares repair, and whether the repair was applied."""
+    table = _glob(run, "reconstruct/*/repair.parquet")
+    return table.sort("iteration", "layer", "projection") if table is not None else None
+
+
+def plot_repairs(repairs: pl.DataFrame, path: Path) -> None:
+    """Error after / error before the repair, per layer (x) and iteration (y), one panel per
+    projection: below 1 the repair helped; 1 where it was not applied; blank where the
+    iteration removed nothing from that projection."""
+    plt = pyplot()
+    layers = int(repairs["layer"].max()) + 1
+    iterations = sorted(repairs["iteration"].unique().to_list())
+    fig, axes = plt.subplots(1, 2, figsize=(11, 1.8 + 0.3 * len(iterations)), squeeze=False, layout="constrained")
+    for ax, projection in zip(axes[0], ("attention_out", "mlp_out")):
+        grid = [[float("nan")] * layers for _ in iterations]
+        for row in repairs.filter(pl.col("projection") == projection).iter_rows(named=True):
+            before = row["error_before"]
+            ratio = row["error_after"] / before if row["applied"] and before else 1.0
+            grid[iterations.index(row["iteration"])][row["layer"]] = ratio
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, origin="lower")
+        ax.set_yticks(range(len(iterations)), [str(i) for i in iterations])
+        ax.set_xticks(_layer_ticks(layers))
+        ax.set_xlabel("layer")
+        ax.set_ylabel("iteration")
+        ax.set_title(f"{projection}: error after / before repair")
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def plot_adaptation(history: pl.DataFrame, path: Path) -> None:
@@ -193,8 +272,16 @@ def audit(run_dir: str, out: str | None = None) -> dict:
     if scales is not None:
         plot_scales(scales, where / SCALES_PLOT)
         plots.append(str(where / SCALES_PLOT))
+    rounds = _glob(run, "settle/*/convergence.parquet")
+    if rounds is not None:
+        plot_convergence(rounds, where / CONVERGENCE_PLOT)
+        plots.append(str(where / CONVERGENCE_PLOT))
+    repairs = repair_table(run)
+    if repairs is not None:
+        plot_repairs(repairs, where / REPAIRS_PLOT)
+        plots.append(str(where / REPAIRS_PLOT))
     histories = sorted(run.glob("adapt/*/training.parquet"), key=lambda p: p.stat().st_mtime)
     if histories:
         plot_adaptation(pl.read_parquet(histories[-1]), where / ADAPTATION_PLOT)
         plots.append(str(where / ADAPTATION_PLOT))
-    return {"iterations": iterations, "layers": layers, "plots": plots}
+    return {"iterations": iterations, "layers": layers, "repairs": repairs, "plots": plots}

