@@ -187,6 +187,8 @@ class Store:
                 "info": json.loads(canonical_json(info)),
                 "libraries": _library_versions(),
                 "wall_s": round(time.time() - started, 3),
+                # the process's peak resident memory so far (a stage that raises it is the culprit)
+                "peak_rss_mb": round(_peak_rss_mb(), 1),
             }
             write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
             kill_point("commit")  # complete but not yet renamed into place: never read
@@ -220,6 +222,12 @@ class Store:
         for p in stale:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         return len(stale)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
 
 
 def _content_digest(files: Mapping[str, Mapping[str, Any]]) -> str:

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -50,17 +49,10 @@ def model_and_texts(name: str) -> tuple[str, str, str, float]:
 
 
 def command(model: str, train: str, out: Path, sparsity: float, sampling: str, budget: int, seed: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "bonsai.flows.cli",
-        "prune",
-        "--model",
+    return common.prune_command(
         model,
-        "--data",
         train,
-        "--out",
-        str(out),
+        out,
         "--sparsity",
         str(sparsity),
         "--prune-frac",
@@ -87,7 +79,7 @@ def command(model: str, train: str, out: Path, sparsity: float, sampling: str, b
         sampling,
         "--reconstruct",
         "none",
-    ]
+    )
 
 
 def stage_seconds(run: Path) -> float:

@@ -15,7 +15,7 @@ from bonsai.stages import tiny_parent  # noqa: E402
 from bonsai.stages.core.paths import cache_dir  # noqa: E402
 from bonsai.stages.reports.render import markdown  # noqa: E402
 
-__all__ = ["BENCH_PARENT", "PLOTS", "RESULTS", "markdown", "parent", "setup_logging", "texts"]
+__all__ = ["BENCH_PARENT", "PLOTS", "RESULTS", "markdown", "parent", "prune_command", "setup_logging", "texts"]
 
 # Longer than the demo's 240 steps: a parent whose units have specialised more, so that
 # pruning choices matter.  Trained once (about 11 minutes on 2 CPU cores), then cached.
@@ -45,3 +45,20 @@ def texts() -> tuple[str, str]:
     so the held-out documents are never used for calibration."""
     ref = tiny_parent.docs(Store(cache_dir() / "parents"))
     return str(ref.file(tiny_parent.TRAIN_TEXT)), str(ref.file(tiny_parent.HELDOUT_TEXT))
+
+
+def prune_command(model: str, data: str, out, *flags: str) -> list[str]:
+    """The real `bonsai prune` command line, as a subprocess runs it."""
+    return [
+        sys.executable,
+        "-m",
+        "bonsai.flows.cli",
+        "prune",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--out",
+        str(out),
+        *flags,
+    ]

@@ -58,20 +58,7 @@ def prune(run: Path, *extra: str, env: dict | None = None, kill_at: str | None =
     start = time.perf_counter()
     with open(run.parent / f"{run.name}.log", "a") as log:  # a file, not a pipe: nothing can hold it open
         subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bonsai.flows.cli",
-                "prune",
-                "--model",
-                model,
-                "--data",
-                train,
-                "--out",
-                str(run),
-                *FLAGS,
-                *extra,
-            ],
+            common.prune_command(model, train, run, *FLAGS, *extra),
             env=environment,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -138,19 +125,7 @@ def resume() -> None:
             before = len(list(run.glob("evaluate/*/manifest.json")))
             start = time.perf_counter()
             process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "bonsai.flows.cli",
-                    "prune",
-                    "--model",
-                    model,
-                    "--data",
-                    train,
-                    "--out",
-                    str(run),
-                    *FLAGS,
-                ],
+                common.prune_command(model, train, run, *FLAGS),
                 env={**os.environ, **env},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -3,6 +3,7 @@
     python benchmarks/quality.py [--seeds 0 1 2] [--masks 120] [--calib-samples 8] [--prune-frac 0.05]
     python benchmarks/quality.py --seeds 0 --masks 200 --calib-samples 32 --name paper   # Table 9's setting
     python benchmarks/quality.py --reconstruct lsq     # with the least-squares repair after every iteration
+    python benchmarks/quality.py --estimators regression prior-only    # a subset
 
 Every estimator prunes with the same candidates, windows and budget; only the importance
 estimate differs (fixed sampling, no repair, unless asked).  Runs are cached in
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--prune-frac", type=float, default=0.05)
     parser.add_argument("--name", default="fast", help="names the output folder and the plot")
     parser.add_argument("--reconstruct", default="none", choices=["none", "lsq", "lsq-final"])
+    parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
     args = parser.parse_args()
     common.setup_logging()
     model_dir, train, heldout = common.parent()
@@ -78,7 +80,7 @@ def main() -> None:
     evals = Store(out / "perplexity")
     parent_ppl = ppl(model_dir, heldout, evals)
     rows, parent_params = [], None
-    for estimator in ESTIMATORS:
+    for estimator in args.estimators:
         for seed in args.seeds:
             config = PruneOptions(
                 sparsity=0.5,
@@ -123,7 +125,7 @@ def main() -> None:
                 max(r["perplexity"] for r in rows if r["estimator"] == e),
                 len(args.seeds),
             ]
-            for e in ESTIMATORS
+            for e in args.estimators
         ],
     )
     (out / "quality.md").write_text(table + "\n\n" + summary + "\n")

@@ -7,7 +7,8 @@ buys in whole pruning runs.
 
 ``settings`` removes a fixed set of units in one shot (the lowest normalised Wanda priors,
 globally, until the sparsity) and repairs the result with each combination of windows,
-damping and intercept, on windows of the training text; perplexity on held-out documents.
+damping and target (each layer's own output, or the unpruned model's), on windows of the
+training text; perplexity on held-out documents.
 ``runs`` prunes the trained tiny parent with ``--reconstruct none``, ``lsq-final`` and
 ``lsq`` (the quality benchmark's setting) and reports perplexity, the stage's share of the
 wall time and the peak memory of the process.
@@ -93,23 +94,21 @@ def settings(args) -> None:
     def ppl(model) -> float:
         return math.exp(mean_nll(model, held, 16, torch.device("cpu"))[0])
 
-    rows.append({"setting": "parent", "windows": 0, "damping": None, "affine": False, "perplexity": ppl(parent)})
+    rows.append({"setting": "parent", "windows": 0, "damping": None, "toward": None, "perplexity": ppl(parent)})
     pruned = copy.deepcopy(parent)
     repair(pruned, family, pool[16:20], 2, keep, damping=1e9, batch_size=2)  # damping so large nothing moves
-    rows.append({"setting": "removal only", "windows": 0, "damping": None, "affine": False, "perplexity": ppl(pruned)})
+    rows.append({"setting": "removal only", "windows": 0, "damping": None, "toward": None, "perplexity": ppl(pruned)})
     print(rows[-2:], flush=True)
-    for windows, damping, affine in itertools.product(args.windows, args.dampings, (False, True)):
-        if affine and damping != args.dampings[len(args.dampings) // 2]:
-            continue  # the intercept only at the middle damping
+    for windows, damping, toward in itertools.product(args.windows, args.dampings, args.toward):
         model = copy.deepcopy(parent)
         start = time.perf_counter()
-        _, outcomes = repair(model, family, pool[16 : 16 + windows], max(1, windows // 8), keep, damping, 8, affine)
+        _, outcomes = repair(model, family, pool[16 : 16 + windows], max(1, windows // 8), keep, damping, 8, toward)
         rows.append(
             {
                 "setting": "repair",
                 "windows": windows,
                 "damping": damping,
-                "affine": affine,
+                "toward": toward,
                 "perplexity": ppl(model),
                 "seconds": time.perf_counter() - start,
                 "applied": sum(o.applied for o in outcomes),
@@ -125,8 +124,16 @@ def settings(args) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for damping in args.dampings:
-        part = frame.filter((pl.col("damping") == damping) & ~pl.col("affine")).sort("windows")
-        ax.plot(part["windows"], part["perplexity"], marker="o", label=f"damping {damping:g}")
+        for toward, style in (("layer", "-"), ("model", "--")):
+            part = frame.filter((pl.col("damping") == damping) & (pl.col("toward") == toward)).sort("windows")
+            if part.height:
+                ax.plot(
+                    part["windows"],
+                    part["perplexity"],
+                    marker="o",
+                    linestyle=style,
+                    label=f"damping {damping:g}, toward the {toward}",
+                )
     for label, style in (("parent", ":"), ("removal only", "--")):
         ax.axhline(
             frame.filter(pl.col("setting") == label)["perplexity"].item(), color="gray", linestyle=style, label=label
@@ -198,6 +205,7 @@ def main() -> None:
     s.add_argument("--windows", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     s.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     s.add_argument("--heldout-windows", type=int, default=64)
+    s.add_argument("--toward", nargs="+", default=["layer", "model"])
     s.set_defaults(handler=settings)
     r = sub.add_parser("runs")
     r.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5])

@@ -2,7 +2,10 @@
 
     calibration
     for each iteration l (until the target sparsity):
-        priors(l)  ->  masks(l)  ->  evaluate(l, shard 0..k)  ->  importance(l)  ->  select(l)
+        priors(l)
+        for each round r (one, unless sampling is adaptive; until settle says the decision holds):
+            masks(l, r)  ->  evaluate(l, r, shard 0..k)  ->  importance(l, r)  ->  settle(l, r)
+        select(l)  ->  reconstruct(l)       (the repair: after every iteration, the last, or none)
     export  ->  publish RUN/model
 
 Every stage reads and writes the run's artifact store, so running the same command again

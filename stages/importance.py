@@ -37,12 +37,13 @@ from bonsai.stages.core.rng import generator
 from bonsai.stages.core.units import KINDS
 from bonsai.stages.evaluate import PERTURBED_PRIORS, UTILITIES
 
-VERSION = "2"
+VERSION = "3"
 FILE = "importance.parquet"
 CV_FILE = "cv.parquet"  # paper-regression: (alpha, fold) -> Kendall tau
 PENALTIES_FILE = "penalties.parquet"  # regression: (kind, penalties) -> held-out squared error
 FIT_FILE = "fit.parquet"
 SCALES_FILE = "scales.parquet"
+MIN_GROUP = 4  # candidates per layer below which a kind's scale is one across layers
 FIT_SCHEMA = {
     "iteration": pl.Int32,
     "estimator": pl.Utf8,
@@ -160,12 +161,28 @@ def _paper_regression(cands, table, evaluations, cfg, out, info) -> np.ndarray:
 
 
 def group_problem(cands: pl.DataFrame, usable: pl.DataFrame) -> tuple[pl.DataFrame, dict]:
-    """(the (layer, kind) groups table, the arguments of fit_group_scales) for the candidates
-    and the usable evaluated sub-models."""
-    group_table = cands.select("layer", "kind").unique(maintain_order=True).with_row_index("group")
-    group_of = cands.join(group_table, on=["layer", "kind"], how="left")["group"].to_numpy()
+    """(the groups table, the arguments of fit_group_scales) for the candidates and the usable
+    evaluated sub-models.  A group is a (layer, kind), except that a kind with fewer than
+    MIN_GROUP candidates in a typical layer (SmolLM2-135M has one candidate head per layer) is
+    one group across layers (layer null): a scale per candidate would be a free coefficient per
+    unit, whose noise then picks which units go (measured on SmolLM2-135M: 12 heads removed at
+    10% and held-out perplexity 22.6 against 19.7 for the prior's order; pooled, none, 18.7).
+    Weights use the prior normalised by its layer's mean, which is comparable across layers."""
+    per_layer = cands.group_by("layer", "kind").len().group_by("kind").agg(pl.col("len").median())
+    pooled = set(per_layer.filter(pl.col("len") < MIN_GROUP)["kind"].to_list())
+    keyed = cands.with_columns(
+        pl.when(pl.col("kind").is_in(list(pooled))).then(None).otherwise(pl.col("layer")).alias("group_layer")
+    )
+    group_table = (
+        keyed.select(pl.col("group_layer").alias("layer"), "kind").unique(maintain_order=True).with_row_index("group")
+    )
+    group_of = keyed.join(
+        group_table, left_on=["group_layer", "kind"], right_on=["layer", "kind"], how="left", nulls_equal=True
+    )["group"].to_numpy()
     kind_index = {k: i for i, k in enumerate(KINDS)}
-    groups = Groups.build(group_of, np.array([kind_index[k] for k in group_table["kind"]]), cands["prior"].to_numpy())
+    groups = Groups.build(
+        group_of, np.array([kind_index[k] for k in group_table["kind"]]), cands["prior_norm"].to_numpy()
+    )
     return group_table, {
         "keep": masks_stage.keep_matrix(usable),
         "utility": usable["utility"].to_numpy(),

@@ -74,3 +74,21 @@ def test_a_run_of_another_config_or_in_use_is_refused(prefect_api, zoo, corpus, 
     again = bonsai(prune_args(zoo["llama"], corpus, out), tmp_path)
     assert again.returncode == 0 and "resuming" in again.stderr
     assert "pruned model:" in again.stdout
+
+
+def test_verify_rereads_every_file_and_exits_1_on_a_corruption(zoo, corpus, tmp_path):
+    import os
+
+    out = tmp_path / "run"
+    tiny.prune(zoo["llama"], corpus, out)
+    clean = bonsai(["verify", str(out)], tmp_path)
+    assert clean.returncode == 0 and " 0 corrupted" in clean.stdout, clean.stdout + clean.stderr
+    table = next(out.glob("priors/*/priors.parquet"))
+    stat = table.stat()
+    data = bytearray(table.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, same modification time: only a full read sees it
+    table.write_bytes(bytes(data))
+    os.utime(table, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    found = bonsai(["verify", str(out)], tmp_path)
+    assert found.returncode == 1 and f"corrupted: priors/{table.parent.name}: priors.parquet" in found.stdout
+    assert_one_line_error(bonsai(["verify", str(tmp_path)], tmp_path), "not a bonsai run directory")

@@ -126,3 +126,16 @@ def test_without_information_the_prior_order_stands_within_groups(utility):
             assert tau(fit.beta[members], prior[members]) > 0.99 or tau(fit.beta[members], prior[members]) < -0.99
     if utility == "constant":
         assert not fit.beta.any()  # importance ties everywhere: select falls back to the prior's order
+
+
+def test_a_kind_with_few_candidates_per_layer_is_one_group_across_layers():
+    cands = candidates(layers=5, channels=12, heads=1)
+    usable = masks.masks_table(0, *masks.sample_split(cands, 8, generator(0, "p"))[:3]).with_columns(
+        pl.lit(0.0).alias("utility")
+    )
+    table, problem = importance.group_problem(cands, usable)
+    heads = table.filter(pl.col("kind") == HEAD)
+    assert heads.height == 1 and heads["layer"][0] is None  # one scale for the five lone heads
+    assert table.filter(pl.col("kind") == CHANNEL)["layer"].to_list() == list(range(5))
+    head_weights = problem["groups"].weight[cands["kind"].to_numpy() == HEAD]
+    assert abs(head_weights.sum() - 1.0) < 1e-9  # shares of the pooled group's (normalised) prior mass

@@ -13,7 +13,7 @@ from bonsai.artifacts import Store, external_ref
 from bonsai.stages import calibration, export, reconstruct
 from bonsai.stages.core.families import family_for_model_type
 from bonsai.stages.core.model_io import current_model, load_model, shared_models
-from bonsai.stages.core.reconstruction import solve
+from bonsai.stages.core.reconstruction import Moments, solve
 from bonsai.stages.core.units import KEEP_FILE, KeepState, layer_shapes, units_table
 
 import tiny
@@ -30,10 +30,10 @@ def correlated(tokens=400, width=12, out=5, seed=0):
 def test_the_update_is_the_least_squares_fit_of_the_full_output():
     x, w = correlated()
     kept, removed = torch.tensor([0, 2, 3, 5, 7, 8, 9, 11]), torch.tensor([1, 4, 6, 10])
-    new, used = solve(w, x.T @ x, kept, removed, damping=0.0)
+    new, used = solve(w, Moments(x.T @ x, None, 0.0, len(x)), kept, damping=0.0)
     expected = torch.linalg.lstsq(x[:, kept], x @ w.T).solution.T  # min ||x_K W_K'^T - x W^T||
     assert used == 0.0 and torch.allclose(new, expected, atol=1e-8)
-    damped, _ = solve(w, x.T @ x, kept, removed, damping=0.1)
+    damped, _ = solve(w, Moments(x.T @ x, None, 0.0, len(x)), kept, damping=0.1)
     gram = x.T @ x
     lam = 0.1 * gram[kept][:, kept].diagonal().mean()
     closed = w[:, kept] + w[:, removed] @ gram[removed][:, kept] @ torch.linalg.inv(
@@ -45,10 +45,20 @@ def test_the_update_is_the_least_squares_fit_of_the_full_output():
         assert (x[:, kept] @ candidate.T - full).norm() < (x[:, kept] @ w[:, kept].T - full).norm()
 
 
+def test_toward_the_model_fits_the_unpruned_output_of_another_input():
+    """x drifted from x_ref (upstream pruning): the fit maps the pruned input to W x_ref."""
+    x_ref, w = correlated(seed=1)
+    x = x_ref + 0.3 * correlated(seed=2)[0]
+    kept = torch.tensor([0, 1, 2, 4, 5, 7, 8, 10])
+    moments = Moments(x.T @ x, x_ref.T @ x, float((x_ref @ w.T).square().sum()), len(x))
+    new, _ = solve(w, moments, kept, damping=0.0)
+    expected = torch.linalg.lstsq(x[:, kept], x_ref @ w.T).solution.T
+    assert torch.allclose(new, expected, atol=1e-8)
+
+
 def test_a_singular_gram_raises_the_damping_with_a_warning(caplog):
     x, w = correlated(tokens=3)  # three tokens: G has rank 3 < 8 kept columns
-    kept, removed = torch.arange(8), torch.arange(8, 12)
-    new, used = solve(w, x.T @ x, kept, removed, damping=0.0)
+    new, used = solve(w, Moments(x.T @ x, None, 0.0, len(x)), torch.arange(8), damping=0.0)
     assert used > 0.0 and torch.isfinite(new).all() and "not positive definite" in caplog.text
 
 

@@ -148,11 +148,18 @@ def test_a_run_made_by_an_earlier_version_resumes(tmp_path):
     expected = json.loads((root / "expected.json").read_text())
     before = manifests(root / "run")
     args = (str(root / "model"), str(root / "train.txt"), str(root / "run"))
-    # the estimator it used was then called "regression", a name that now means another one, and
-    # it made no repair (--reconstruct did not exist): resuming needs both said explicitly
-    with pytest.raises(UserError, match="--estimator: 'paper-regression' there, 'regression' now"):
-        run_prune(*args, build(PruneOptions, expected["flags"], {"reconstruct": "none"}))
-    legacy = {"estimator": "paper-regression", "reconstruct": "none"}
+    # the estimator it used was then called "regression", a name that now means another one; it
+    # sampled a fixed number of sub-models and made no repair (--sampling and --reconstruct did not
+    # exist): resuming needs all three said explicitly, and the refusal names each difference
+    with pytest.raises(UserError) as refused:
+        run_prune(*args, build(PruneOptions, expected["flags"], {"reconstruct_samples": 16}))
+    for difference in (
+        "--estimator: 'paper-regression' there, 'regression' now",
+        "--sampling: 'fixed' there, 'adaptive' now",
+        "--reconstruct: 'none' there, 'lsq' now",
+    ):
+        assert difference in str(refused.value)
+    legacy = {"estimator": "paper-regression", "sampling": "fixed", "reconstruct": "none"}
     summary = run_prune(*args, build(PruneOptions, expected["flags"], legacy))
     assert all(p.stat().st_mtime_ns == t for p, t in before.items()), "finished work was redone"
     assert len(manifests(root / "run")) > len(before)

@@ -8,7 +8,10 @@ Two things are wrong with it, and this model fixes both:
 - Priors rank units well *within* a (layer, kind) group but say nothing about how groups
   compare, which is the decision Bonsai exists to make.  So the importance of candidate u is
 
-      beta_u = S_g * w_u + delta_u,   w_u = prior_u / (sum of the priors of g's candidates)
+      beta_u = S_g * w_u + delta_u,   w_u = p_u / (sum of p over g's candidates)
+
+  (p the prior normalised by its layer's mean; a kind with very few candidates per layer is
+  one group across layers, see stages/importance.py)
 
   with one scale S_g per group (the utility of keeping all of g's candidates rather than none),
   shrunk toward a common value per kind (ridge on S_g - A_kind, A_kind unpenalised), and
@@ -47,7 +50,7 @@ class Groups:
 
     of: np.ndarray  # (candidates,) group index
     kind: np.ndarray  # (groups,) kind index
-    weight: np.ndarray  # (candidates,) w_u: prior / the group's candidate prior mass
+    weight: np.ndarray  # (candidates,) w_u: the unit's share of its group's candidate prior mass
 
     @classmethod
     def build(cls, group_of: np.ndarray, group_kind: np.ndarray, prior: np.ndarray) -> Groups:

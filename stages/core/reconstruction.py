@@ -7,7 +7,11 @@ with G = sum over calibration tokens of x x^T, x the projection's input with all
     W_K' = W_K + W_P G_PK (G_KK + lambda I)^-1,   lambda = damping * mean(diag(G_KK))
 
 is the least-squares fit of the full output W x by the kept inputs, shrunk toward the current
-W_K (not toward zero, which measured far worse).  Layers are repaired in order, each one's G
+W_K (not toward zero, which measured far worse).  With ``toward="model"`` the fit aims instead
+at the unpruned model's output at the same place, W x_ref, x_ref being the projection's input
+in the unpruned model: W_K' = (W C_{.K} + lambda W_K) (G_KK + lambda I)^-1 with C = sum x_ref x^T,
+which also undoes what the layers before still get wrong (the unpruned layers run beside the
+pruned ones, on the same windows).  Layers are repaired in order, each one's G
 collected through the already repaired (and pruned) layers before it: every decoder layer's
 input hidden states are kept between layers, so one iteration costs about two passes of each
 layer over the windows, not one full forward per layer.  Held-out windows check each update:
@@ -89,71 +93,97 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, call) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-@torch.no_grad()
-def _gram(layer, family, kind, hidden, calls, fit_rows: int, affine: bool = False):
-    """(G over the fit windows, G over the check windows, fit tokens) of the projection's input
-    (``affine``: with a constant 1 appended as the last input, for an intercept)."""
-    target = output_projection(layer, family, kind)
-    width = target.in_features
-    device = target.weight.device
-    grams = [torch.zeros(width + affine, width + affine, dtype=torch.float64, device=device) for _ in range(2)]
-    tokens = 0
-    state = {"which": 0}
+@dataclass
+class Moments:
+    """Sums over tokens, for one projection W (out x d): G = sum x x^T of its pruned-model input
+    x, C = sum x_ref x^T with x_ref the input the reference output W x_ref comes from, and
+    R = sum ||W x_ref||^2.  Least squares then needs no activations kept."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor | None  # None: the reference input is x itself (C = G)
+    energy: float
+    tokens: int
+
+    def target(self, weight: torch.Tensor) -> torch.Tensor:
+        """sum (W x_ref) x^T, (out x d)."""
+        return weight @ (self.gram if self.cross is None else self.cross)
+
+
+class _Collect:
+    """Accumulates Moments in float64 from hooked projection inputs: each batch's products in
+    float32 (half the time of float64, and within 2e-7 of it in norm on SmolLM2's activations)."""
+
+    def __init__(self, weight: torch.Tensor, reference: bool):
+        d, dev = weight.shape[1], weight.device
+        self.weight, self.reference = weight.float(), reference
+        self.parts = [
+            Moments(
+                torch.zeros(d, d, dtype=torch.float64, device=dev),
+                torch.zeros(d, d, dtype=torch.float64, device=dev) if reference else None,
+                0.0,
+                0,
+            )
+            for _ in range(2)
+        ]
+
+    def add(self, part: int, x: torch.Tensor, x_ref: torch.Tensor | None) -> None:
+        m = self.parts[part]
+        x = x.reshape(-1, x.shape[-1]).float()
+        m.gram += (x.T @ x).double()
+        reference = x if x_ref is None else x_ref.reshape(-1, x_ref.shape[-1]).float()
+        if x_ref is not None:
+            m.cross += (reference.T @ x).double()
+        m.energy += float((reference @ self.weight.T).square().sum())
+        m.tokens += x.shape[0]
+
+
+def _inputs(layer, family, kind, batch, call, stop: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the projection's input, the layer's output or None when ``stop``) for one batch."""
+    target, seen = output_projection(layer, family, kind), []
 
     def hook(module, args):
-        # each batch's product in float32 (half the time of float64, and within 2e-7 of it in
-        # norm on SmolLM2's activations), summed over batches in float64
-        x = args[0].reshape(-1, width).float()
-        if affine:
-            x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
-        grams[state["which"]] += (x.T @ x).double()
-        raise _Stop
+        seen.append(args[0])
+        if stop:
+            raise _Stop
 
     handle = target.register_forward_pre_hook(hook)
     try:
-        for start, (batch, call) in enumerate(zip(hidden, calls)):
-            state["which"] = 0 if start < fit_rows else 1
-            if state["which"] == 0:
-                tokens += batch.shape[0] * batch.shape[1]
-            try:
-                _run_layer(layer, batch, call)
-            except _Stop:
-                pass
+        out = _run_layer(layer, batch, call)
+    except _Stop:
+        out = None
     finally:
         handle.remove()
-    return grams[0], grams[1], tokens
+    return seen[0], out
 
 
-def solve(
-    weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, removed: torch.Tensor, damping: float
-) -> tuple[torch.Tensor, float]:
-    """(W_K', damping used): W_K + W_P G_PK (G_KK + lambda I)^-1, in float64; the damping is
-    raised tenfold (with a warning) until G_KK + lambda I is positive definite."""
+def solve(weight: torch.Tensor, moments: Moments, kept: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
+    """(W_K', damping used): (T_K + lambda W_K) (G_KK + lambda I)^-1 with T = sum (W x_ref) x^T,
+    in float64; for the layer's own output (T = W G) that is W_K + W_P G_PK (G_KK + lambda I)^-1.
+    The damping is raised tenfold (with a warning) until G_KK + lambda I is positive definite."""
     w = weight.double()
-    g_kk = gram.index_select(0, kept).index_select(1, kept)
-    g_kp = gram.index_select(0, kept).index_select(1, removed)
+    g_kk = moments.gram.index_select(0, kept).index_select(1, kept)
+    t_k = moments.target(w).index_select(1, kept)
     scale = float(g_kk.diagonal().mean()) if g_kk.numel() else 0.0
     for _ in range(MAX_RETRIES + 1):
         lam = damping * scale
         factor, info = torch.linalg.cholesky_ex(g_kk + lam * torch.eye(len(kept), dtype=g_kk.dtype, device=g_kk.device))
         if int(info) == 0:
-            update = torch.cholesky_solve(g_kp, factor)  # (G_KK + lambda I)^-1 G_KP
-            return w[:, kept] + w[:, removed] @ update.T, damping
+            # X (G_KK + lam I) = T_K + lam W_K  <=>  (G_KK + lam I) X^T = (T_K + lam W_K)^T
+            return torch.cholesky_solve((t_k + lam * w[:, kept]).T, factor).T, damping
         log.warning("G_KK + %g * mean diagonal is not positive definite; raising the damping", damping)
         damping = max(damping * 10, 1e-6)
     raise RuntimeError("the Gram matrix stays singular however large the damping")
 
 
-def _relative_error(weight, new_kept, gram, kept, removed) -> float:
-    """sqrt(||W' x - W x||^2 / ||W x||^2) summed over the tokens of ``gram``."""
+def _relative_error(weight: torch.Tensor, new_kept: torch.Tensor | None, moments: Moments, kept) -> float:
+    """sqrt(sum ||W' x - W x_ref||^2 / sum ||W x_ref||^2), W' the kept columns (``new_kept``, or
+    unchanged) and zero elsewhere."""
     w = weight.double()
-    diff = torch.zeros_like(w)
-    if new_kept is not None:
-        diff[:, kept] = new_kept - w[:, kept]
-    diff[:, removed] = -w[:, removed]
-    energy = float(((w @ gram) * w).sum())
-    error = float(((diff @ gram) * diff).sum())
-    return math.sqrt(error / energy) if energy > 0 else 0.0
+    pruned = torch.zeros_like(w)
+    pruned[:, kept] = new_kept if new_kept is not None else w[:, kept]
+    error = float(((pruned @ moments.gram) * pruned).sum()) - 2 * float((moments.target(w) * pruned).sum())
+    error += moments.energy
+    return math.sqrt(max(error, 0.0) / moments.energy) if moments.energy > 0 else 0.0
 
 
 @torch.no_grad()
@@ -165,11 +195,14 @@ def repair(
     keep: dict,
     damping: float,
     batch_size: int,
-    affine: bool = False,
+    toward: str = "layer",
 ) -> tuple[dict[tuple[int, str], torch.Tensor], list[Outcome]]:
     """Repair every layer in order; ``keep[(layer, kind)]`` lists the current positions of the
     units that stay (all others of that layer and kind are removed).  The last ``check``
-    windows only judge each update.  Returns {(layer, kind): new weight of the kept columns}
+    windows only judge each update.  ``toward``: fit each projection's full output on the
+    pruned model's input (``layer``, the formula above), or the unpruned model's output at the
+    same place (``model``: also undoes the drift of the layers before; it runs the unpruned
+    layers beside the pruned ones).  Returns {(layer, kind): new weight of the kept columns}
     (projections whose update was applied) and one Outcome per projection that lost units."""
     device = next(model.parameters()).device
     fit, held = windows[: windows.shape[0] - check], windows[windows.shape[0] - check :]
@@ -177,21 +210,25 @@ def repair(
     fit_rows = math.ceil(fit.shape[0] / batch_size)
     captured = [capture_layer_inputs(model, family, ids) for ids in batches]
     hidden = [h for h, _ in captured]
+    reference = list(hidden) if toward == "model" else None  # the unpruned model's hidden states
     shapes = layer_shapes(model, family)
     layers = list(get_module(model, family.layers))
     updated, outcomes = {}, []
     progress = Progress("reconstruct", len(layers), "layers")
     for index, (layer, shape) in enumerate(zip(layers, shapes)):
         calls = [c[1][index] for c in captured]
+        originals = (
+            {kind: output_projection(layer, family, kind).weight.clone() for kind in (HEAD, CHANNEL)}
+            if reference is not None
+            else {}
+        )
+        next_reference = []
         for kind in (HEAD, CHANNEL):
             positions = list(keep[(index, kind)])
+            target = output_projection(layer, family, kind)
             if len(positions) == shape.count(kind):
                 continue  # nothing removed here this iteration
-            target = output_projection(layer, family, kind)
             kept = _columns(kind, shape, positions).to(target.weight.device)
-            removed_mask = torch.ones(target.in_features, dtype=torch.bool, device=kept.device)
-            removed_mask[kept] = False
-            removed = removed_mask.nonzero().squeeze(1)
             outcome = Outcome(
                 index,
                 PROJECTIONS[kind],
@@ -204,24 +241,53 @@ def repair(
                 False,
             )
             if positions:
-                fit_gram, check_gram, tokens = _gram(layer, family, kind, hidden, calls, fit_rows, affine)
-                weight, fitted = target.weight, kept
-                if affine:  # the intercept is one more kept input, whose weight is the bias
-                    bias = target.bias if target.bias is not None else torch.zeros_like(target.weight[:, 0])
-                    weight = torch.cat([target.weight, bias.unsqueeze(1)], dim=1)
-                    fitted = torch.cat([kept, torch.tensor([target.in_features], device=kept.device)])
-                new_kept, used = solve(weight, fit_gram, fitted, removed, damping)
-                before = _relative_error(weight, None, check_gram, fitted, removed)
-                after = _relative_error(weight, new_kept, check_gram, fitted, removed)
-                outcome.tokens, outcome.damping, outcome.error_before, outcome.error_after = tokens, used, before, after
+                collect = _Collect(target.weight, reference is not None)
+                for b, (batch, call) in enumerate(zip(hidden, calls)):
+                    x_ref = None
+                    if reference is not None:  # the unpruned layer: the original weights, swapped in
+                        current = {k: output_projection(layer, family, k).weight.clone() for k in originals}
+                        for k, w in originals.items():
+                            output_projection(layer, family, k).weight.copy_(w)
+                        x_ref, out = _inputs(layer, family, kind, reference[b], call, stop=False)
+                        for k, w in current.items():
+                            output_projection(layer, family, k).weight.copy_(w)
+                        if len(next_reference) < len(hidden):  # the first kind repaired here keeps it
+                            next_reference.append(out)
+                    x, _ = _inputs(layer, family, kind, batch, call)
+                    collect.add(0 if b < fit_rows else 1, x, x_ref)
+                fitted, checked = collect.parts
+                new_kept, used = solve(target.weight, fitted, kept, damping)
+                before = _relative_error(target.weight, None, checked, kept)
+                after = _relative_error(target.weight, new_kept, checked, kept)
+                outcome.tokens, outcome.damping, outcome.error_before, outcome.error_after = (
+                    fitted.tokens,
+                    used,
+                    before,
+                    after,
+                )
                 outcome.applied = after < before
                 if outcome.applied:
-                    target.weight[:, kept] = new_kept[:, : len(kept)].to(target.weight.dtype)
-                    if affine:
-                        target.bias = nn.Parameter(new_kept[:, -1].to(target.weight.dtype), requires_grad=False)
+                    target.weight[:, kept] = new_kept.to(target.weight.dtype)
                     updated[(index, kind)] = target.weight[:, kept].clone()
+            removed = torch.ones(target.in_features, dtype=torch.bool, device=kept.device)
+            removed[kept] = False
             target.weight[:, removed] = 0  # the removal itself, so that later layers see the pruned model
             outcomes.append(outcome)
+        if reference is not None:
+            if len(next_reference) != len(hidden):  # no head statistics taken here: run the unpruned layer now
+                next_reference = _unpruned_outputs(layer, family, originals, reference, calls)
+            reference = next_reference
         hidden = [_run_layer(layer, h, call) for h, call in zip(hidden, calls)]
         progress.advance()
     return updated, outcomes
+
+
+def _unpruned_outputs(layer, family, originals: dict, hidden: list, calls: list) -> list[torch.Tensor]:
+    current = {k: output_projection(layer, family, k).weight.clone() for k in originals}
+    for k, w in originals.items():
+        output_projection(layer, family, k).weight.copy_(w)
+    try:
+        return [_run_layer(layer, h, call) for h, call in zip(hidden, calls)]
+    finally:
+        for k, w in current.items():
+            output_projection(layer, family, k).weight.copy_(w)

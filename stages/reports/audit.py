@@ -173,16 +173,25 @@ def plot_scales(scales: pl.DataFrame, path: Path) -> None:
     colors = plt.get_cmap("viridis")
     iterations = sorted(scales["iteration"].unique().to_list())
     for ax, kind, title in zip(axes, (HEAD, CHANNEL), ("heads (KV groups)", "MLP channels")):
+        pooled = scales.filter((pl.col("kind") == kind) & pl.col("layer").is_null())
+        if pooled.height:  # one scale across layers (too few candidates per layer): one point per iteration
+            ax.plot(pooled["iteration"], pooled["scale"], marker="o", color="tab:green")
+            ax.set_xlabel("iteration")
+            ax.set_title(f"{title}: one scale across layers")
+            continue
         for i, iteration in enumerate(iterations):
             part = scales.filter((pl.col("kind") == kind) & (pl.col("iteration") == iteration)).sort("layer")
             color = colors(i / max(1, len(iterations) - 1))
             ax.plot(part["layer"], part["scale"], marker="o", markersize=3, color=color, label=f"iteration {iteration}")
         ax.axhline(0.0, color="black", linewidth=0.6)
-        ax.set_xticks(_layer_ticks(int(scales["layer"].max()) + 1))
+        ax.set_xticks(_layer_ticks(int(scales["layer"].max() or 0) + 1))
         ax.set_xlabel("layer")
         ax.set_title(f"{title}: utility of keeping the candidates")
     axes[0].set_ylabel("scale (nats)")
-    axes[0].legend(fontsize=7)
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+            break
     save(fig, path)
 
 
