@@ -17,6 +17,7 @@ from bonsai.artifacts.lock import RunLock
 from bonsai.artifacts.store import DIGESTS, Store, write_text_atomic
 
 IDENTITY_FILE = "run.json"
+SUMMARY_FILE = "summary.json"  # written when the run finishes; "result" names its final artifact
 _OWN = {IDENTITY_FILE, DIGESTS, ".lock", ".tmp", ".work"}
 
 
@@ -54,6 +55,14 @@ class RunDir:
         self.store = Store(self.path)
         self.lock = RunLock(self.path)
         self.format, self.upgrade = format, upgrade
+
+    def lineage(self) -> set[tuple[str, str]] | None:
+        """(stage, key) of every artifact the finished run's result rests on; None until the
+        run has finished.  Readers use it to skip work that an earlier version of a stage left
+        in the same directory before the run was resumed with a newer one."""
+        file = self.path / SUMMARY_FILE
+        result = json.loads(file.read_text()).get("result") if file.is_file() else None
+        return self.store.lineage(result["stage"], result["key"]) if result else None
 
     def recorded(self) -> dict | None:
         file = self.path / IDENTITY_FILE

@@ -111,6 +111,21 @@ class Store:
         manifest = json.loads(manifest_path.read_text())
         return ArtifactRef(stage=stage, key=key, path=str(where), digest=manifest["digest"])
 
+    def lineage(self, stage: str, key: str) -> set[tuple[str, str]]:
+        """(stage, key) of the artifact and of every artifact of this store it was built from,
+        read from the manifests' inputs: what a finished run's result actually rests on, as
+        opposed to work an earlier version of a stage left in the same directory."""
+        seen: set[tuple[str, str]] = set()
+        todo = [(stage, key)]
+        while todo:
+            node = todo.pop()
+            manifest_path = self.path(*node) / MANIFEST
+            if node in seen or not manifest_path.is_file():
+                continue  # external inputs (the parent model, the data) live outside the store
+            seen.add(node)
+            todo.extend((i["stage"], i["key"]) for i in json.loads(manifest_path.read_text())["inputs"])
+        return seen
+
     def _verify(self, where: Path, digests: DigestCache | None = None) -> str | None:
         digests = digests or self.digests
         try:

@@ -25,7 +25,7 @@ import common
 import polars as pl
 import torch
 
-from bonsai.artifacts import Store, external_ref
+from bonsai.artifacts import RunDir, Store, external_ref
 from bonsai.flows.prune import run_prune
 from bonsai.stages.calibration import cut_windows
 from bonsai.stages.core.model_io import load_model, load_tokenizer
@@ -134,9 +134,11 @@ def uniform_keep(priors: pl.DataFrame, sparsity: float) -> pl.DataFrame:
 
 def artifacts(run: Path, stage: str) -> list[tuple[int, object]]:
     """(iteration, ref) of a run's artifacts of ``stage``, in iteration order."""
-    store = Store(run)
+    store, lineage = Store(run), RunDir(run).lineage()
     found = []
     for manifest in run.glob(f"{stage}/*/manifest.json"):
+        if lineage is not None and (stage, manifest.parent.name) not in lineage:
+            continue  # left by an earlier version of the stage
         iteration = json.loads(manifest.read_text())["config"]["iteration"]
         found.append((iteration, store.lookup(stage, manifest.parent.name)))
     return sorted(found, key=lambda f: f[0])

@@ -18,6 +18,7 @@ import json
 import logging
 
 from bonsai.artifacts import ArtifactRef, write_text_atomic
+from bonsai.artifacts.run import SUMMARY_FILE
 from bonsai.flows.executors import Executor, Inline
 from bonsai.flows.preflight import Prepared, open_run, prepare
 from bonsai.stages import calibration, evaluate, export, importance, masks, priors, reconstruct, select, settle
@@ -27,7 +28,6 @@ from bonsai.stages.core.plan import PrunePlan
 
 log = logging.getLogger("bonsai.prune")
 
-SUMMARY_FILE = "summary.json"
 # adaptive sampling: refits that judge whether a decision is settled, and the rounds before the
 # first judgement (a first round alone is too few sub-models to trust its own stability)
 SETTLE_RESAMPLES = 16
@@ -116,7 +116,13 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
             break
     exported = execute("export", export.run, parent, previous, export.ExportConfig(), store, repairs)
     model_dir = execute("publish", export.publish, exported, p.run.path / "model")
-    summary = {"model": model_dir, "parent": parent.path, "config": cfg.identity(), "iterations": iterations}
+    summary = {
+        "model": model_dir,
+        "parent": parent.path,
+        "config": cfg.identity(),
+        "iterations": iterations,
+        "result": {"stage": exported.stage, "key": exported.key},
+    }
     write_text_atomic(p.run.path / SUMMARY_FILE, json.dumps(summary, indent=1, sort_keys=True))
     return summary
 

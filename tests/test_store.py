@@ -211,3 +211,24 @@ def test_a_kill_between_manifest_and_rename_leaves_nothing_readable(tmp_path):
     assert not (tmp_path / "s").exists()
     ref = Store(tmp_path).produce("s", "1", {}, [], lambda out: (out / "a.txt").write_text("x") and None)
     assert ref.file("a.txt").read_text() == "x"
+
+
+def test_lineage_is_what_a_result_rests_on_not_what_the_directory_holds(tmp_path):
+    """A run resumed after a stage's version changed keeps the earlier version's work beside
+    the new one; the result's lineage (and so `bonsai audit`) names only what it was built from."""
+    store = Store(tmp_path)
+    parent = external_ref("parent", tmp_path, "p" * 64)
+    old = store.produce("priors", "1", {"iteration": 0}, [parent], write("old"))
+    new = store.produce("priors", "2", {"iteration": 0}, [parent], write("new"))
+    chosen = store.produce("select", "1", {"iteration": 0}, [new], write("s"))
+    result = store.produce("export", "1", {}, [parent, chosen], write("e"))
+    assert store.lineage(result.stage, result.key) == {
+        ("export", result.key),
+        ("select", chosen.key),
+        ("priors", new.key),
+    }
+    assert ("priors", old.key) not in store.lineage(result.stage, result.key)
+    run = RunDir(tmp_path)
+    assert run.lineage() is None  # not finished: no summary yet
+    (tmp_path / "summary.json").write_text(json.dumps({"result": {"stage": "export", "key": result.key}}))
+    assert run.lineage() == store.lineage("export", result.key)

@@ -18,7 +18,6 @@ from bonsai.artifacts import RunDir
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.units import CHANNEL, HEAD
 from bonsai.stages.reports.render import pyplot, save
-from bonsai.stages.reports.status import manifests
 
 LAYERS_PLOT = "layers.png"
 PROGRESS_PLOT = "progress.png"
@@ -28,8 +27,15 @@ REPAIRS_PLOT = "repairs.png"
 CONVERGENCE_PLOT = "convergence.png"
 
 
+def _current(run: Path, files) -> list[Path]:
+    """Of artifact files (RUN/stage/key/name), those the finished run's result rests on: a run
+    resumed after a stage's version changed also holds the earlier version's work."""
+    lineage = RunDir(run).lineage()
+    return [f for f in files if lineage is None or (f.parent.parent.name, f.parent.name) in lineage]
+
+
 def _glob(run: Path, pattern: str) -> pl.DataFrame | None:
-    files = sorted(run.glob(pattern))
+    files = _current(run, sorted(run.glob(pattern)))
     return pl.concat([pl.read_parquet(f) for f in files], how="diagonal_relaxed") if files else None
 
 
@@ -95,9 +101,8 @@ def iteration_table(run: Path) -> pl.DataFrame:
             .alias("repair_error_after"),
         )
         table = table.join(summary.with_columns(pl.col("iteration").cast(pl.Int64)), on="iteration", how="left")
-    baselines = {
-        m["config"]["iteration"]: m["info"].get("baseline_nll") for m in manifests(run) if m["stage"] == "priors"
-    }
+    priors = [json.loads(f.read_text()) for f in _current(run, sorted(run.glob("priors/*/manifest.json")))]
+    baselines = {m["config"]["iteration"]: m["info"].get("baseline_nll") for m in priors}
     return table.with_columns(
         pl.col("iteration")
         .map_elements(
