@@ -14,11 +14,16 @@ from pathlib import Path
 
 import common
 
+from bonsai.artifacts import RunDir
+
 
 def stage_times(run: Path) -> dict[str, tuple[int, float, float | None]]:
     """stage -> (artifacts, seconds, largest peak RSS in MB recorded by its artifacts)."""
     out: dict[str, list] = defaultdict(lambda: [0, 0.0, None])
+    lineage = RunDir(run).lineage()  # a finished run: only the work its result rests on
     for manifest in sorted(run.glob("*/*/manifest.json")):
+        if lineage is not None and (manifest.parent.parent.name, manifest.parent.name) not in lineage:
+            continue
         data = json.loads(manifest.read_text())
         entry = out[data["stage"]]
         entry[0] += 1

@@ -178,9 +178,11 @@ def plot_scales(scales: pl.DataFrame, path: Path) -> None:
     colors = plt.get_cmap("viridis")
     iterations = sorted(scales["iteration"].unique().to_list())
     for ax, kind, title in zip(axes, (HEAD, CHANNEL), ("heads (KV groups)", "MLP channels")):
-        pooled = scales.filter((pl.col("kind") == kind) & pl.col("layer").is_null())
+        pooled = scales.filter((pl.col("kind") == kind) & pl.col("layer").is_null()).sort("iteration")
         if pooled.height:  # one scale across layers (too few candidates per layer): one point per iteration
             ax.plot(pooled["iteration"], pooled["scale"], marker="o", color="tab:green")
+            ax.axhline(0.0, color="black", linewidth=0.6)
+            ax.set_xticks(iterations)
             ax.set_xlabel("iteration")
             ax.set_title(f"{title}: one scale across layers")
             continue
