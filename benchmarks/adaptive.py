@@ -97,7 +97,8 @@ def quality(args) -> None:
     rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
     done = {(r["variant"], r["seed"]) for r in rows}
     for seed in args.seeds:
-        for variant, (sampling, budget) in VARIANTS.items():
+        for variant in args.variants:
+            sampling, budget = VARIANTS[variant]
             if (variant, seed) in done:
                 continue
             run = out / f"{variant}-seed{seed}"
@@ -187,6 +188,7 @@ def main() -> None:
     q = sub.add_parser("quality")
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     q.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    q.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     q.set_defaults(handler=quality)
     o = sub.add_parser("overhead")
     o.add_argument("--repeats", type=int, default=5)

@@ -156,7 +156,7 @@ def runs(args) -> None:
     common.setup_logging()
     model, train, heldout = common.parent()
     rows = []
-    for sparsity, mode, seed in itertools.product(args.sparsities, ("none", "lsq-final", "lsq"), args.seeds):
+    for sparsity, mode, seed in itertools.product(args.sparsities, args.modes, args.seeds):
         out = OUT / f"tiny-{sparsity}-{mode}-seed{seed}"
         config = PruneOptions(
             sparsity=sparsity,
@@ -211,6 +211,7 @@ def main() -> None:
     r.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5])
     r.add_argument("--seeds", type=int, nargs="+", default=[0])
     r.add_argument("--samples", type=int, default=128)
+    r.add_argument("--modes", nargs="+", choices=["none", "lsq-final", "lsq"], default=["none", "lsq-final", "lsq"])
     r.set_defaults(handler=runs)
     args = parser.parse_args()
     args.handler(args)
