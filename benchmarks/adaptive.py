@@ -168,7 +168,7 @@ def overhead(args) -> None:
     for repeat in range(args.repeats):
         run = OUT / f"overhead-{repeat}"
         start = time.perf_counter()
-        cmd = command(model, train, run, 0.1, "fixed", 8, 0)
+        cmd = command(model, train, run, 0.1, "fixed", 16, 0)
         if args.code:  # the earlier version knows neither option
             cmd = cmd[: cmd.index("--sampling")]
         result = subprocess.run(cmd, capture_output=True, text=True, env=env)

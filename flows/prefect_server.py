@@ -51,22 +51,30 @@ def start_temporary_server(background: bool = False) -> Callable[[], None]:
         _start()
         return lambda: None
     failure: list[BaseException] = []
-    thread = threading.Thread(target=lambda: _run_catching(failure), name="prefect-server", daemon=True)
+    started = threading.Event()
+    thread = threading.Thread(target=lambda: _start_and_stay(started, failure), name="prefect-server", daemon=True)
     thread.start()
 
     def ready() -> None:
-        thread.join()
+        started.wait()
         if failure:
             raise failure[0]
 
     return ready
 
 
-def _run_catching(failure: list) -> None:
+def _start_and_stay(started: threading.Event, failure: list) -> None:
+    """Start the server, then keep this thread alive for as long as the process: the parent-death
+    signal is sent when the thread that started the child ends, not the process, so a thread
+    that returned would take the server down with it."""
     try:
         _start()
     except BaseException as exc:  # handed to the thread that waits
         failure.append(exc)
+        started.set()
+        return
+    started.set()
+    threading.Event().wait()
 
 
 def _start() -> str:

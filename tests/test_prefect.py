@@ -46,3 +46,14 @@ def test_prune_flow_runs_each_stage_as_a_named_task(prefect_api, zoo, corpus, tm
     # resuming is the store's job: a second flow run finds every artifact and returns the same
     again = prune_flow(str(zoo["qwen2"]), str(corpus), str(tmp_path / "run"), config)
     assert again == summary
+
+
+def test_a_run_on_its_own_temporary_server_finishes(zoo, corpus, tmp_path):
+    """No server configured: the command starts one in a background thread while it loads the
+    model.  The server must outlive that thread (its parent-death signal follows the thread
+    that started it) and serve the whole flow."""
+    out = tmp_path / "run"
+    args = ["prune", "--model", str(zoo["llama"]), "--data", str(corpus), "--out", str(out), *tiny.PRUNE_SMALL]
+    result = tiny.bonsai(args, tmp_path, PREFECT_API_URL="")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "model" / "config.json").is_file()
