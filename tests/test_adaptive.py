@@ -43,18 +43,7 @@ def test_rounds_stop_when_the_decision_settles_and_use_the_budget_otherwise(zoo,
 
 def test_killed_in_a_later_round_resumes_to_identical_bytes(prefect_api, zoo, corpus, tmp_path):
     reference = tiny.prune(zoo["llama-gqa"], corpus, tmp_path / "reference", settle_tolerance=0.0, **ROUNDS)
-    args = [
-        "prune",
-        "--model",
-        str(zoo["llama-gqa"]),
-        "--data",
-        str(corpus),
-        "--out",
-        str(tmp_path / "run"),
-        *FLAGS,
-        "--settle-tolerance",
-        "0",
-    ]
+    args = tiny.prune_args(zoo["llama-gqa"], corpus, tmp_path / "run", *FLAGS, "--settle-tolerance", "0")
     # rounds of 8 sub-models x 4 windows in batches of 8: batch 6 is inside round 1
     killed = bonsai(args, tmp_path, BONSAI_KILL_AT="evaluate-batch#6")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]

@@ -14,7 +14,7 @@ from tiny import PRUNE_SMALL, assert_one_line_error, bonsai
 
 
 def prune_args(model, data, out, *extra):
-    return ["prune", "--model", str(model), "--data", str(data), "--out", str(out), *PRUNE_SMALL, *extra]
+    return tiny.prune_args(model, data, out, *PRUNE_SMALL, *extra)
 
 
 @pytest.mark.parametrize(

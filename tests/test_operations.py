@@ -26,7 +26,7 @@ def snapshot(run) -> dict:
 
 def test_status_says_where_a_stopped_run_resumes_and_changes_nothing(prefect_api, zoo, corpus, tmp_path):
     run = tmp_path / "run"
-    args = ["prune", "--model", str(zoo["llama-gqa"]), "--data", str(corpus), "--out", str(run), *PRUNE_SMALL]
+    args = tiny.prune_args(zoo["llama-gqa"], corpus, run, *PRUNE_SMALL)
     assert bonsai(args, tmp_path, BONSAI_KILL_AT="evaluate-batch#3").returncode == -signal.SIGKILL
     before = snapshot(run)
     shown = bonsai(["status", str(run)], tmp_path)
@@ -69,7 +69,7 @@ def test_audit_prints_tables_draws_plots_and_publishes(prefect_api, zoo, corpus,
 
 def test_unreachable_servers_and_bad_schedules_are_one_line(zoo, corpus, tmp_path):
     out = tmp_path / "run"
-    args = ["prune", "--model", str(zoo["llama"]), "--data", str(corpus), "--out", str(out), *PRUNE_SMALL]
+    args = tiny.prune_args(zoo["llama"], corpus, out, *PRUNE_SMALL)
     result = bonsai(args, tmp_path, PREFECT_API_URL="http://127.0.0.1:9/api")
     assert_one_line_error(result, "cannot reach the Prefect server at http://127.0.0.1:9/api")
     assert "the run directory is untouched" in result.stderr and not out.exists()
@@ -155,7 +155,7 @@ def test_a_schedule_on_a_real_server_runs_and_resumes_a_half_finished_run(zoo, c
             json.dumps({"prune": {"model": str(zoo["llama"]), "data": str(corpus), "out": str(run), **SMALL}})
         )
         killed = bonsai(
-            ["prune", "--model", str(zoo["llama"]), "--data", str(corpus), "--out", str(run), *PRUNE_SMALL],
+            tiny.prune_args(zoo["llama"], corpus, run, *PRUNE_SMALL),
             tmp_path,
             PREFECT_API_URL=api,
             BONSAI_KILL_AT="importance#2",

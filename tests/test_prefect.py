@@ -53,7 +53,7 @@ def test_a_run_on_its_own_temporary_server_finishes(zoo, corpus, tmp_path):
     model.  The server must outlive that thread (its parent-death signal follows the thread
     that started it) and serve the whole flow."""
     out = tmp_path / "run"
-    args = ["prune", "--model", str(zoo["llama"]), "--data", str(corpus), "--out", str(out), *tiny.PRUNE_SMALL]
+    args = tiny.prune_args(zoo["llama"], corpus, out, *tiny.PRUNE_SMALL)
     result = tiny.bonsai(args, tmp_path, PREFECT_API_URL="")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model" / "config.json").is_file()

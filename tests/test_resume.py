@@ -16,7 +16,7 @@ from bonsai.flows.prune import run_prune
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.options import PruneOptions, build
 
-from tiny import PRUNE_SMALL, bonsai, env, popen
+from tiny import PRUNE_SMALL, bonsai, env, popen, prune_args
 
 
 def as_config(flags: list[str]):
@@ -35,16 +35,7 @@ def reference_digest(zoo, corpus, tmp, flags) -> str:
 
 
 def test_killed_at_every_stage_resumes_to_identical_bytes(prefect_api, zoo, corpus, tmp_path):
-    args = [
-        "prune",
-        "--model",
-        str(zoo["llama-gqa"]),
-        "--data",
-        str(corpus),
-        "--out",
-        str(tmp_path / "run"),
-        *PRUNE_SMALL,
-    ]
+    args = prune_args(zoo["llama-gqa"], corpus, tmp_path / "run", *PRUNE_SMALL)
     expected = reference_digest(zoo, corpus, tmp_path, PRUNE_SMALL)
     run = tmp_path / "run"
     # each run resumes the one before and is killed further on (12 masks in 3 shards of
@@ -70,7 +61,7 @@ def test_killed_at_every_stage_resumes_to_identical_bytes(prefect_api, zoo, corp
 
 def test_killed_from_outside_at_an_arbitrary_moment(prefect_api, zoo, corpus, tmp_path):
     flags = [*PRUNE_SMALL, "--masks-per-iter", "40"]  # 10 shards per iteration: time to hit one
-    args = ["prune", "--model", str(zoo["llama-gqa"]), "--data", str(corpus), "--out", str(tmp_path / "run"), *flags]
+    args = prune_args(zoo["llama-gqa"], corpus, tmp_path / "run", *flags)
     expected = reference_digest(zoo, corpus, tmp_path, flags)
     process = popen(args, tmp_path)
     deadline = time.time() + 300

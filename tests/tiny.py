@@ -147,6 +147,11 @@ def prune(model, data, out, **changes) -> dict:
 PRUNE_SMALL = [item for key, value in SMALL.items() for item in (f"--{key.replace('_', '-')}", str(value))]
 
 
+def prune_args(model, data, out, *flags: str) -> list[str]:
+    """The `bonsai prune` command line the CLI tests run."""
+    return ["prune", "--model", str(model), "--data", str(data), "--out", str(out), *flags]
+
+
 def env(tmp: Path, **extra: str) -> dict[str, str]:
     """A fresh PREFECT_HOME per call: the store, not Prefect's state, must carry a resume."""
     home = tmp / f"prefect-home-{len(list(tmp.glob('prefect-home-*')))}"
