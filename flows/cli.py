@@ -66,24 +66,42 @@ def _start_prefect(background: bool = False) -> Callable[[], None]:
     nothing started); Prefect's logging setup (run when it is imported) owns the console and
     the stages' ``bonsai.*`` loggers propagate to it.  Returns the function to call before the
     first flow: with ``background``, a temporary server starts while the caller works."""
+    prefect_environment()
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):
+        # started before Prefect is even imported, so that its start overlaps all of ours
+        from bonsai.flows.prefect_server import TemporaryServer
+
+        server = TemporaryServer()
     url = _prefect_server()
     logging.getLogger("bonsai").setLevel(logging.INFO)
-    if not url:
-        # also handed down to Dask workers, which would otherwise each start a server of their own
-        from bonsai.flows.prefect_server import start_temporary_server
+    if server is not None and url:  # a Prefect profile names a server after all
+        server.stop()
+    elif server is not None:
 
-        return start_temporary_server(background)
-    else:
-        import httpx
+        def ready() -> None:
+            timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+            # also handed down to Dask workers, which would otherwise each start a server of their own
+            os.environ["PREFECT_API_URL"] = server.wait_until_ready(timeout)
+            from prefect.context import refresh_global_settings_context
 
-        try:
-            httpx.get(url.rstrip("/") + "/health", timeout=10).raise_for_status()
-        except httpx.HTTPError as exc:
-            raise UserError(
-                f"cannot reach the Prefect server at {url} (PREFECT_API_URL: {exc.__class__.__name__}); "
-                f"nothing was started and the run directory is untouched: start the server "
-                f"(`prefect server start`) or unset PREFECT_API_URL to use a temporary one"
-            ) from None
+            refresh_global_settings_context()  # Prefect read its settings when it was imported
+            logging.getLogger("bonsai.prefect").info("temporary Prefect server on %s", server.api_url)
+
+        if not background:
+            ready()
+            return lambda: None
+        return ready
+    import httpx
+
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise UserError(
+            f"cannot reach the Prefect server at {url} (PREFECT_API_URL: {exc.__class__.__name__}); "
+            f"nothing was started and the run directory is untouched: start the server "
+            f"(`prefect server start`) or unset PREFECT_API_URL to use a temporary one"
+        ) from None
     return lambda: None
 
 

@@ -4,6 +4,8 @@ layers with no heads or no channels left included."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import polars as pl
 import pytest
@@ -13,8 +15,8 @@ from bonsai.artifacts import Store, external_ref
 from bonsai.stages import calibration, export, reconstruct
 from bonsai.stages.core.families import family_for_model_type
 from bonsai.stages.core.model_io import current_model, load_model, shared_models
-from bonsai.stages.core.reconstruction import Moments, solve
-from bonsai.stages.core.units import KEEP_FILE, KeepState, layer_shapes, units_table
+from bonsai.stages.core.reconstruction import Moments, repair, solve
+from bonsai.stages.core.units import CHANNEL, HEAD, KEEP_FILE, KeepState, layer_shapes, units_table
 
 import tiny
 from tiny import awkward_state, ids_for, reload_elsewhere
@@ -60,6 +62,43 @@ def test_a_singular_gram_raises_the_damping_with_a_warning(caplog):
     x, w = correlated(tokens=3)  # three tokens: G has rank 3 < 8 kept columns
     new, used = solve(w, Moments(x.T @ x, None, 0.0, len(x)), torch.arange(8), damping=0.0)
     assert used > 0.0 and torch.isfinite(new).all() and "not positive definite" in caplog.text
+
+
+def _repairs(zoo, spec: str, shortcut: bool):
+    """The repair of every other head and channel, with the layer-output shortcut on or off."""
+    model = load_model(zoo[spec], torch.float32, torch.device("cpu"))
+    family = family_for_model_type(model.config.model_type)
+    shapes = layer_shapes(model, family)
+    keep = {(layer, kind): state for layer, s in enumerate(shapes) for kind, state in _every_other(s).items()}
+    family = dataclasses.replace(family, mlp_out_adds_to_residual=shortcut)
+    return repair(model, family, ids_for(model, rows=12, length=16), 4, keep, 0.1, 4), len(shapes)
+
+
+@pytest.mark.parametrize("spec", [s for s in tiny.SPECS if not s.startswith("gemma")])
+def test_layer_outputs_corrected_for_the_update_equal_a_second_pass(zoo, spec):
+    """The MLP pass's outputs plus x dW^T stand in for running each repaired layer again: the
+    repair must come out the same either way."""
+    ((fast, fast_outcomes), layers), ((slow, slow_outcomes), _) = (_repairs(zoo, spec, s) for s in (True, False))
+    assert fast.keys() == slow.keys()
+    for key in fast:
+        assert torch.allclose(fast[key], slow[key], rtol=1e-4, atol=1e-5), key
+    # the held-out errors of every later layer are computed on the inputs the shortcut gave it
+    assert len(fast_outcomes) == len(slow_outcomes) > 2 * layers - 2
+    for a, b in zip(fast_outcomes, slow_outcomes):
+        assert a.applied == b.applied and a.error_after == pytest.approx(b.error_after, rel=1e-4)
+
+
+def test_a_normalised_mlp_output_needs_the_second_pass(zoo):
+    """Gemma 2 normalises the MLP output before the residual sum: the shortcut would be wrong,
+    so its family turns it off."""
+    assert not family_for_model_type("gemma2").mlp_out_adds_to_residual
+    (_, fast), _ = _repairs(zoo, "gemma2", True)
+    (_, slow), _ = _repairs(zoo, "gemma2", False)
+    assert any(a.error_after != pytest.approx(b.error_after, rel=1e-3) for a, b in zip(fast, slow))
+
+
+def _every_other(shape) -> dict:
+    return {kind: list(range(0, shape.count(kind), 2)) for kind in (HEAD, CHANNEL)}
 
 
 def select_artifact(store: Store, parent, model, family, state: KeepState, name: str):

@@ -13,8 +13,10 @@ in the unpruned model: W_K' = (W C_{.K} + lambda W_K) (G_KK + lambda I)^-1 with 
 which also undoes what the layers before still get wrong (the unpruned layers run beside the
 pruned ones, on the same windows).  Layers are repaired in order, each one's G
 collected through the already repaired (and pruned) layers before it: every decoder layer's
-input hidden states are kept between layers, so one iteration costs about two passes of each
-layer over the windows, not one full forward per layer.  Held-out windows check each update:
+input hidden states are kept between layers, and the pass that collects the MLP output's
+inputs also gives the layer's outputs (corrected by x dW^T for the update), so one iteration
+costs the attention twice and the MLP once per layer over the windows, not a full forward per
+layer.  Held-out windows check each update:
 one that does not lower that projection's output error there is not applied.
 
 The model is changed in place (removed columns zeroed, kept ones updated), which is exactly
@@ -130,11 +132,20 @@ class _Collect:
         m = self.parts[part]
         x = x.reshape(-1, x.shape[-1]).float()
         m.gram += (x.T @ x).double()
-        reference = x if x_ref is None else x_ref.reshape(-1, x_ref.shape[-1]).float()
         if x_ref is not None:
+            reference = x_ref.reshape(-1, x_ref.shape[-1]).float()
             m.cross += (reference.T @ x).double()
-        m.energy += float((reference @ self.weight.T).square().sum())
+            m.energy += float((reference @ self.weight.T).square().sum())
         m.tokens += x.shape[0]
+
+    def moments(self) -> list[Moments]:
+        """(fit, held-out) moments.  Without a separate reference, sum ||W x||^2 is
+        trace(W G W^T): one product with G instead of a second pass of W over every token."""
+        if not self.reference:
+            w = self.weight.double()
+            for m in self.parts:
+                m.energy = float(((w @ m.gram) * w).sum())
+        return self.parts
 
 
 def _inputs(layer, family, kind, batch, call, stop: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -223,6 +234,7 @@ def repair(
             else {}
         )
         next_reference = []
+        patch = None  # (MLP inputs and layer outputs per batch, change of the MLP-output weight)
         for kind in (HEAD, CHANNEL):
             positions = list(keep[(index, kind)])
             target = output_projection(layer, family, kind)
@@ -240,6 +252,10 @@ def repair(
                 float("nan"),
                 False,
             )
+            # the pass that collects the MLP output's inputs runs the whole layer: its outputs,
+            # corrected for the weight change, are the next layer's inputs (no third pass)
+            patchable = kind == CHANNEL and reference is None and family.mlp_out_adds_to_residual
+            seen, previous = [], target.weight.clone() if patchable else None
             if positions:
                 collect = _Collect(target.weight, reference is not None)
                 for b, (batch, call) in enumerate(zip(hidden, calls)):
@@ -253,9 +269,11 @@ def repair(
                             output_projection(layer, family, k).weight.copy_(w)
                         if len(next_reference) < len(hidden):  # the first kind repaired here keeps it
                             next_reference.append(out)
-                    x, _ = _inputs(layer, family, kind, batch, call)
+                    x, out = _inputs(layer, family, kind, batch, call, stop=not patchable)
+                    if patchable:
+                        seen.append((x, out))
                     collect.add(0 if b < fit_rows else 1, x, x_ref)
-                fitted, checked = collect.parts
+                fitted, checked = collect.moments()
                 new_kept, used = solve(target.weight, fitted, kept, damping)
                 before = _relative_error(target.weight, None, checked, kept)
                 after = _relative_error(target.weight, new_kept, checked, kept)
@@ -273,11 +291,17 @@ def repair(
             removed[kept] = False
             target.weight[:, removed] = 0  # the removal itself, so that later layers see the pruned model
             outcomes.append(outcome)
+            if seen:
+                patch = (seen, target.weight - previous)
         if reference is not None:
             if len(next_reference) != len(hidden):  # no head statistics taken here: run the unpruned layer now
                 next_reference = _unpruned_outputs(layer, family, originals, reference, calls)
             reference = next_reference
-        hidden = [_run_layer(layer, h, call) for h, call in zip(hidden, calls)]
+        if patch is not None:
+            seen, delta = patch
+            hidden = [out + x @ delta.T for x, out in seen]
+        else:
+            hidden = [_run_layer(layer, h, call) for h, call in zip(hidden, calls)]
         progress.advance()
     return updated, outcomes
 

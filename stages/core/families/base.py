@@ -24,6 +24,9 @@ class Family:
     mlp: str = "mlp"
     mlp_in: tuple[str, ...] = ("gate_proj", "up_proj")
     mlp_out: str = "down_proj"
+    # the MLP output projection's output is added to the residual stream as it is (no norm
+    # after it), so a change of its weight changes the layer output by x @ dW^T
+    mlp_out_adds_to_residual: bool = True
     tolerance: float = 1e-5  # max |logit| gap, masked parent vs sliced export, float32 (tested)
     notes: str = ""  # what differs from LLaMA, shown by `bonsai families`
 

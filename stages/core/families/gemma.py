@@ -11,5 +11,6 @@ from bonsai.stages.core.families.base import Family
 FAMILY = Family(
     name="gemma",
     model_types=("gemma", "gemma2"),
+    mlp_out_adds_to_residual=False,  # Gemma 2 normalises the MLP output before adding it
     notes="GeGLU, explicit head_dim, soft-capping (Gemma 2); MQA heads go together",
 )
