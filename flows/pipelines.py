@@ -1,7 +1,7 @@
 """The Prefect flows.  Each is a thin shell: the wiring lives in prune.py / demo.py.
 
 Importing this module imports Prefect; the CLI does so only when a command needs it, after
-it has set Prefect's environment defaults (see cli.prefect_environment).
+it has set Prefect's environment defaults (see prefect_server.prefect_environment).
 """
 
 from __future__ import annotations

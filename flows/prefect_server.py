@@ -1,13 +1,15 @@
-"""The temporary Prefect server a command uses when no server is configured.
+"""How a command reaches Prefect: its environment defaults, the configured server, or else
+a temporary one, and a console that shows user errors as one line.
 
-Prefect starts one on first use (its "ephemeral" server): it imports the whole server stack
-into the command's own process first (seconds of CPU under the same interpreter lock as the
-command's own imports), then starts a uvicorn child that outlives a SIGKILLed parent, so every
-killed run would leave a server behind, holding a port and memory.  This starts the same
-uvicorn app directly, as the command's first act and without importing Prefect, so that its
-start (12-15 s on two cores, mostly the child's imports) runs on the other core while the
-command imports torch and loads the model; the Linux parent-death signal set in the child ends
-the server when the command ends, however it ends.
+With no server configured, Prefect starts a temporary one on first use (its "ephemeral"
+server): it imports the whole server stack into the command's own process first (seconds of
+CPU under the same interpreter lock as the command's own imports), then starts a uvicorn child
+that outlives a SIGKILLed parent, so every killed run would leave a server behind, holding a
+port and memory.  ``TemporaryServer`` starts the same uvicorn app directly, as the command's
+first act and without importing Prefect, so that its start (10-15 s on two cores, mostly the
+child's imports) runs on the other core while the command imports torch and loads the model;
+the Linux parent-death signal set in the child ends the server when the command ends, however
+it ends.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import atexit
 import ctypes
 import functools
 import importlib.util
+import logging
 import os
 import signal
 import socket
@@ -24,7 +27,23 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
+
+from bonsai.stages.core.errors import UserError
+
+PREFECT_DEFAULTS = {
+    # The ephemeral server needs 12-15 s to start on two cores; Prefect's default is 20 s.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # Send the stages' own log lines (progress included) to the Prefect run logs as well.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "bonsai",
+    # The stages report progress as log lines; transformers' bars would interleave with them.
+    # An environment variable, so that flow runs in child processes (schedules, Dask) see it.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
+
 
 _PR_SET_PDEATHSIG = 1
 _PORT_IN_USE = 3  # uvicorn's exit status when its port was taken between choosing and binding
@@ -115,3 +134,83 @@ class TemporaryServer:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def prefect_environment() -> None:
+    for key, value in PREFECT_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+class _HideUserErrors(logging.Filter):
+    """Keep Prefect's console from printing a traceback for bad input; the CLI prints the
+    one-line message itself.  The Prefect UI (API log handler) still gets everything."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, UserError):
+            return False
+        return "UserError" not in record.getMessage()
+
+
+@contextmanager
+def quiet_user_errors():
+    handlers = [h for name in ("", "prefect") for h in logging.getLogger(name).handlers]
+    hide = _HideUserErrors()
+    for handler in handlers:
+        handler.addFilter(hide)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(hide)
+
+
+def start_prefect(background: bool = False) -> Callable[[], None]:
+    """Before a flow runs: a configured Prefect server must answer (else one clear line,
+    nothing started); Prefect's logging setup (run when it is imported) owns the console and
+    the stages' ``bonsai.*`` loggers propagate to it.  Returns the function to call before the
+    first flow: with ``background``, a temporary server starts while the caller works."""
+    prefect_environment()
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):
+        # started before Prefect is even imported, so that its start overlaps all of ours
+        server = TemporaryServer()
+    url = configured_server()
+    logging.getLogger("bonsai").setLevel(logging.INFO)
+    if server is not None and url:  # a Prefect profile names a server after all
+        server.stop()
+    elif server is not None:
+
+        def ready() -> None:
+            timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+            # also handed down to Dask workers, which would otherwise each start a server of their own
+            os.environ["PREFECT_API_URL"] = server.wait_until_ready(timeout)
+            from prefect.context import refresh_global_settings_context
+
+            refresh_global_settings_context()  # Prefect read its settings when it was imported
+            logging.getLogger("bonsai.prefect").info("temporary Prefect server on %s", server.api_url)
+
+        if not background:
+            ready()
+            return lambda: None
+        return ready
+    import httpx
+
+    try:
+        httpx.get(url.rstrip("/") + "/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise UserError(
+            f"cannot reach the Prefect server at {url} (PREFECT_API_URL: {exc.__class__.__name__}); "
+            f"nothing was started and the run directory is untouched: start the server "
+            f"(`prefect server start`) or unset PREFECT_API_URL to use a temporary one"
+        ) from None
+    return lambda: None
+
+
+def configured_server() -> str | None:
+    """The configured Prefect API, or None when runs would use a temporary server."""
+    prefect_environment()
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    return str(url) if url else None
