@@ -1,6 +1,7 @@
 """Post-pruning adaptation: quality (the paper's Table 6 shape), memory, throughput.
 
     python benchmarks/adapt.py quality [--steps 300]   # trained tiny parent at 50%
+    python benchmarks/adapt.py after-repair [--seeds 0]  # 50% runs of reconstruct.py, with and without repair
     python benchmarks/adapt.py memory                  # LLaMA-7B widths, 4 layers, 50% (speed.py makes it)
 
 quality: held-out perplexity of the parent, of the pruned model, and of the pruned model
@@ -40,19 +41,7 @@ def quality(steps: int) -> None:
         ["pruned, no adaptation", "-", ppl(str(run / "model"), heldout, evals), "-", "-"],
     ]
     for weight in (0.0, 0.01, 1.0):
-        options = AdaptOptions(
-            steps=steps,
-            lora_rank=16,
-            lora_alpha=64,
-            distill_weight=weight,
-            top_k=64,
-            lr=1e-3,
-            seq_len=128,
-            sequences=1024,
-            batch_size=8,
-            checkpoint_every=100,
-            device="cpu",
-        )
+        options = _options(steps, weight)
         start = time.perf_counter()
         summary = run_adapt(str(run), options)
         seconds = time.perf_counter() - start
@@ -73,6 +62,42 @@ def quality(steps: int) -> None:
             ["model", "steps", "held-out perplexity", "teacher cache per 1,000 seq.", "tokens/s (incl. caching)"], rows
         )
     )
+
+
+def _options(steps: int, weight: float) -> AdaptOptions:
+    return AdaptOptions(
+        steps=steps,
+        lora_rank=16,
+        lora_alpha=64,
+        distill_weight=weight,
+        top_k=64,
+        lr=1e-3,
+        seq_len=128,
+        sequences=1024,
+        batch_size=8,
+        checkpoint_every=100,
+        device="cpu",
+    )
+
+
+def after_repair(steps: int, seeds: list[int]) -> None:
+    """The reconstruct benchmark's 50 % runs with and without repair (benchmarks/reconstruct.py
+    runs), each adapted the same way (lambda 0.01): does adaptation keep what repair gained?"""
+    from reconstruct import OUT as RUNS
+
+    _, _, heldout = common.parent()
+    evals = Store(OUT / "perplexity")
+    rows = []
+    for seed in seeds:
+        for mode in ("none", "lsq"):
+            run = RUNS / f"tiny-0.5-{mode}-seed{seed}"
+            if not (run / "model").is_dir():
+                raise SystemExit(f"{run} is missing: run benchmarks/reconstruct.py runs --seeds {seed} first")
+            summary = run_adapt(str(run), _options(steps, 0.01))
+            pruned, adapted = ppl(str(run / "model"), heldout, evals), ppl(summary["adapted"], heldout, evals)
+            rows.append([seed, mode, f"{pruned:.2f}", steps, f"{adapted:.2f}"])
+            print(rows[-1], flush=True)
+    print(common.markdown(["seed", "repair", "pruned", "steps", "adapted (lambda 0.01)"], rows))
 
 
 def _peak_kib() -> int:
@@ -154,12 +179,18 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "child":
         return child(*sys.argv[2:5])
     parser = argparse.ArgumentParser()
-    parser.add_argument("which", choices=["quality", "memory"])
+    parser.add_argument("which", choices=["quality", "memory", "after-repair"])
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
     common.setup_logging()
     OUT.mkdir(parents=True, exist_ok=True)
-    quality(args.steps) if args.which == "quality" else memory()
+    if args.which == "quality":
+        quality(args.steps)
+    elif args.which == "after-repair":
+        after_repair(args.steps, args.seeds)
+    else:
+        memory()
 
 
 if __name__ == "__main__":
