@@ -16,8 +16,9 @@ collected through the already repaired (and pruned) layers before it: every deco
 input hidden states are kept between layers, and the pass that collects the MLP output's
 inputs also gives the layer's outputs (corrected by x dW^T for the update), so one iteration
 costs the attention twice and the MLP once per layer over the windows, not a full forward per
-layer (it keeps one layer's MLP-output inputs, tokens x MLP width, until the layer is done).  Held-out windows check each update:
-one that does not lower that projection's output error there is not applied.
+layer (it keeps one layer's MLP-output inputs, tokens x MLP width, until the layer is done).
+Held-out windows check each update: one that does not lower that projection's output error
+there is not applied.
 
 The model is changed in place (removed columns zeroed, kept ones updated), which is exactly
 the pruned model; ``repair`` returns the updated tensors and a table of what it did.
