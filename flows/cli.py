@@ -228,7 +228,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from bonsai.flows.preflight import open_run, prepare
 
     address = _runner(args)
-    ready = start_prefect(background=True)  # 12-15 s for a temporary server: meanwhile, check and load
+    ready = start_prefect(background=True)  # a temporary server starts (10-15 s): meanwhile, check and load
     prepared = prepare(args.model, args.data, args.out, config)
     open_run(prepared, probe=True)  # refuse a locked or different run before any flow starts
     if not address:

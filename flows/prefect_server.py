@@ -34,7 +34,7 @@ from pathlib import Path
 from bonsai.stages.core.errors import UserError
 
 PREFECT_DEFAULTS = {
-    # The ephemeral server needs 12-15 s to start on two cores; Prefect's default is 20 s.
+    # A temporary server needs 10-15 s to start on two cores, more on a busy machine; Prefect's default is 20 s.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     # Send the stages' own log lines (progress included) to the Prefect run logs as well.
