@@ -21,7 +21,7 @@ from bonsai.stages.core.options import PruneOptions
 from bonsai.stages.core.paths import cache_dir
 from bonsai.stages.reports.audit import audit
 from bonsai.stages.reports.compare import CompareConfig, compare
-from bonsai.stages.reports.speed import ratio_text
+from bonsai.stages.reports.speed import ratio_text, speedup_text
 from bonsai.stages.reports.terminal import iteration_table, table
 
 PROMPTS = (
@@ -126,7 +126,7 @@ def report(name: str, summary: dict, result: dict, plots: list[str], run_dir: Pa
             "pruned / parent",
             ratio_text(rows[1]["parameters"] / rows[0]["parameters"]),
             ratio_text(rows[1]["perplexity"] / rows[0]["perplexity"]),
-            *(ratio_text(speedups[k]) + " faster" for k in speed_keys),
+            *(speedup_text(speedups[k]) for k in speed_keys),
         ]
     )
     lines = [

@@ -94,3 +94,10 @@ def test_smollm2_from_gguf_pruned_exported_and_chatting(tmp_path, monkeypatch):
     out = exported.generate(**prompt, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "<|im_start|>assistant" in tokenizer.decode(prompt["input_ids"][0]) and answer.strip()
+
+
+def test_a_slower_model_is_called_slower():
+    from bonsai.stages.reports.speed import speedup_text
+
+    assert speedup_text(1.14) == "1.14x faster"
+    assert speedup_text(1 / 1.08) == "1.08x slower"

@@ -141,3 +141,9 @@ def speedup(parent: float, pruned: float, unit: str) -> float:
 
 def ratio_text(value: float) -> str:
     return f"{value:.2f}x"
+
+
+def speedup_text(value: float) -> str:
+    """A speed ratio (above 1 is faster) in words: "1.14x faster", or "1.08x slower", never
+    "0.93x faster"."""
+    return f"{ratio_text(value)} faster" if value >= 1 else f"{ratio_text(1 / value)} slower"
