@@ -15,11 +15,24 @@ from bonsai.stages import tiny_parent  # noqa: E402
 from bonsai.stages.core.paths import cache_dir  # noqa: E402
 from bonsai.stages.reports.render import markdown  # noqa: E402
 
-__all__ = ["BENCH_PARENT", "PLOTS", "RESULTS", "markdown", "parent", "prune_command", "setup_logging", "texts"]
+__all__ = [
+    "BENCH_PARENT",
+    "PLOTS",
+    "TINY_PRUNE",
+    "RESULTS",
+    "markdown",
+    "parent",
+    "prune_command",
+    "setup_logging",
+    "texts",
+]
 
 # Longer than the demo's 240 steps: a parent whose units have specialised more, so that
 # pruning choices matter.  Trained once (about 11 minutes on 2 CPU cores), then cached.
 BENCH_PARENT = tiny_parent.TinyParentConfig(steps=1000)
+# The tiny parent's pruning setting shared by the quality-fast, repair and speed runs: budget 120
+# sub-models of 8 windows of 128 tokens per iteration.
+TINY_PRUNE = dict(masks_per_iter=120, calib_samples=8, seq_len=128, batch_size=16, shard_size=20, calib_pool=512)
 RESULTS = Path(__file__).parent / "results"  # run directories (ignored by git)
 PLOTS = Path(__file__).parent / "plots"  # figures referenced by BENCHMARKS.md
 

@@ -181,12 +181,7 @@ def one(args) -> None:
     config = PruneOptions(
         sparsity=args.sparsity,
         prune_frac=0.05,
-        masks_per_iter=120,
-        calib_samples=8,
-        seq_len=128,
-        batch_size=16,
-        shard_size=20,
-        calib_pool=512,
+        **common.TINY_PRUNE,
         seed=args.seed,
         device="cpu",
         reconstruct=args.mode,

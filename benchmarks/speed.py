@@ -46,12 +46,7 @@ def tiny(device: str) -> None:
         config = PruneOptions(
             sparsity=sparsity,
             prune_frac=0.05 if sparsity == 0.5 else 0.1,
-            masks_per_iter=120,
-            calib_samples=8,
-            seq_len=128,
-            batch_size=16,
-            shard_size=20,
-            calib_pool=512,
+            **common.TINY_PRUNE,
             device=device,
         )
         run = common.RESULTS / "quality-fast" / "regression-seed0" if sparsity == 0.5 else OUT / f"tiny-{sparsity}"
