@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 
-def _status(field: str) -> int:
+def status(field: str) -> int:
+    """A field of this process's /proc status (VmRSS, VmHWM), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
@@ -46,7 +47,7 @@ def child(mode: str, batch: int, seq_len: int) -> None:
     cands = candidates_for(model, family)
     keep, _, _ = masks.sample(cands, 4, generator(0, "m"))
     Path("/proc/self/clear_refs").write_text("5")
-    loaded = _status("VmRSS")
+    loaded = status("VmRSS")
     with torch.no_grad():
         if mode == "inference":
             for _ in range(3):
@@ -56,7 +57,23 @@ def child(mode: str, batch: int, seq_len: int) -> None:
                 row_nll(model, windows)
             unit_priors(taps)
             evaluate_masks(model, family, windows, cands, keep, batch, torch.device("cpu"))
-    print(json.dumps({"loaded": loaded, "peak": _status("VmHWM")}))
+    print(json.dumps({"loaded": loaded, "peak": status("VmHWM")}))
+
+
+def median_peaks(script: str, modes: tuple[str, ...], flags: list[str], processes: int) -> dict:
+    """Per mode, the JSON line of the child process with the median peak (fresh processes:
+    allocator peaks vary from one to the next)."""
+    out = {}
+    for mode in modes:
+        samples = []
+        for _ in range(processes):
+            done = subprocess.run([sys.executable, script, "--child", mode, *flags], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise SystemExit(done.stderr[-3000:])
+            samples.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        samples.sort(key=lambda s: s["peak"])
+        out[mode] = samples[len(samples) // 2]
+    return out
 
 
 def main() -> None:
@@ -68,19 +85,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.batch, args.seq_len)
-    out = {}
-    for mode in ("inference", "pruning"):  # median of fresh processes: allocator peaks vary
-        samples = []
-        for _ in range(args.processes):
-            done = subprocess.run(
-                [sys.executable, __file__, "--child", mode, "--batch", str(args.batch), "--seq-len", str(args.seq_len)],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            samples.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        samples.sort(key=lambda s: s["peak"])
-        out[mode] = samples[len(samples) // 2]
+    flags = ["--batch", str(args.batch), "--seq-len", str(args.seq_len)]
+    out = median_peaks(__file__, ("inference", "pruning"), flags, args.processes)
     import common
 
     mb = 1 << 20

@@ -29,7 +29,7 @@ from bonsai.stages.core.rng import generator
 from bonsai.stages.core.slicing import slice_model
 from bonsai.stages.core.units import KINDS, KeepState, layer_shapes, read_keep_state
 
-VERSION = "2"  # 2: the layer outputs come from the MLP pass (rounding differs)
+VERSION = "3"  # 2: the layer outputs come from the MLP pass; 3: held-out errors from inputs (rounding)
 TABLE = "repair.parquet"
 SCHEMA = {
     "iteration": pl.Int32,

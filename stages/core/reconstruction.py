@@ -18,7 +18,10 @@ inputs also gives the layer's outputs (corrected by x dW^T for the update), so o
 costs the attention twice and the MLP once per layer over the windows, not a full forward per
 layer (it keeps one layer's MLP-output inputs, tokens x MLP width, until the layer is done).
 Held-out windows check each update: one that does not lower that projection's output error
-there is not applied.
+there is not applied (the error is taken from their inputs, kept, not from a second Gram
+matrix).  Memory beyond the model: one projection's G (float64, d x d), made into G_KK and its
+Cholesky factor in its own storage, an out x k right-hand side, the windows' hidden states and
+one layer's MLP-output inputs (BENCHMARKS.md measures it at LLaMA-2-7B's shapes).
 
 The model is changed in place (removed columns zeroed, kept ones updated), which is exactly
 the pruned model; ``repair`` returns the updated tensors and a table of what it did.
@@ -26,6 +29,7 @@ the pruned model; ``repair`` returns the updated tensors and a table of what it 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -96,57 +100,57 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, call) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
+BLOCK = 1024  # columns (or rows) per product: no d x d float32 temporary beside the float64 sums
+
+
 @dataclass
 class Moments:
-    """Sums over tokens, for one projection W (out x d): G = sum x x^T of its pruned-model input
-    x, C = sum x_ref x^T with x_ref the input the reference output W x_ref comes from, and
-    R = sum ||W x_ref||^2.  Least squares then needs no activations kept."""
+    """Sums over the fit tokens, for one projection W (out x d): G = sum x x^T of its
+    pruned-model input x, and C = sum x_ref x^T with x_ref the input the reference output
+    W x_ref comes from.  Least squares then needs no activations kept."""
 
     gram: torch.Tensor
     cross: torch.Tensor | None  # None: the reference input is x itself (C = G)
-    energy: float
     tokens: int
 
-    def target(self, weight: torch.Tensor) -> torch.Tensor:
-        """sum (W x_ref) x^T, (out x d)."""
-        return weight @ (self.gram if self.cross is None else self.cross)
+    def target_columns(self, weight: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """(sum (W x_ref) x^T)[:, kept], (out x k) float64, a block of W's rows at a time (no
+        float64 copy of W)."""
+        m = self.gram if self.cross is None else self.cross
+        out = torch.empty(weight.shape[0], len(kept), dtype=torch.float64, device=m.device)
+        for s in range(0, weight.shape[0], BLOCK):
+            out[s : s + BLOCK] = (weight[s : s + BLOCK].double() @ m).index_select(1, kept)
+        return out
+
+
+def _add_products(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total += a^T b: float32 products (half the time of float64, and within 2e-7 of it in norm
+    on SmolLM2's activations) added to float64 sums, a block of columns at a time."""
+    for s in range(0, b.shape[1], BLOCK):
+        total[:, s : s + BLOCK] += (a.T @ b[:, s : s + BLOCK]).double()
 
 
 class _Collect:
-    """Accumulates Moments in float64 from hooked projection inputs: each batch's products in
-    float32 (half the time of float64, and within 2e-7 of it in norm on SmolLM2's activations)."""
+    """Fit moments from hooked projection inputs, and the held-out inputs themselves: the check
+    takes its errors from those directly (a held-out Gram matrix would double the memory)."""
 
     def __init__(self, weight: torch.Tensor, reference: bool):
         d, dev = weight.shape[1], weight.device
-        self.weight, self.reference = weight.float(), reference
-        self.parts = [
-            Moments(
-                torch.zeros(d, d, dtype=torch.float64, device=dev),
-                torch.zeros(d, d, dtype=torch.float64, device=dev) if reference else None,
-                0.0,
-                0,
-            )
-            for _ in range(2)
-        ]
+        zeros = functools.partial(torch.zeros, d, d, dtype=torch.float64, device=dev)
+        self.fit = Moments(zeros(), zeros() if reference else None, 0)
+        self.held: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
-    def add(self, part: int, x: torch.Tensor, x_ref: torch.Tensor | None) -> None:
-        m = self.parts[part]
-        x = x.reshape(-1, x.shape[-1]).float()
-        m.gram += (x.T @ x).double()
+    def add(self, fit: bool, x: torch.Tensor, x_ref: torch.Tensor | None) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        x_ref = x_ref.reshape(-1, x_ref.shape[-1]) if x_ref is not None else None
+        if not fit:
+            self.held.append((x, x_ref))
+            return
+        x = x.float()
+        _add_products(self.fit.gram, x, x)
         if x_ref is not None:
-            reference = x_ref.reshape(-1, x_ref.shape[-1]).float()
-            m.cross += (reference.T @ x).double()
-            m.energy += float((reference @ self.weight.T).square().sum())
-        m.tokens += x.shape[0]
-
-    def moments(self) -> list[Moments]:
-        """(fit, held-out) moments.  Without a separate reference, sum ||W x||^2 is
-        trace(W G W^T): one product with G instead of a second pass of W over every token."""
-        if not self.reference:
-            w = self.weight.double()
-            for m in self.parts:
-                m.energy = float(((w @ m.gram) * w).sum())
-        return self.parts
+            _add_products(self.fit.cross, x_ref.float(), x)
+        self.fit.tokens += x.shape[0]
 
 
 def _inputs(layer, family, kind, batch, call, stop: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -168,34 +172,88 @@ def _inputs(layer, family, kind, batch, call, stop: bool = True) -> tuple[torch.
     return seen[0], out
 
 
+def _compact(gram: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """G_KK moved into the first k*k elements of G's own storage, returned as a k x k view (G is
+    destroyed).  Rows are moved in increasing order: row i goes to offset i*k <= kept[i]*d,
+    below every row still to be read, so no copy of G is needed."""
+    flat, k = gram.view(-1), len(kept)
+    for i, row in enumerate(kept.tolist()):
+        flat[i * k : (i + 1) * k] = gram[row].index_select(0, kept)
+    return flat[: k * k].view(k, k)
+
+
+def _factor(g: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    """(the Cholesky factor of the symmetric g, whether it is positive definite).  On the CPU
+    the factor overwrites g's lower triangle (LAPACK on g's own memory; the strict upper
+    triangle keeps g); elsewhere it is a new tensor."""
+    if g.device.type != "cpu":
+        factor, info = torch.linalg.cholesky_ex(g)
+        return factor, int(info) == 0
+    from scipy.linalg import lapack  # here: scipy.linalg costs a command's start-up 0.4 s
+
+    # g is C-ordered and symmetric: its transpose is the same matrix in Fortran order, whose
+    # upper triangle is g's lower one; overwritten in place, no copy
+    _, info = lapack.dpotrf(g.numpy().T, lower=0, clean=0, overwrite_a=1)
+    return None, info == 0
+
+
+def _restore(g: torch.Tensor, diagonal: torch.Tensor) -> None:
+    """Undo a failed in-place factorization: the lower triangle from the upper, and the diagonal."""
+    a = g.numpy()
+    for i in range(a.shape[0] - 1):
+        a[i + 1 :, i] = a[i, i + 1 :]
+    g.diagonal().copy_(diagonal)
+
+
 def solve(weight: torch.Tensor, moments: Moments, kept: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
     """(W_K', damping used): (T_K + lambda W_K) (G_KK + lambda I)^-1 with T = sum (W x_ref) x^T,
     in float64; for the layer's own output (T = W G) that is W_K + W_P G_PK (G_KK + lambda I)^-1.
-    The damping is raised tenfold (with a warning) until G_KK + lambda I is positive definite."""
-    w = weight.double()
-    g_kk = moments.gram.index_select(0, kept).index_select(1, kept)
-    t_k = moments.target(w).index_select(1, kept)
-    scale = float(g_kk.diagonal().mean()) if g_kk.numel() else 0.0
+    The damping is raised tenfold (with a warning) until G_KK + lambda I is positive definite.
+    Consumes ``moments.gram``: G_KK and its factor are made in G's own memory, so the solve
+    needs the d x d sums and an out x k right-hand side, nothing more (at LLaMA-7B's MLP width,
+    970 MB instead of four times that)."""
+    order = torch.argsort(kept)
+    if not torch.equal(order, torch.arange(len(kept), device=kept.device)):  # _compact needs them ascending
+        new, used = solve(weight, moments, kept[order], damping)
+        return new[:, torch.argsort(order)], used
+    rhs = moments.target_columns(weight, kept)
+    g = _compact(moments.gram, kept.to(moments.gram.device))
+    diagonal = g.diagonal().clone()
+    scale = float(diagonal.mean()) if len(kept) else 0.0
+    added = 0.0  # lambda W_K already in rhs
     for _ in range(MAX_RETRIES + 1):
         lam = damping * scale
-        factor, info = torch.linalg.cholesky_ex(g_kk + lam * torch.eye(len(kept), dtype=g_kk.dtype, device=g_kk.device))
-        if int(info) == 0:
+        rhs.add_(weight.index_select(1, kept), alpha=lam - added)
+        added = lam
+        g.diagonal().copy_(diagonal + lam)
+        factor, ok = _factor(g)
+        if ok:
             # X (G_KK + lam I) = T_K + lam W_K  <=>  (G_KK + lam I) X^T = (T_K + lam W_K)^T
-            return torch.cholesky_solve((t_k + lam * w[:, kept]).T, factor).T, damping
+            if factor is not None:
+                return torch.cholesky_solve(rhs.T, factor).T, damping
+            from scipy.linalg import lapack
+
+            lapack.dpotrs(g.numpy().T, rhs.numpy().T, lower=0, overwrite_b=1)
+            return rhs, damping
+        if factor is None:
+            _restore(g, diagonal)
         log.warning("G_KK + %g * mean diagonal is not positive definite; raising the damping", damping)
         damping = max(damping * 10, 1e-6)
     raise RuntimeError("the Gram matrix stays singular however large the damping")
 
 
-def _relative_error(weight: torch.Tensor, new_kept: torch.Tensor | None, moments: Moments, kept) -> float:
-    """sqrt(sum ||W' x - W x_ref||^2 / sum ||W x_ref||^2), W' the kept columns (``new_kept``, or
-    unchanged) and zero elsewhere."""
-    w = weight.double()
-    pruned = torch.zeros_like(w)
-    pruned[:, kept] = new_kept if new_kept is not None else w[:, kept]
-    error = float(((pruned @ moments.gram) * pruned).sum()) - 2 * float((moments.target(w) * pruned).sum())
-    error += moments.energy
-    return math.sqrt(max(error, 0.0) / moments.energy) if moments.energy > 0 else 0.0
+def _relative_error(weight: torch.Tensor, new_kept: torch.Tensor | None, held: list, kept) -> float:
+    """sqrt(sum ||W' x - W x_ref||^2 / sum ||W x_ref||^2) over the held-out inputs, W' the kept
+    columns (``new_kept``, or unchanged) and zero elsewhere."""
+    w = weight.float()
+    w_kept = (new_kept if new_kept is not None else weight.index_select(1, kept)).float()
+    error = energy = 0.0
+    for x, x_ref in held:
+        x = x.float()
+        full = (x if x_ref is None else x_ref.float()) @ w.T
+        error += float((x.index_select(1, kept) @ w_kept.T - full).double().square().sum())
+        energy += float(full.double().square().sum())
+    return math.sqrt(error / energy) if energy > 0 else 0.0
 
 
 @torch.no_grad()
@@ -222,13 +280,15 @@ def repair(
     fit_rows = math.ceil(fit.shape[0] / batch_size)
     captured = [capture_layer_inputs(model, family, ids) for ids in batches]
     hidden = [h for h, _ in captured]
+    arguments = [c for _, c in captured]  # per batch, per layer
+    del captured  # the first layer's inputs live on in ``hidden`` only, until replaced
     reference = list(hidden) if toward == "model" else None  # the unpruned model's hidden states
     shapes = layer_shapes(model, family)
     layers = list(get_module(model, family.layers))
     updated, outcomes = {}, []
     progress = Progress("reconstruct", len(layers), "layers")
     for index, (layer, shape) in enumerate(zip(layers, shapes)):
-        calls = [c[1][index] for c in captured]
+        calls = [c[index] for c in arguments]
         originals = (
             {kind: output_projection(layer, family, kind).weight.clone() for kind in (HEAD, CHANNEL)}
             if reference is not None
@@ -273,13 +333,14 @@ def repair(
                     x, out = _inputs(layer, family, kind, batch, call, stop=not patchable)
                     if patchable:
                         seen.append((x, out))
-                    collect.add(0 if b < fit_rows else 1, x, x_ref)
-                fitted, checked = collect.moments()
-                new_kept, used = solve(target.weight, fitted, kept, damping)
-                before = _relative_error(target.weight, None, checked, kept)
-                after = _relative_error(target.weight, new_kept, checked, kept)
+                    collect.add(b < fit_rows, x, x_ref)
+                tokens = collect.fit.tokens
+                new_kept, used = solve(target.weight, collect.fit, kept, damping)
+                before = _relative_error(target.weight, None, collect.held, kept)
+                after = _relative_error(target.weight, new_kept, collect.held, kept)
+                del collect  # its sums, before the next projection's
                 outcome.tokens, outcome.damping, outcome.error_before, outcome.error_after = (
-                    fitted.tokens,
+                    tokens,
                     used,
                     before,
                     after,

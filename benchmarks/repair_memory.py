@@ -1,0 +1,120 @@
+"""Peak memory of the least-squares repair at LLaMA-2-7B's layer shapes, against plain inference.
+
+    python benchmarks/repair_memory.py [--layers 1] [--samples 128] [--processes 1]
+
+A 7B model does not fit this machine's 24 GB in float32, and the repair's extra memory is per
+layer (one projection's Gram matrix and one layer's MLP-output inputs at a time) plus the
+hidden states of its windows, none of which grows with depth.  So each side runs in a fresh
+process on a randomly initialised LLaMA with 7B's shapes (hidden 4,096, 32 heads, MLP 11,008,
+vocabulary 32,000) and ``--layers`` decoder layers: "inference" is a forward of one pruning
+batch (8 x 128), "repair" is the reconstruct stage's ``repair`` on ``--samples`` windows of 128
+tokens with 10 % of every layer's heads and channels removed (the default iteration).  Each
+reports its peak RSS above the loaded model (VmHWM after /proc/self/clear_refs), and the table
+adds both to the 32-layer model's weights, in float32 and bfloat16, for the ratio a 7B user
+would see.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from memory import median_peaks, status
+
+SHAPE = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    tie_word_embeddings=False,
+)
+LAYERS_7B = 32
+SEQ_LEN, BATCH = 128, 8
+
+
+def _every_tenth_removed(count: int) -> list[int]:
+    return [i for i in range(count) if i % 10 != 0]  # keeps 90 %: the default p_iter
+
+
+def child(mode: str, layers: int, samples: int) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bonsai.stages.core.families import family_for_model_type
+    from bonsai.stages.core.reconstruction import repair
+    from bonsai.stages.core.rng import generator
+    from bonsai.stages.core.units import CHANNEL, HEAD, layer_shapes
+    from bonsai.stages.reconstruct import check_windows
+
+    torch.set_grad_enabled(False)
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **SHAPE)).eval()
+    family = family_for_model_type("llama")
+    rows = samples if mode == "repair" else BATCH
+    windows = torch.randint(0, SHAPE["vocab_size"], (rows, SEQ_LEN), generator=generator(0, "windows"))
+    Path("/proc/self/clear_refs").write_text("5")
+    loaded = status("VmRSS")
+    if mode == "inference":
+        model(input_ids=windows, use_cache=False)
+    else:
+        shapes = layer_shapes(model, family)
+        keep = {
+            (layer, kind): _every_tenth_removed(shape.count(kind))
+            for layer, shape in enumerate(shapes)
+            for kind in (HEAD, CHANNEL)
+        }
+        repair(model, family, windows, check_windows(samples), keep, 0.1, BATCH)
+    params = sum(p.numel() for p in model.parameters())
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    print(json.dumps({"loaded": loaded, "peak": status("VmHWM"), "params": params, "per_layer": per_layer}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--samples", type=int, default=128, help="repair windows (--reconstruct-samples)")
+    parser.add_argument("--processes", type=int, default=1)
+    parser.add_argument("--child", choices=["inference", "repair"])
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.layers, args.samples)
+    flags = ["--layers", str(args.layers), "--samples", str(args.samples)]
+    out = median_peaks(__file__, ("inference", "repair"), flags, args.processes)
+    import common
+
+    mb = 1 << 20
+    inf = out["inference"]
+    above = {mode: (s["peak"] - s["loaded"]) / mb for mode, s in out.items()}
+    params_7b = inf["params"] + (LAYERS_7B - args.layers) * inf["per_layer"]
+    rows = []
+    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+        weights = params_7b * size / mb
+        # activations and runtime scale with the dtype only where they are the model's tensors;
+        # the float32 figures are measured, the bfloat16 ones take the same extra bytes (an upper bound)
+        rows.append(
+            [
+                dtype,
+                weights,
+                above["inference"],
+                above["repair"],
+                (weights + above["repair"]) / (weights + above["inference"]),
+            ]
+        )
+    print(f"measured on {args.layers} layer(s), {args.samples} repair windows of {SEQ_LEN} tokens")
+    print(
+        common.markdown(
+            [
+                "7B model in",
+                "weights MB",
+                "inference above weights MB (measured)",
+                "repair above weights MB (measured)",
+                "repair peak / inference peak",
+            ],
+            rows,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
