@@ -35,8 +35,16 @@ VARIANTS = {
     "fixed-64": ("fixed", 64, ()),
     "fixed-128": ("fixed", 128, ()),
     "fixed-256": ("fixed", 256, ()),
-    "adaptive-128": ("adaptive", 128, ("--settle-tolerance", "0.05")),
-    "adaptive-128-tol0.1": ("adaptive", 128, ("--settle-tolerance", "0.1")),
+    # the default rule: the changed fraction (0.05) or the regret (0.001 nats per token)
+    "adaptive-128": ("adaptive", 128, ()),
+    # the changed fraction alone, at two tolerances (the rule before the regret)
+    "adaptive-128-change": ("adaptive", 128, ("--settle-tolerance", "0.05", "--settle-regret", "0")),
+    "adaptive-128-change-tol0.1": ("adaptive", 128, ("--settle-tolerance", "0.1", "--settle-regret", "0")),
+}
+LABELS = {
+    "adaptive-128": ("tab:green", "adaptive, budget 128, default rule (seeds)"),
+    "adaptive-128-change": ("tab:orange", "previous rule: changed fraction 0.05 (seeds)"),
+    "adaptive-128-change-tol0.1": ("tab:purple", "previous rule: changed fraction 0.1 (seeds)"),
 }
 
 
@@ -100,6 +108,11 @@ def quality(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "rows.json"
     rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
+    if args.rerun:  # measure these again (a paired comparison needs both sides measured now)
+        rows = [r for r in rows if r["variant"] not in args.variants or r["seed"] not in args.seeds]
+        for seed in args.seeds:
+            for variant in args.variants:
+                subprocess.run(["rm", "-rf", str(out / f"{variant}-seed{seed}")], check=True)
     done = {(r["variant"], r["seed"]) for r in rows}
     for seed in args.seeds:
         for variant in args.variants:
@@ -149,9 +162,8 @@ def plot(frame: pl.DataFrame, path: Path, model: str) -> None:
         .sort("sub_models")
     )
     ax.plot(fixed["sub_models"], fixed["perplexity"], marker="o", color="tab:gray", label="fixed budgets (mean)")
-    for variant, color in (("adaptive-128", "tab:green"), ("adaptive-128-tol0.1", "tab:purple")):
+    for variant, (color, label) in LABELS.items():
         part = frame.filter(pl.col("variant") == variant)
-        label = f"adaptive, budget 128, tolerance {VARIANTS[variant][2][1]} (seeds)"
         ax.scatter(part["sub_models"], part["perplexity"], color=color, zorder=3, label=label)
     part = frame.filter(pl.col("variant").str.starts_with("fixed"))
     ax.scatter(part["sub_models"], part["perplexity"], color="tab:gray", s=10, alpha=0.6)
@@ -195,6 +207,7 @@ def main() -> None:
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     q.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
     q.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    q.add_argument("--rerun", action="store_true", help="measure the given variants and seeds again")
     q.set_defaults(handler=quality)
     o = sub.add_parser("overhead")
     o.add_argument("--repeats", type=int, default=5)

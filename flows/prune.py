@@ -203,6 +203,7 @@ def sample_and_fit(p: Prepared, plan: PrunePlan, it: int, pri, previous, repairs
                 sparsity=cfg.sparsity,
                 prune_frac=cfg.prune_frac,
                 tolerance=cfg.settle_tolerance,
+                regret=cfg.settle_regret,
                 resamples=SETTLE_RESAMPLES,
                 min_rounds=SETTLE_MIN_ROUNDS,
                 last_round=r == plan.rounds - 1,

@@ -139,6 +139,7 @@ def test_run_file_problems_are_one_line(tmp_path):
         ("prune: {model: m, data: d, out: o}\nextra: {}\n", "unknown section(s) extra"),
         ("prune: {model: m, data: d, out: o}\nadapt: {stepz: 3}\n", "unknown option(s) stepz"),
         ("prune: {model: m, data: d, out: o, sparsity: 3}\n", "--sparsity must be in (0, 1)"),
+        ("prune: {model: m, data: d, out: o, settle_regret: -1}\n", "--settle-regret must not be negative"),
     ]:
         bad.write_text(text)
         with pytest.raises(UserError, match=re.escape(message)):

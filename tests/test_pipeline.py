@@ -25,7 +25,7 @@ def prune(zoo, corpus, out, spec="llama-gqa", **changes):
 @pytest.fixture(scope="module")
 def finished(zoo, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
-    return out, prune(zoo, corpus, out)
+    return out, prune(zoo, corpus, out, sampling="adaptive")  # adaptive: its settle tables too
 
 
 @pytest.mark.parametrize("spec", list(tiny.SPECS))

@@ -36,7 +36,6 @@ def test_prune_flow_runs_each_stage_as_a_named_task(prefect_api, zoo, corpus, tm
             f"priors-{it}",
             f"masks-{it}",
             f"importance-{it}",
-            f"settle-{it}",
             f"select-{it}",
             f"reconstruct-{it}",
         }

@@ -140,13 +140,12 @@ def test_a_run_made_by_an_earlier_version_resumes(tmp_path):
     before = manifests(root / "run")
     args = (str(root / "model"), str(root / "train.txt"), str(root / "run"))
     # the estimator it used was then called "regression", a name that now means another one; it
-    # sampled a fixed number of sub-models and made no repair (--sampling and --reconstruct did not
-    # exist): resuming needs all three said explicitly, and the refusal names each difference
+    # sampled a fixed number of sub-models (today's default) and made no repair (--reconstruct did not
+    # exist): resuming needs the other two said explicitly, and the refusal names each difference
     with pytest.raises(UserError) as refused:
         run_prune(*args, build(PruneOptions, expected["flags"], {"reconstruct_samples": 16}))
     for difference in (
         "--estimator: 'paper-regression' there, 'regression' now",
-        "--sampling: 'fixed' there, 'adaptive' now",
         "--reconstruct: 'none' there, 'lsq' now",
     ):
         assert difference in str(refused.value)

@@ -109,9 +109,10 @@ class PruneOptions(Options):
     )
     cv_folds: int = option(5, "folds of held-out mask pairs that choose the regressions' penalties")
     sampling: str = option(
-        "adaptive",
-        "adaptive: --masks-per-iter is a budget spent in rounds until the removal decision settles "
-        "(regression only); fixed: every iteration evaluates all of them",
+        "fixed",
+        "fixed: every iteration evaluates --masks-per-iter sub-models; adaptive: that is a budget spent "
+        "in rounds until the removal decision settles (regression only; fewer evaluations, but worse on "
+        "SmolLM2, see BENCHMARKS.md)",
         SAMPLING,
         legacy="fixed",
     )
@@ -120,6 +121,15 @@ class PruneOptions(Options):
         0.05,
         "adaptive sampling stops when resampling the sub-models would change at most this fraction of the removal",
         legacy=0.05,
+    )
+    settle_regret: float = option(
+        0.001,
+        "adaptive sampling also stops when, averaged over resamples of the sub-models, the removal loses less "
+        "than this (predicted nats per token: 0.001 is a tenth of a percent of perplexity) "
+        "against each resample's best removal",
+        # runs made before it: fixed ones never read it, and adaptive ones recompute their settle
+        # stages anyway (its version changed), so the default is what resumes them
+        legacy=0.001,
     )
     reconstruct: str = option(
         "lsq",
@@ -153,6 +163,7 @@ class PruneOptions(Options):
         _check(self.calib_pool >= self.calib_samples, "--calib-pool must be at least --calib-samples")
         _check(self.round_size >= 4, "--round-size must be at least 4 (two pairs of each kind of pair)")
         _check(0 <= self.settle_tolerance <= 1, f"--settle-tolerance must be in [0, 1], got {self.settle_tolerance}")
+        _check(self.settle_regret >= 0, f"--settle-regret must not be negative, got {self.settle_regret}")
         _check(
             self.reconstruct_damping >= 0, f"--reconstruct-damping must not be negative, got {self.reconstruct_damping}"
         )

@@ -86,7 +86,8 @@ def iteration_table(run: Path) -> pl.DataFrame:
     rounds = _glob(run, "settle/*/convergence.parquet")
     if rounds is not None:
         settled = rounds.group_by("iteration").agg(
-            pl.len().alias("rounds"), pl.col("bootstrap_change").sort_by("round").last().alias("bootstrap_change")
+            pl.len().alias("rounds"),
+            *(pl.col(c).sort_by("round").last().alias(c) for c in ("bootstrap_change", "bootstrap_regret")),
         )
         table = table.join(settled.with_columns(pl.col("iteration").cast(pl.Int64)), on="iteration", how="left")
     repairs = _glob(run, "reconstruct/*/repair.parquet")
@@ -207,24 +208,40 @@ def _layer_ticks(layers: int) -> list[int]:
 
 
 def plot_convergence(rounds: pl.DataFrame, path: Path) -> None:
-    """Per iteration and round of adaptive sampling: the fraction of the removal (in parameters)
-    that changed since the round before (solid) and that a resample of the sub-models would
-    change (dashed); the iteration stopped at the round where the dashed line met the tolerance."""
+    """Per iteration and round of adaptive sampling.  Left: the fraction of the removal (in
+    parameters) that changed since the round before (solid) and that a resample of the
+    sub-models would change (dashed).  Right: the mean regret of the removal under resampling
+    (nats per token, log scale), open markers where the fit predicted nothing yet; an iteration
+    stops at the round where either measure met its threshold on a fit that predicts."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
     colors = plt.get_cmap("viridis")
     iterations = sorted(rounds["iteration"].unique().to_list())
     for i, iteration in enumerate(iterations):
         part = rounds.filter(pl.col("iteration") == iteration).sort("round")
         color = colors(i / max(1, len(iterations) - 1))
-        ax.plot(
+        left.plot(
             part["sub_models"], part["change_since_last_round"], marker="o", color=color, label=f"iteration {iteration}"
         )
-        ax.plot(part["sub_models"], part["bootstrap_change"], linestyle="--", color=color)
-    ax.set_xlabel("sub-models evaluated")
-    ax.set_ylabel("fraction of the removal that changes")
-    ax.set_title("adaptive sampling: solid, since the last round; dashed, under resampling")
-    ax.legend(fontsize=7)
+        left.plot(part["sub_models"], part["bootstrap_change"], linestyle="--", color=color)
+        if "bootstrap_regret" in part.columns:
+            # a regret of exactly 0 (every resample agrees) is drawn at the axis' floor; an open
+            # marker: a round whose fit predicted held-out pairs no better than their mean
+            regret = part["bootstrap_regret"].clip(1e-7)
+            right.plot(part["sub_models"], regret, color=color)
+            measured = part["informative"].to_numpy()
+            right.scatter(part["sub_models"].to_numpy()[measured], regret.to_numpy()[measured], color=color)
+            right.scatter(
+                part["sub_models"].to_numpy()[~measured], regret.to_numpy()[~measured], facecolors="none", color=color
+            )
+    left.set_xlabel("sub-models evaluated")
+    left.set_ylabel("fraction of the removal that changes")
+    left.set_title("solid: since the last round; dashed: under resampling", fontsize=9)
+    left.legend(fontsize=7)
+    right.set_yscale("log")
+    right.set_xlabel("sub-models evaluated")
+    right.set_ylabel("regret under resampling (nats/token)")
+    right.set_title("what the removal loses against each resample's best", fontsize=9)
     save(fig, path)
 
 

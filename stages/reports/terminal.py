@@ -50,6 +50,7 @@ def audit_markdown(result: dict) -> str:
             "sub_models",
             "rounds",
             "bootstrap_change",
+            "bootstrap_regret",
             "non_finite",
             "cv_kendall_tau",
             "cv_r2_head",
