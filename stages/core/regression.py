@@ -16,9 +16,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import kendalltau
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import Lasso, LinearRegression, Ridge
 
 
 @dataclass(frozen=True)
@@ -31,6 +28,10 @@ class Fit:
 
 
 def _model(penalty: str, alpha: float):
+    # scikit-learn is imported here, not with the module: the default estimator never fits
+    # these models, and the import costs every command about a second of start-up
+    from sklearn.linear_model import Lasso, LinearRegression, Ridge
+
     if alpha == 0:
         return LinearRegression()
     if penalty == "l1":
@@ -39,6 +40,8 @@ def _model(penalty: str, alpha: float):
 
 
 def _fit(penalty: str, alpha: float, x: np.ndarray, y: np.ndarray):
+    from sklearn.exceptions import ConvergenceWarning
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         return _model(penalty, alpha).fit(x, y)
@@ -55,6 +58,8 @@ def folds_of(groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
 def tau(predicted: np.ndarray, actual: np.ndarray) -> float:
     if len(actual) < 2 or np.ptp(predicted) == 0 or np.ptp(actual) == 0:
         return float("nan")
+    from scipy.stats import kendalltau  # scipy.stats: half a second of start-up, for the audit's tau
+
     return float(kendalltau(predicted, actual).statistic)
 
 
