@@ -120,3 +120,14 @@ def test_seq_len_beyond_the_context_is_refused(zoo, corpus, tmp_path):
     with pytest.raises(UserError, match="exceeds the model's context"):
         prune(zoo, corpus, tmp_path / "run", seq_len=4096)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_audit_finds_the_settle_decisions_of_a_finished_adaptive_run(finished):
+    """The result does not read the settle stage's decisions, yet the audit shows them."""
+    from bonsai.stages.reports.audit import iteration_table
+
+    out, summary = finished
+    table = iteration_table(out).sort("iteration")
+    rounds = pl.read_parquet(str(out / "settle/*/convergence.parquet")).group_by("iteration").len().sort("iteration")
+    assert table["rounds"].to_list() == rounds["len"].to_list() and len(rounds) == len(summary["iterations"])
+    assert table["bootstrap_regret"].is_not_null().all()

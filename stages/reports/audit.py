@@ -28,10 +28,36 @@ CONVERGENCE_PLOT = "convergence.png"
 
 
 def _current(run: Path, files) -> list[Path]:
-    """Of artifact files (RUN/stage/key/name), those the finished run's result rests on: a run
-    resumed after a stage's version changed also holds the earlier version's work."""
+    """Of artifact files (RUN/stage/key/name), those of the finished run: a run resumed after a
+    stage's version changed also holds the earlier version's work."""
+    current = _current_keys(run)
+    return [f for f in files if current is None or (f.parent.parent.name, f.parent.name) in current]
+
+
+def _current_keys(run: Path) -> set[tuple[str, str]] | None:
+    """(stage, key) of the artifacts the result rests on, and of adaptive sampling's settle
+    decisions, which the result does not read: those made by this version of the stage that rest
+    only on the result's artifacts and on their own round's importance fit (an earlier round's
+    fit, itself not among the result's: it is a stepping stone, not returned).  None until the
+    run has finished."""
+    from bonsai.stages import importance, settle
+
     lineage = RunDir(run).lineage()
-    return [f for f in files if lineage is None or (f.parent.parent.name, f.parent.name) in lineage]
+    if lineage is None:
+        return None
+    versions = {"importance": importance.VERSION, "settle": settle.VERSION}
+    aside = {}
+    for stage, version in versions.items():
+        for manifest in run.glob(f"{stage}/*/manifest.json"):
+            info = json.loads(manifest.read_text())
+            if (stage, manifest.parent.name) not in lineage and info.get("version") == version:
+                aside[(stage, manifest.parent.name)] = [(i["stage"], i["key"]) for i in info["inputs"]]
+    current, grew = set(lineage), True
+    while grew:  # a settle artifact rests on its round's importance and on the round before it
+        found = {k for k, inputs in aside.items() if k not in current and all(i in current for i in inputs)}
+        current |= found
+        grew = bool(found)
+    return set(lineage) | {k for k in current if k[0] == "settle"}
 
 
 def _glob(run: Path, pattern: str) -> pl.DataFrame | None:
@@ -87,7 +113,11 @@ def iteration_table(run: Path) -> pl.DataFrame:
     if rounds is not None:
         settled = rounds.group_by("iteration").agg(
             pl.len().alias("rounds"),
-            *(pl.col(c).sort_by("round").last().alias(c) for c in ("bootstrap_change", "bootstrap_regret")),
+            *(
+                pl.col(c).sort_by("round").last().alias(c)
+                for c in ("bootstrap_change", "bootstrap_regret")
+                if c in rounds.columns  # runs made before the regret have no such column
+            ),
         )
         table = table.join(settled.with_columns(pl.col("iteration").cast(pl.Int64)), on="iteration", how="left")
     repairs = _glob(run, "reconstruct/*/repair.parquet")
@@ -224,7 +254,7 @@ def plot_convergence(rounds: pl.DataFrame, path: Path) -> None:
             part["sub_models"], part["change_since_last_round"], marker="o", color=color, label=f"iteration {iteration}"
         )
         left.plot(part["sub_models"], part["bootstrap_change"], linestyle="--", color=color)
-        if "bootstrap_regret" in part.columns:
+        if "informative" in part.columns:  # runs made before the regret have neither column
             # a regret of exactly 0 (every resample agrees) is drawn at the axis' floor; an open
             # marker: a round whose fit predicted held-out pairs no better than their mean
             regret = part["bootstrap_regret"].clip(1e-7)
