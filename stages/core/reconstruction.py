@@ -242,18 +242,23 @@ def solve(weight: torch.Tensor, moments: Moments, kept: torch.Tensor, damping: f
     raise RuntimeError("the Gram matrix stays singular however large the damping")
 
 
-def _relative_error(weight: torch.Tensor, new_kept: torch.Tensor | None, held: list, kept) -> float:
-    """sqrt(sum ||W' x - W x_ref||^2 / sum ||W x_ref||^2) over the held-out inputs, W' the kept
-    columns (``new_kept``, or unchanged) and zero elsewhere."""
+def _relative_errors(weight: torch.Tensor, new_kept: torch.Tensor, held: list, kept) -> tuple[float, float]:
+    """sqrt(sum ||W' x - W x_ref||^2 / sum ||W x_ref||^2) over the held-out inputs, for W' the kept
+    columns unchanged (plain removal) and ``new_kept`` (the update), zero elsewhere; one pass."""
     w = weight.float()
-    w_kept = (new_kept if new_kept is not None else weight.index_select(1, kept)).float()
-    error = energy = 0.0
+    candidates = (weight.index_select(1, kept).float(), new_kept.float())
+    errors, energy = [0.0, 0.0], 0.0
     for x, x_ref in held:
         x = x.float()
         full = (x if x_ref is None else x_ref.float()) @ w.T
-        error += float((x.index_select(1, kept) @ w_kept.T - full).double().square().sum())
+        x_kept = x.index_select(1, kept)
+        for i, w_kept in enumerate(candidates):
+            errors[i] += float((x_kept @ w_kept.T - full).double().square().sum())
         energy += float(full.double().square().sum())
-    return math.sqrt(error / energy) if energy > 0 else 0.0
+    if energy <= 0:
+        return 0.0, 0.0
+    before, after = (math.sqrt(e / energy) for e in errors)
+    return before, after
 
 
 @torch.no_grad()
@@ -336,8 +341,7 @@ def repair(
                     collect.add(b < fit_rows, x, x_ref)
                 tokens = collect.fit.tokens
                 new_kept, used = solve(target.weight, collect.fit, kept, damping)
-                before = _relative_error(target.weight, None, collect.held, kept)
-                after = _relative_error(target.weight, new_kept, collect.held, kept)
+                before, after = _relative_errors(target.weight, new_kept, collect.held, kept)
                 del collect  # its sums, before the next projection's
                 outcome.tokens, outcome.damping, outcome.error_before, outcome.error_after = (
                     tokens,
