@@ -22,10 +22,13 @@ def prune(zoo, corpus, out, spec="llama-gqa", **changes):
     return tiny.prune(zoo[spec], corpus, out, **changes)
 
 
+FINISHED = {"sampling": "adaptive"}  # adaptive: the finished run writes its settle tables too
+
+
 @pytest.fixture(scope="module")
 def finished(zoo, corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
-    return out, prune(zoo, corpus, out, sampling="adaptive")  # adaptive: its settle tables too
+    return out, prune(zoo, corpus, out, **FINISHED)
 
 
 @pytest.mark.parametrize("spec", list(tiny.SPECS))
@@ -90,14 +93,14 @@ def test_audit_tables_join_into_one_story(finished):
 def test_rerunning_builds_nothing_and_returns_the_same(finished, zoo, corpus):
     out, summary = finished
     manifests = {p: p.stat().st_mtime_ns for p in out.glob("*/*/manifest.json")}
-    again = prune(zoo, corpus, out)
+    again = prune(zoo, corpus, out, **FINISHED)
     assert again == summary
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*/manifest.json")} == manifests
 
 
 def test_two_runs_give_the_same_bytes(finished, zoo, corpus, tmp_path):
     out, _ = finished
-    prune(zoo, corpus, tmp_path / "again")
+    prune(zoo, corpus, tmp_path / "again", **FINISHED)
     assert file_digest(out / "model" / "model.safetensors") == file_digest(tmp_path / "again/model/model.safetensors")
     for table in ("masks/*/masks.parquet", "evaluate/*/utilities.parquet", "importance/*/importance.parquet"):
         assert pl.read_parquet(str(out / table)).equals(pl.read_parquet(str(tmp_path / "again" / table)))
@@ -106,7 +109,7 @@ def test_two_runs_give_the_same_bytes(finished, zoo, corpus, tmp_path):
 def test_a_different_config_on_the_same_run_is_refused(finished, zoo, corpus):
     out, _ = finished
     with pytest.raises(UserError, match=r"holds a different run \(--sparsity: 0.5 there, 0.3 now\)"):
-        prune(zoo, corpus, out, sparsity=0.3)
+        prune(zoo, corpus, out, **FINISHED, sparsity=0.3)
 
 
 def test_too_little_data_is_refused_and_leaves_nothing(zoo, tmp_path):
