@@ -4,6 +4,7 @@ buys in whole pruning runs.
     python benchmarks/reconstruct.py settings --model smollm2 --sparsity 0.2
     python benchmarks/reconstruct.py settings --model tiny --sparsity 0.5
     python benchmarks/reconstruct.py runs [--seeds 0 1 2]      # tiny parent, 30% and 50%
+    python benchmarks/reconstruct.py gram                      # the Gram sums' time per batch
 
 ``settings`` removes a fixed set of units in one shot (the lowest normalised Wanda priors,
 globally, until the sparsity) and repairs the result with each combination of windows,
@@ -207,6 +208,43 @@ def one(args) -> None:
     print(json.dumps(row), flush=True)
 
 
+def gram(args) -> None:
+    """Seconds per batch of fit tokens for the repair's Gram sums: every product (as for the
+    cross moments) against the upper block triangle the stage computes, mirrored at the end."""
+    from bonsai.stages.core import reconstruction
+
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for width in args.widths:
+        x = torch.randn(args.tokens, width, generator=generator)
+        timings = {}
+        for name, add in (
+            ("full product", lambda total, x: reconstruction._add_products(total, x, x)),
+            ("upper block triangle", reconstruction._add_gram),
+        ):
+            total = torch.zeros(width, width, dtype=torch.float64)
+            add(total, x)  # warm-up
+            start = time.perf_counter()
+            for _ in range(args.repeats):
+                add(total, x)
+            timings[name] = (time.perf_counter() - start) / args.repeats
+        triangle, full = torch.zeros(width, width, dtype=torch.float64), torch.zeros(width, width, dtype=torch.float64)
+        reconstruction._add_gram(triangle, x)
+        reconstruction._add_products(full, x, x)
+        reconstruction._symmetrize(triangle)
+        rows.append(
+            {
+                "width": width,
+                "full_ms": 1000 * timings["full product"],
+                "triangle_ms": 1000 * timings["upper block triangle"],
+                "ratio": timings["upper block triangle"] / timings["full product"],
+                "max_difference": float((triangle - full).abs().max()),
+            }
+        )
+        print(rows[-1], flush=True)
+    print(pl.DataFrame(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,6 +268,11 @@ def main() -> None:
     o.add_argument("--seed", type=int, required=True)
     o.add_argument("--samples", type=int, default=128)
     o.set_defaults(handler=one)
+    g = sub.add_parser("gram")
+    g.add_argument("--widths", type=int, nargs="+", default=[688, 1536, 4096, 11008])
+    g.add_argument("--tokens", type=int, default=1024)  # a batch of 8 windows of 128
+    g.add_argument("--repeats", type=int, default=5)
+    g.set_defaults(handler=gram)
     args = parser.parse_args()
     args.handler(args)
 
