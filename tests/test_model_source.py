@@ -47,6 +47,20 @@ def test_a_gguf_file_becomes_the_same_model_with_its_tokenizer_and_chat_template
     assert resolve(gguf.parent / "tiny-llama.gguf").path == source.path
 
 
+@pytest.mark.filterwarnings("ignore:Cannot enable progress bars")  # huggingface_hub's, under the tests' setting
+def test_loading_draws_no_progress_bar_and_leaves_the_setting_as_it_was(tied, capfd):
+    from transformers.utils import logging as hf_logging
+
+    directory, _ = tied
+    hf_logging.enable_progress_bar()  # the tests' environment turns bars off; a user's has them on
+    try:
+        load_model(directory, torch.float32, torch.device("cpu"))
+        assert "Loading weights" not in capfd.readouterr().err
+        assert hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.disable_progress_bar()
+
+
 def test_pruning_a_gguf_file_exports_a_plain_tied_model_with_the_chat_template(tied, corpus, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

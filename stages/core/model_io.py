@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -20,12 +21,30 @@ from bonsai.stages.core.units import HEAD, KeepState, layer_shapes, output_proje
 log = logging.getLogger("bonsai.model")
 
 
+@contextlib.contextmanager
+def _no_progress_bars():
+    """transformers draws a bar for every local load (a second or two here); in the log files of
+    nightly runs it is a line of carriage returns per stage.  Restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype, device: torch.device) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     info = inspect_model_dir(path)
     kwargs = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
-    model = AutoModelForCausalLM.from_pretrained(info.path, dtype=dtype, trust_remote_code=info.remote_code, **kwargs)
+    with _no_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(
+            info.path, dtype=dtype, trust_remote_code=info.remote_code, **kwargs
+        )
     model.to(device)
     model.eval()
     model.requires_grad_(False)
