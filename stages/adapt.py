@@ -30,7 +30,7 @@ from bonsai.stages.core.devices import DTYPES, dtype_name, resolve_device, store
 from bonsai.stages.core.distill import distill_kl, task_loss
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.model_dirs import WEIGHT_SUFFIXES
-from bonsai.stages.core.model_io import load_model, shared_models
+from bonsai.stages.core.model_io import load_model, no_progress_bars, shared_models
 from bonsai.stages.core.progress import Progress
 from bonsai.stages.core.rng import derived_seed, generator
 from bonsai.stages.logits import TeacherCache
@@ -240,7 +240,8 @@ def export(model, student: ArtifactRef, cfg: AdaptConfig, out: Path) -> None:
             warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape.*")
             model.save_pretrained(out / ADAPTER)
         model = model.merge_and_unload()
-    model.to(stored_dtype(student.path)).save_pretrained(out / MODEL)
+    with no_progress_bars():
+        model.to(stored_dtype(student.path)).save_pretrained(out / MODEL)
     for item in Path(student.path).iterdir():  # config, remote code, tokenizer: as the student has them
         if item.is_file() and item.suffix not in WEIGHT_SUFFIXES and not item.name.endswith(".index.json"):
             shutil.copy2(item, out / MODEL / item.name)

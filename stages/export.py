@@ -22,7 +22,7 @@ from bonsai.artifacts import ArtifactRef, Store, kill_point
 from bonsai.stages.core.devices import dtype_name, stored_dtype
 from bonsai.stages.core.families import EXPORT_PREFIX, Family
 from bonsai.stages.core.model_dirs import inspect_model_dir
-from bonsai.stages.core.model_io import apply_repair, load_model, load_tokenizer, shared_models
+from bonsai.stages.core.model_io import apply_repair, load_model, load_tokenizer, no_progress_bars, shared_models
 from bonsai.stages.core.slicing import slice_model
 from bonsai.stages.core.units import KeepState, layer_shapes, read_keep_state
 
@@ -54,7 +54,8 @@ def run(
         for repair in repairs:
             apply_repair(model, info.family, keep, repair)
         target = out / MODEL
-        model.save_pretrained(target, max_shard_size=cfg.max_shard_size)
+        with no_progress_bars():
+            model.save_pretrained(target, max_shard_size=cfg.max_shard_size)
         kill_point("export")
         base = info.model_type.removeprefix(EXPORT_PREFIX)
         config = pruned_config(model.config.to_dict(), base, info.family, keep, dtype)

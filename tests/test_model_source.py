@@ -48,14 +48,19 @@ def test_a_gguf_file_becomes_the_same_model_with_its_tokenizer_and_chat_template
 
 
 @pytest.mark.filterwarnings("ignore:Cannot enable progress bars")  # huggingface_hub's, under the tests' setting
-def test_loading_draws_no_progress_bar_and_leaves_the_setting_as_it_was(tied, capfd):
+def test_loading_and_saving_draw_no_progress_bar_and_leave_the_setting_as_it_was(tied, capfd, tmp_path):
     from transformers.utils import logging as hf_logging
+
+    from bonsai.stages.core.model_io import no_progress_bars
 
     directory, _ = tied
     hf_logging.enable_progress_bar()  # the tests' environment turns bars off; a user's has them on
     try:
-        load_model(directory, torch.float32, torch.device("cpu"))
-        assert "Loading weights" not in capfd.readouterr().err
+        model = load_model(directory, torch.float32, torch.device("cpu"))
+        with no_progress_bars():
+            model.save_pretrained(tmp_path / "saved")
+        err = capfd.readouterr().err
+        assert "Loading weights" not in err and "Writing model shards" not in err
         assert hf_logging.is_progress_bar_enabled()
     finally:
         hf_logging.disable_progress_bar()

@@ -22,9 +22,9 @@ log = logging.getLogger("bonsai.model")
 
 
 @contextlib.contextmanager
-def _no_progress_bars():
-    """transformers draws a bar for every local load (a second or two here); in the log files of
-    nightly runs it is a line of carriage returns per stage.  Restored afterwards."""
+def no_progress_bars():
+    """transformers draws a bar for every local load and save (a second or two each); in the log
+    files of nightly runs it is a line of carriage returns per stage.  Restored afterwards."""
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
@@ -41,7 +41,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype, device: torch.device
 
     info = inspect_model_dir(path)
     kwargs = {"device_map": {"": str(device)}} if device.type == "cuda" else {}
-    with _no_progress_bars():
+    with no_progress_bars():
         model = AutoModelForCausalLM.from_pretrained(
             info.path, dtype=dtype, trust_remote_code=info.remote_code, **kwargs
         )
