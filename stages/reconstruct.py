@@ -13,6 +13,7 @@ keep-state with every earlier repair applied in order (core/model_io.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +24,16 @@ from safetensors.torch import save_file
 from bonsai.artifacts import ArtifactRef, Store, kill_point
 from bonsai.stages.calibration import draw, load_windows
 from bonsai.stages.core.devices import resolve_dtype
+from bonsai.stages.core.families.remote_code import get_module
 from bonsai.stages.core.model_io import REPAIRS_FILE, current_model, repair_tensors, shared_models
 from bonsai.stages.core.reconstruction import repair
 from bonsai.stages.core.rng import generator
 from bonsai.stages.core.slicing import slice_model
-from bonsai.stages.core.units import KINDS, KeepState, layer_shapes, read_keep_state
+from bonsai.stages.core.units import KINDS, KeepState, layer_shapes, output_projection, read_keep_state
 
-VERSION = "3"  # 2: the layer outputs come from the MLP pass; 3: held-out errors from inputs (rounding)
+# 2: the layer outputs come from the MLP pass; 3: held-out errors from inputs; 4: the attention
+# output completed from its pass, the windows from the widest changed projection
+VERSION = "4"
 TABLE = "repair.parquet"
 SCHEMA = {
     "iteration": pl.Int32,
@@ -49,24 +53,39 @@ SCHEMA = {
 class ReconstructConfig:
     iteration: int
     seed: int
-    samples: int  # windows, drawn from the pool minus the iteration's evaluation windows
+    samples: int  # most windows, drawn from the pool minus the iteration's evaluation windows
+    tokens_per_input: float  # fit tokens per input column of the widest changed projection (0: ``samples``)
+    seq_len: int  # tokens per window
     calib_samples: int  # the iteration's evaluation windows (excluded)
     damping: float
     batch_size: int
     dtype: str
 
 
-def windows_for(calibration: ArtifactRef, cfg: ReconstructConfig) -> torch.Tensor:
-    """The repair's windows: a seeded draw from the pool without this iteration's evaluation
-    windows (the last eighth, at least one, judge the updates)."""
+def windows_for(calibration: ArtifactRef, cfg: ReconstructConfig, count: int) -> torch.Tensor:
+    """The repair's ``count`` windows: a seeded draw from the pool without this iteration's
+    evaluation windows (the last eighth, at least one, judge the updates)."""
     scored = set(draw(calibration, cfg.seed, cfg.iteration, cfg.calib_samples))
     rest = [w for w in range(int(calibration.info()["windows"])) if w not in scored]
     order = torch.randperm(len(rest), generator=generator(cfg.seed, "reconstruct", cfg.iteration)).tolist()
-    return load_windows(calibration, [rest[i] for i in order[: cfg.samples]])
+    return load_windows(calibration, [rest[i] for i in order[:count]])
 
 
 def check_windows(samples: int) -> int:
     return max(1, samples // 8)
+
+
+def windows_needed(widest: int, cfg: ReconstructConfig) -> int:
+    """How many windows the repair uses: enough that the fit windows (all but ``check_windows``)
+    hold ``tokens_per_input`` tokens per input column of the widest projection it changes, and
+    at most ``samples``.  Least squares needs tokens in proportion to its inputs, not a fixed
+    count: on the tiny parent 12 fit tokens per column cost 40 % less than 128 windows for about
+    0.2 perplexity, while SmolLM2's 1,536-wide MLP gained from every window up to 256 of 128
+    tokens (BENCHMARKS.md), so it is an option, not the default."""
+    if cfg.tokens_per_input <= 0:
+        return cfg.samples
+    fit = math.ceil(cfg.tokens_per_input * widest / cfg.seq_len)
+    return max(2, min(cfg.samples, fit + max(1, fit // 7)))
 
 
 def run(
@@ -90,8 +109,18 @@ def run(
         current = read_keep_state(before) if before is not None else KeepState.full(layer_shapes(model, family))
         kept = target.positions(current)
         keep = {(layer, kind): kept.units(kind)[layer] for layer in range(len(kept.groups)) for kind in KINDS}
+        layers, shapes = get_module(model, family.layers), layer_shapes(model, family)
+        widest = max(
+            (
+                output_projection(layers[i], family, kind).in_features
+                for (i, kind), units in keep.items()
+                if len(units) != shapes[i].count(kind)
+            ),
+            default=0,
+        )
+        count = windows_needed(widest, cfg)
         updated, outcomes = repair(
-            model, family, windows_for(calibration, cfg), check_windows(cfg.samples), keep, cfg.damping, cfg.batch_size
+            model, family, windows_for(calibration, cfg, count), check_windows(count), keep, cfg.damping, cfg.batch_size
         )
         kill_point("reconstruct")
         save_file(repair_tensors(updated, target), str(out / REPAIRS_FILE))

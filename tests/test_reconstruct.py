@@ -92,20 +92,23 @@ def test_the_kept_block_is_moved_within_the_gram_matrix_and_sums_are_taken_in_bl
     assert torch.equal(triangle, triangle.T) and torch.allclose(triangle, total, rtol=1e-6)
 
 
-def _repairs(zoo, spec: str, shortcut: bool):
-    """The repair of every other head and channel, with the layer-output shortcut on or off."""
+def _repairs(zoo, spec: str, shortcut: bool, mlp_out_adds_to_residual: bool | None = None):
+    """The repair of every other head and channel, with the outputs of the collecting passes
+    completed (``shortcut``) or each layer run again."""
     model = load_model(zoo[spec], torch.float32, torch.device("cpu"))
     family = family_for_model_type(model.config.model_type)
     shapes = layer_shapes(model, family)
     keep = {(layer, kind): state for layer, s in enumerate(shapes) for kind, state in _every_other(s).items()}
-    family = dataclasses.replace(family, mlp_out_adds_to_residual=shortcut)
-    return repair(model, family, ids_for(model, rows=12, length=16), 4, keep, 0.1, 4), len(shapes)
+    if mlp_out_adds_to_residual is not None:
+        family = dataclasses.replace(family, mlp_out_adds_to_residual=mlp_out_adds_to_residual)
+    return repair(model, family, ids_for(model, rows=12, length=16), 4, keep, 0.1, 4, shortcut=shortcut), len(shapes)
 
 
-@pytest.mark.parametrize("spec", [s for s in tiny.SPECS if not s.startswith("gemma")])
-def test_layer_outputs_corrected_for_the_update_equal_a_second_pass(zoo, spec):
-    """The MLP pass's outputs plus x dW^T stand in for running each repaired layer again: the
-    repair must come out the same either way."""
+@pytest.mark.parametrize("spec", tiny.SPECS)
+def test_outputs_completed_for_the_update_equal_a_second_pass(zoo, spec):
+    """The attention module's and the layer's outputs from the passes that collect the inputs,
+    completed with x_K W_K'^T, stand in for running each repaired layer again: the repair must
+    come out the same either way (Gemma 2 completes the attention's only: see below)."""
     ((fast, fast_outcomes), layers), ((slow, slow_outcomes), _) = (_repairs(zoo, spec, s) for s in (True, False))
     assert fast.keys() == slow.keys()
     for key in fast:
@@ -117,12 +120,26 @@ def test_layer_outputs_corrected_for_the_update_equal_a_second_pass(zoo, spec):
 
 
 def test_a_normalised_mlp_output_needs_the_second_pass(zoo):
-    """Gemma 2 normalises the MLP output before the residual sum: the shortcut would be wrong,
-    so its family turns it off."""
+    """Gemma 2 normalises the MLP output before the residual sum: completing the layer's output
+    would be wrong, so its family turns that off."""
     assert not family_for_model_type("gemma2").mlp_out_adds_to_residual
-    (_, fast), _ = _repairs(zoo, "gemma2", True)
+    (_, forced), _ = _repairs(zoo, "gemma2", True, mlp_out_adds_to_residual=True)
     (_, slow), _ = _repairs(zoo, "gemma2", False)
-    assert any(a.error_after != pytest.approx(b.error_after, rel=1e-3) for a, b in zip(fast, slow))
+    assert any(a.error_after != pytest.approx(b.error_after, rel=1e-3) for a, b in zip(forced, slow))
+
+
+def test_the_pass_ends_at_the_last_layer_that_changes(zoo):
+    """Layers after the last one with a removal are never run: their inputs are not needed."""
+    model = load_model(zoo["llama"], torch.float32, torch.device("cpu"))
+    family = family_for_model_type(model.config.model_type)
+    shapes = layer_shapes(model, family)
+    keep = {(layer, kind): list(range(s.count(kind))) for layer, s in enumerate(shapes) for kind in (HEAD, CHANNEL)}
+    keep[(0, CHANNEL)] = keep[(0, CHANNEL)][1:]
+    runs = []
+    for layer in list(model.model.layers)[1:]:  # (the capture of the layers' arguments calls the layers)
+        layer.mlp.register_forward_pre_hook(lambda module, args: runs.append(module))
+    _, outcomes = repair(model, family, ids_for(model, rows=6, length=16), 2, keep, 0.1, 4)
+    assert [(o.layer, o.projection) for o in outcomes] == [(0, "mlp_out")] and runs == []
 
 
 def _every_other(shape) -> dict:
@@ -156,7 +173,15 @@ def test_repaired_model_exports_and_reloads_for_every_family(zoo, corpus, tmp_pa
         store,
     )
     cfg = reconstruct.ReconstructConfig(
-        iteration=0, seed=0, samples=16, calib_samples=4, damping=0.1, batch_size=8, dtype="float32"
+        iteration=0,
+        seed=0,
+        samples=16,
+        tokens_per_input=16.0,
+        seq_len=32,
+        calib_samples=4,
+        damping=0.1,
+        batch_size=8,
+        dtype="float32",
     )
     rec = reconstruct.run(parent, calib, None, after, [], cfg, store, "cpu")
     table = reconstruct.read(rec)
@@ -190,10 +215,37 @@ def test_the_repair_fits_on_windows_the_iteration_never_scores(zoo, corpus, tmp_
         store,
     )
     cfg = reconstruct.ReconstructConfig(
-        iteration=3, seed=1, samples=20, calib_samples=4, damping=0.1, batch_size=8, dtype="float32"
+        iteration=3,
+        seed=1,
+        samples=20,
+        tokens_per_input=0.0,
+        seq_len=32,
+        calib_samples=4,
+        damping=0.1,
+        batch_size=8,
+        dtype="float32",
     )
     scored = calibration.iteration_windows(calib, 1, 3, 4)
-    used = reconstruct.windows_for(calib, cfg)
+    used = reconstruct.windows_for(calib, cfg, 20)
     assert used.shape[0] == 20
     assert not any(torch.equal(a, b) for a in used for b in scored)
     assert np.unique(used.numpy(), axis=0).shape[0] == 20
+
+
+def test_the_repair_takes_enough_windows_for_its_widest_input_and_no_more():
+    cfg = reconstruct.ReconstructConfig(
+        iteration=0,
+        seed=0,
+        samples=128,
+        tokens_per_input=12.0,
+        seq_len=128,
+        calib_samples=8,
+        damping=0.1,
+        batch_size=8,
+        dtype="float32",
+    )
+    count = reconstruct.windows_needed(688, cfg)  # the tiny parent's MLP: 65 fit windows, and a check eighth
+    assert count - reconstruct.check_windows(count) == 65 and count == 74
+    assert reconstruct.windows_needed(1536, cfg) == 128  # SmolLM2's MLP would need 144 fit windows: the cap
+    assert reconstruct.windows_needed(4, cfg) == 2  # one to fit, one to check
+    assert reconstruct.windows_needed(688, dataclasses.replace(cfg, tokens_per_input=0.0)) == 128

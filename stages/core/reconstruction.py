@@ -11,12 +11,15 @@ W_K (not toward zero, which measured far worse).  With ``toward="model"`` the fi
 at the unpruned model's output at the same place, W x_ref, x_ref being the projection's input
 in the unpruned model: W_K' = (W C_{.K} + lambda W_K) (G_KK + lambda I)^-1 with C = sum x_ref x^T,
 which also undoes what the layers before still get wrong (the unpruned layers run beside the
-pruned ones, on the same windows).  Layers are repaired in order, each one's G
-collected through the already repaired (and pruned) layers before it: every decoder layer's
-input hidden states are kept between layers, and the pass that collects the MLP output's
-inputs also gives the layer's outputs (corrected by x dW^T for the update), so one iteration
-costs the attention twice and the MLP once per layer over the windows, not a full forward per
-layer (it keeps one layer's MLP-output inputs, tokens x MLP width, until the layer is done).
+pruned ones, on the same windows).  Layers are repaired in order, each one's G collected
+through the already repaired (and pruned) layers before it: every decoder layer's input
+hidden states are kept between layers.  The pass that collects a projection's inputs replaces
+the projection by its bias and keeps what follows it (for heads the attention module's output,
+for channels the layer's output; not for Gemma 2, which normalises the MLP output before the
+residual sum), and that is completed once with x_K W_K'^T after the update: the projection's
+product is computed once, with its new weight, and the attention once per layer.  The pass ends
+at the last layer that changes.  So an iteration costs about one forward pass over its windows
+(it keeps the projection's inputs, tokens x width, until the layer is done).
 Held-out windows check each update: one that does not lower that projection's output error
 there is not applied (the error is taken from their inputs, kept, not from a second Gram
 matrix).  Memory beyond the model: one projection's G (float64, d x d), made into G_KK and its
@@ -29,6 +32,7 @@ the pruned model; ``repair`` returns the updated tensors and a table of what it 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -178,23 +182,75 @@ class _Collect:
         return self.fit
 
 
-def _inputs(layer, family, kind, batch, call, stop: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(the projection's input, the layer's output or None when ``stop``) for one batch."""
-    target, seen = output_projection(layer, family, kind), []
+@contextlib.contextmanager
+def _replaced(module: nn.Module, forward):
+    """``module`` computes ``forward`` instead of its own forward, for the duration."""
+    module.forward = forward
+    try:
+        yield
+    finally:
+        del module.forward
 
-    def hook(module, args):
+
+def _bias_only(linear: nn.Linear):
+    """A stand-in for ``linear`` that returns its bias (or zeros): the pass that collects its
+    inputs skips its product, which the repair adds back once with the new weight."""
+
+    def forward(x):
+        out = x.new_zeros(*x.shape[:-1], linear.out_features)
+        return out if linear.bias is None else out + linear.bias
+
+    return forward
+
+
+def _pass(layer, family, kind, batch, call, shortcut: bool, attention=None) -> tuple[torch.Tensor, object]:
+    """One batch through ``layer`` for the ``kind`` projection: (its input, what the shortcut
+    keeps).  Without ``shortcut`` the pass stops at the projection and keeps nothing.  With it,
+    the projection returns only its bias (the repair adds x W'^T later, once): for heads the
+    pass stops after the attention module and keeps the module's output; for channels it runs
+    the whole layer and keeps the layer's output.  ``attention``: the attention module's output
+    for this batch, returned instead of computing it again."""
+    target, seen, kept = output_projection(layer, family, kind), [], []
+    attention_module = get_module(layer, family.attention)
+
+    def take_input(module, args):
         seen.append(args[0])
-        if stop:
+        if not shortcut:
             raise _Stop
 
-    handle = target.register_forward_pre_hook(hook)
-    try:
-        out = _run_layer(layer, batch, call)
-    except _Stop:
-        out = None
-    finally:
-        handle.remove()
-    return seen[0], out
+    def take_attention(module, args, output):
+        kept.append(output)
+        raise _Stop
+
+    with contextlib.ExitStack() as stack:
+        stack.callback(target.register_forward_pre_hook(take_input).remove)
+        if shortcut:
+            stack.enter_context(_replaced(target, _bias_only(target)))
+            if kind == HEAD:
+                stack.callback(attention_module.register_forward_hook(take_attention).remove)
+        if attention is not None:
+            stack.enter_context(_replaced(attention_module, lambda *args, **kwargs: attention))
+        try:
+            kept.append(_run_layer(layer, batch, call))
+        except _Stop:
+            pass
+    return seen[0], (kept[0] if shortcut else None)
+
+
+def _complete(partial, x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor):
+    """What a shortcut pass kept, with the projection's product added: ``partial`` + x_K W_K^T
+    (W is zero off the kept columns); on the first element when ``partial`` is a module's tuple."""
+    product = nn.functional.linear(x.index_select(-1, kept), weight.index_select(1, kept))
+    if isinstance(partial, tuple):
+        return (partial[0] + product, *partial[1:])
+    return partial + product
+
+
+def _run_with(layer, family, hidden: torch.Tensor, call, attention) -> torch.Tensor:
+    if attention is None:
+        return _run_layer(layer, hidden, call)
+    with _replaced(get_module(layer, family.attention), lambda *args, **kwargs: attention):
+        return _run_layer(layer, hidden, call)
 
 
 def _compact(gram: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -296,13 +352,16 @@ def repair(
     damping: float,
     batch_size: int,
     toward: str = "layer",
+    shortcut: bool = True,
 ) -> tuple[dict[tuple[int, str], torch.Tensor], list[Outcome]]:
     """Repair every layer in order; ``keep[(layer, kind)]`` lists the current positions of the
     units that stay (all others of that layer and kind are removed).  The last ``check``
     windows only judge each update.  ``toward``: fit each projection's full output on the
     pruned model's input (``layer``, the formula above), or the unpruned model's output at the
     same place (``model``: also undoes the drift of the layers before; it runs the unpruned
-    layers beside the pruned ones).  Returns {(layer, kind): new weight of the kept columns}
+    layers beside the pruned ones).  ``shortcut=False`` runs each layer again after its
+    repair instead of completing the collecting passes' outputs (the same model: tests compare
+    them).  Returns {(layer, kind): new weight of the kept columns}
     (projections whose update was applied) and one Outcome per projection that lost units."""
     device = next(model.parameters()).device
     fit, held = windows[: windows.shape[0] - check], windows[windows.shape[0] - check :]
@@ -315,9 +374,11 @@ def repair(
     reference = list(hidden) if toward == "model" else None  # the unpruned model's hidden states
     shapes = layer_shapes(model, family)
     layers = list(get_module(model, family.layers))
+    changed = [i for i, s in enumerate(shapes) for kind in (HEAD, CHANNEL) if len(keep[(i, kind)]) != s.count(kind)]
+    last = max(changed, default=-1)  # the layers after it need no inputs: the pass ends there
     updated, outcomes = {}, []
-    progress = Progress("reconstruct", len(layers), "layers")
-    for index, (layer, shape) in enumerate(zip(layers, shapes)):
+    progress = Progress("reconstruct", last + 1, "layers")
+    for index, (layer, shape) in enumerate(zip(layers[: last + 1], shapes)):
         calls = [c[index] for c in arguments]
         originals = (
             {kind: output_projection(layer, family, kind).weight.clone() for kind in (HEAD, CHANNEL)}
@@ -325,7 +386,8 @@ def repair(
             else {}
         )
         next_reference = []
-        patch = None  # (MLP inputs and layer outputs per batch, change of the MLP-output weight)
+        attention = None  # per batch: the attention module's output with the repaired heads
+        outputs = None  # per batch: the layer's output with the repaired heads and channels
         for kind in (HEAD, CHANNEL):
             positions = list(keep[(index, kind)])
             target = output_projection(layer, family, kind)
@@ -343,10 +405,10 @@ def repair(
                 float("nan"),
                 False,
             )
-            # the pass that collects the MLP output's inputs runs the whole layer: its outputs,
-            # corrected for the weight change, are the next layer's inputs (no third pass)
-            patchable = kind == CHANNEL and reference is None and family.mlp_out_adds_to_residual
-            seen, previous = [], target.weight.clone() if patchable else None
+            # the pass that collects the projection's inputs also gives what follows it (the
+            # attention module's output, the layer's output), completed below with the new weight
+            take = shortcut and reference is None and (kind == HEAD or family.mlp_out_adds_to_residual)
+            partial = []
             if positions:
                 collect = _Collect(target.weight, reference is not None)
                 for b, (batch, call) in enumerate(zip(hidden, calls)):
@@ -355,14 +417,16 @@ def repair(
                         current = {k: output_projection(layer, family, k).weight.clone() for k in originals}
                         for k, w in originals.items():
                             output_projection(layer, family, k).weight.copy_(w)
-                        x_ref, out = _inputs(layer, family, kind, reference[b], call, stop=False)
+                        x_ref, out = _input_and_output(layer, family, kind, reference[b], call)
                         for k, w in current.items():
                             output_projection(layer, family, k).weight.copy_(w)
                         if len(next_reference) < len(hidden):  # the first kind repaired here keeps it
                             next_reference.append(out)
-                    x, out = _inputs(layer, family, kind, batch, call, stop=not patchable)
-                    if patchable:
-                        seen.append((x, out))
+                    x, part = _pass(layer, family, kind, batch, call, take, attention[b] if attention else None)
+                    if take:
+                        partial.append((x, part))
+                        if attention:  # in this layer's output now: not needed again
+                            attention[b] = None
                     collect.add(b < fit_rows, x, x_ref)
                 tokens = collect.fit.tokens
                 new_kept, used = solve(target.weight, collect.moments(), kept, damping)
@@ -382,19 +446,33 @@ def repair(
             removed[kept] = False
             target.weight[:, removed] = 0  # the removal itself, so that later layers see the pruned model
             outcomes.append(outcome)
-            if seen:
-                patch = (seen, target.weight - previous)
+            if partial:
+                completed = [_complete(part, x, target.weight, kept) for x, part in partial]
+                attention, outputs = (completed, None) if kind == HEAD else (attention, completed)
+            del partial
         if reference is not None:
             if len(next_reference) != len(hidden):  # no head statistics taken here: run the unpruned layer now
                 next_reference = _unpruned_outputs(layer, family, originals, reference, calls)
             reference = next_reference
-        if patch is not None:
-            seen, delta = patch
-            hidden = [out + x @ delta.T for x, out in seen]
-        else:
-            hidden = [_run_layer(layer, h, call) for h, call in zip(hidden, calls)]
+        if outputs is None:
+            outputs = [
+                _run_with(layer, family, h, call, attention[b] if attention else None)
+                for b, (h, call) in enumerate(zip(hidden, calls))
+            ]
+        hidden = outputs
         progress.advance()
     return updated, outcomes
+
+
+def _input_and_output(layer, family, kind, batch, call) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the ``kind`` projection's input, the layer's output) for one batch, nothing replaced."""
+    seen = []
+    handle = output_projection(layer, family, kind).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        out = _run_layer(layer, batch, call)
+    finally:
+        handle.remove()
+    return seen[0], out
 
 
 def _unpruned_outputs(layer, family, originals: dict, hidden: list, calls: list) -> list[torch.Tensor]:
