@@ -154,12 +154,17 @@ def runs(args) -> None:
     runs.json and a run already there is not repeated."""
     rows_file = OUT / "runs.json"
     rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
-    done = {(r["sparsity"], r["reconstruct"], r["seed"]) for r in rows}
+    done = {
+        (r["sparsity"], r["reconstruct"], r["seed"])
+        for r in rows
+        if r["reconstruct"] == "none" or r.get("tokens_per_input", 0.0) == args.tokens_per_input
+    }
     for sparsity, mode, seed in itertools.product(args.sparsities, args.modes, args.seeds):
         if (sparsity, mode, seed) in done:
             continue
         command = [sys.executable, __file__, "one", "--sparsity", str(sparsity), "--mode", mode, "--seed", str(seed)]
-        result = subprocess.run([*command, "--samples", str(args.samples)], capture_output=True, text=True)
+        command += ["--samples", str(args.samples), "--tokens-per-input", str(args.tokens_per_input)]
+        result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(result.stderr[-3000:])
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
@@ -178,7 +183,8 @@ def one(args) -> None:
 
     common.setup_logging()
     model, train, heldout = common.parent()
-    out = OUT / f"tiny-{args.sparsity}-{args.mode}-seed{args.seed}"
+    tokens = f"-tpi{args.tokens_per_input:g}" if args.tokens_per_input and args.mode != "none" else ""
+    out = OUT / f"tiny-{args.sparsity}-{args.mode}-seed{args.seed}{tokens}"
     config = PruneOptions(
         sparsity=args.sparsity,
         prune_frac=0.05,
@@ -187,6 +193,7 @@ def one(args) -> None:
         device="cpu",
         reconstruct=args.mode,
         reconstruct_samples=args.samples,
+        reconstruct_tokens_per_input=args.tokens_per_input,
     )
     start = time.perf_counter()
     summary = run_prune(model, train, str(out), config)
@@ -200,6 +207,7 @@ def one(args) -> None:
         "sparsity": args.sparsity,
         "reconstruct": args.mode,
         "seed": args.seed,
+        "tokens_per_input": args.tokens_per_input,
         "perplexity": ppl(summary["model"], heldout, Store(OUT / "perplexity")),
         "reconstruct_share": stage_time.get("reconstruct", 0.0) / total if total else None,
         "wall_s": wall,
@@ -260,6 +268,7 @@ def main() -> None:
     r.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5])
     r.add_argument("--seeds", type=int, nargs="+", default=[0])
     r.add_argument("--samples", type=int, default=128)
+    r.add_argument("--tokens-per-input", type=float, default=0.0, help="--reconstruct-tokens-per-input")
     r.add_argument("--modes", nargs="+", choices=["none", "lsq-final", "lsq"], default=["none", "lsq-final", "lsq"])
     r.set_defaults(handler=runs)
     o = sub.add_parser("one")
@@ -267,6 +276,7 @@ def main() -> None:
     o.add_argument("--mode", choices=["none", "lsq-final", "lsq"], required=True)
     o.add_argument("--seed", type=int, required=True)
     o.add_argument("--samples", type=int, default=128)
+    o.add_argument("--tokens-per-input", type=float, default=0.0)
     o.set_defaults(handler=one)
     g = sub.add_parser("gram")
     g.add_argument("--widths", type=int, nargs="+", default=[688, 1536, 4096, 11008])
