@@ -79,8 +79,8 @@ def windows_needed(widest: int, cfg: ReconstructConfig) -> int:
     """How many windows the repair uses: enough that the fit windows (all but ``check_windows``)
     hold ``tokens_per_input`` tokens per input column of the widest projection it changes, and
     at most ``samples``.  Least squares needs tokens in proportion to its inputs, not a fixed
-    count: on the tiny parent 12 fit tokens per column cost 40 % less than 128 windows for about
-    0.2 perplexity, while SmolLM2's 1,536-wide MLP gained from every window up to 256 of 128
+    count.  But on the tiny parent 12 fit tokens per column cost 40 % less time than 128 windows
+    and 0.7 perplexity (mean of three seeds), while SmolLM2's 1,536-wide MLP gained from every window up to 256 of 128
     tokens (BENCHMARKS.md), so it is an option, not the default."""
     if cfg.tokens_per_input <= 0:
         return cfg.samples

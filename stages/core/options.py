@@ -147,7 +147,7 @@ class PruneOptions(Options):
         0.0,
         "use only as many of those windows as give this many fit tokens per input column of the widest "
         "projection the repair changes (0: always --reconstruct-samples; 12 cuts the stage's time by 40 % on "
-        "the tiny parent for 0.2 perplexity, see BENCHMARKS.md)",
+        "the tiny parent for 0.7 perplexity, see BENCHMARKS.md)",
         legacy=0.0,
     )
     reconstruct_damping: float = option(
