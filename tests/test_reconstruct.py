@@ -157,7 +157,14 @@ def select_artifact(store: Store, parent, model, family, state: KeepState, name:
     return store.produce("select", name, {}, [parent], lambda out: table.write_parquet(out / KEEP_FILE) and None)
 
 
-@pytest.mark.parametrize("spec", list(tiny.SPECS))
+# GQA and Phi's parallel block in the default run; the other families (10 s each: a reload in a
+# fresh process) with the slow tests, which CI runs too
+QUICK_FAMILIES = ("llama-gqa", "phi")
+
+
+@pytest.mark.parametrize(
+    "spec", [s if s in QUICK_FAMILIES else pytest.param(s, marks=pytest.mark.slow) for s in tiny.SPECS]
+)
 def test_repaired_model_exports_and_reloads_for_every_family(zoo, corpus, tmp_path, spec):
     shared_models().clear()
     store = Store(tmp_path / "run")
