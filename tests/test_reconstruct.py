@@ -23,6 +23,12 @@ import tiny
 from tiny import awkward_state, ids_for, reload_elsewhere
 
 
+def config(**changes) -> reconstruct.ReconstructConfig:
+    """The stage's settings for the tests: windows of 32 tokens, 4 evaluation windows."""
+    base = dict(iteration=0, seed=0, samples=16, tokens_per_input=0.0, seq_len=32, calib_samples=4)
+    return reconstruct.ReconstructConfig(**{**base, **changes}, damping=0.1, batch_size=8, dtype="float32")
+
+
 def correlated(tokens=400, width=12, out=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     mixing = torch.randn(width, width, generator=g, dtype=torch.float64)
@@ -179,17 +185,7 @@ def test_repaired_model_exports_and_reloads_for_every_family(zoo, corpus, tmp_pa
         calibration.CalibrationConfig(seq_len=32, pool=24, min_windows=4),
         store,
     )
-    cfg = reconstruct.ReconstructConfig(
-        iteration=0,
-        seed=0,
-        samples=16,
-        tokens_per_input=16.0,
-        seq_len=32,
-        calib_samples=4,
-        damping=0.1,
-        batch_size=8,
-        dtype="float32",
-    )
+    cfg = config(samples=16, tokens_per_input=16.0)
     rec = reconstruct.run(parent, calib, None, after, [], cfg, store, "cpu")
     table = reconstruct.read(rec)
     assert set(table["projection"]) == {"attention_out", "mlp_out"}
@@ -221,17 +217,7 @@ def test_the_repair_fits_on_windows_the_iteration_never_scores(zoo, corpus, tmp_
         calibration.CalibrationConfig(seq_len=32, pool=24, min_windows=4),
         store,
     )
-    cfg = reconstruct.ReconstructConfig(
-        iteration=3,
-        seed=1,
-        samples=20,
-        tokens_per_input=0.0,
-        seq_len=32,
-        calib_samples=4,
-        damping=0.1,
-        batch_size=8,
-        dtype="float32",
-    )
+    cfg = config(iteration=3, seed=1, samples=20)
     scored = calibration.iteration_windows(calib, 1, 3, 4)
     used = reconstruct.windows_for(calib, cfg, 20)
     assert used.shape[0] == 20
@@ -240,17 +226,7 @@ def test_the_repair_fits_on_windows_the_iteration_never_scores(zoo, corpus, tmp_
 
 
 def test_the_repair_takes_enough_windows_for_its_widest_input_and_no_more():
-    cfg = reconstruct.ReconstructConfig(
-        iteration=0,
-        seed=0,
-        samples=128,
-        tokens_per_input=12.0,
-        seq_len=128,
-        calib_samples=8,
-        damping=0.1,
-        batch_size=8,
-        dtype="float32",
-    )
+    cfg = config(samples=128, tokens_per_input=12.0, seq_len=128, calib_samples=8)
     count = reconstruct.windows_needed(688, cfg)  # the tiny parent's MLP: 65 fit windows, and a check eighth
     assert count - reconstruct.check_windows(count) == 65 and count == 74
     assert reconstruct.windows_needed(1536, cfg) == 128  # SmolLM2's MLP would need 144 fit windows: the cap
