@@ -26,7 +26,7 @@ from bonsai.stages.calibration import draw, load_windows
 from bonsai.stages.core.devices import resolve_dtype
 from bonsai.stages.core.families.remote_code import get_module
 from bonsai.stages.core.model_io import REPAIRS_FILE, current_model, repair_tensors, shared_models
-from bonsai.stages.core.reconstruction import repair
+from bonsai.stages.core.reconstruction import changed, repair
 from bonsai.stages.core.rng import generator
 from bonsai.stages.core.slicing import slice_model
 from bonsai.stages.core.units import KINDS, KeepState, layer_shapes, output_projection, read_keep_state
@@ -79,9 +79,9 @@ def windows_needed(widest: int, cfg: ReconstructConfig) -> int:
     """How many windows the repair uses: enough that the fit windows (all but ``check_windows``)
     hold ``tokens_per_input`` tokens per input column of the widest projection it changes, and
     at most ``samples``.  Least squares needs tokens in proportion to its inputs, not a fixed
-    count.  But on the tiny parent 12 fit tokens per column cost 40 % less time than 128 windows
-    and 0.7 perplexity (mean of three seeds), while SmolLM2's 1,536-wide MLP gained from every window up to 256 of 128
-    tokens (BENCHMARKS.md), so it is an option, not the default."""
+    count.  But on the tiny parent 12 fit tokens per column cost 40 % less time than 128
+    windows and 0.7 perplexity (mean of three seeds), while SmolLM2's 1,536-wide MLP gained
+    from every window up to 256 of 128 tokens (BENCHMARKS.md): an option, not the default."""
     if cfg.tokens_per_input <= 0:
         return cfg.samples
     fit = math.ceil(cfg.tokens_per_input * widest / cfg.seq_len)
@@ -110,14 +110,7 @@ def run(
         kept = target.positions(current)
         keep = {(layer, kind): kept.units(kind)[layer] for layer in range(len(kept.groups)) for kind in KINDS}
         layers, shapes = get_module(model, family.layers), layer_shapes(model, family)
-        widest = max(
-            (
-                output_projection(layers[i], family, kind).in_features
-                for (i, kind), units in keep.items()
-                if len(units) != shapes[i].count(kind)
-            ),
-            default=0,
-        )
+        widest = max((output_projection(layers[i], family, k).in_features for i, k in changed(keep, shapes)), default=0)
         count = windows_needed(widest, cfg)
         updated, outcomes = repair(
             model, family, windows_for(calibration, cfg, count), check_windows(count), keep, cfg.damping, cfg.batch_size

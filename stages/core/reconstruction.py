@@ -342,6 +342,11 @@ def _relative_errors(weight: torch.Tensor, new_kept: torch.Tensor, held: list, k
     return before, after
 
 
+def changed(keep: dict, shapes: list[LayerShape]) -> list[tuple[int, str]]:
+    """(layer, kind) of the output projections that lose units under ``keep``."""
+    return [(i, k) for i, shape in enumerate(shapes) for k in (HEAD, CHANNEL) if len(keep[(i, k)]) != shape.count(k)]
+
+
 @torch.no_grad()
 def repair(
     model: nn.Module,
@@ -374,8 +379,7 @@ def repair(
     reference = list(hidden) if toward == "model" else None  # the unpruned model's hidden states
     shapes = layer_shapes(model, family)
     layers = list(get_module(model, family.layers))
-    changed = [i for i, s in enumerate(shapes) for kind in (HEAD, CHANNEL) if len(keep[(i, kind)]) != s.count(kind)]
-    last = max(changed, default=-1)  # the layers after it need no inputs: the pass ends there
+    last = max((i for i, _ in changed(keep, shapes)), default=-1)  # later layers need no inputs: the pass ends there
     updated, outcomes = {}, []
     progress = Progress("reconstruct", last + 1, "layers")
     for index, (layer, shape) in enumerate(zip(layers[: last + 1], shapes)):
