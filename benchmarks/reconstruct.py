@@ -184,11 +184,15 @@ def one(args) -> None:
     common.setup_logging()
     model, train, heldout = common.parent()
     tokens = f"-tpi{args.tokens_per_input:g}" if args.tokens_per_input and args.mode != "none" else ""
-    out = OUT / f"tiny-{args.sparsity}-{args.mode}-seed{args.seed}{tokens}"
+    sampling = dict(common.TINY_PRUNE)
+    if args.command_sampling:  # the command's own sub-models and windows per iteration, the tiny parent's window length
+        sampling.update(masks_per_iter=PruneOptions.masks_per_iter, calib_samples=PruneOptions.calib_samples)
+    suffix = "-command-sampling" if args.command_sampling else ""
+    out = OUT / f"tiny-{args.sparsity}-{args.mode}-seed{args.seed}{tokens}{suffix}"
     config = PruneOptions(
         sparsity=args.sparsity,
         prune_frac=0.05,
-        **common.TINY_PRUNE,
+        **sampling,
         seed=args.seed,
         device="cpu",
         reconstruct=args.mode,
@@ -208,6 +212,8 @@ def one(args) -> None:
         "reconstruct": args.mode,
         "seed": args.seed,
         "tokens_per_input": args.tokens_per_input,
+        "masks_per_iter": config.masks_per_iter,
+        "calib_samples": config.calib_samples,
         "perplexity": ppl(summary["model"], heldout, Store(OUT / "perplexity")),
         "reconstruct_share": stage_time.get("reconstruct", 0.0) / total if total else None,
         "wall_s": wall,
@@ -277,6 +283,11 @@ def main() -> None:
     o.add_argument("--seed", type=int, required=True)
     o.add_argument("--samples", type=int, default=128)
     o.add_argument("--tokens-per-input", type=float, default=0.0)
+    o.add_argument(
+        "--command-sampling",
+        action="store_true",
+        help="bonsai prune's own --masks-per-iter and --calib-samples instead of the tiny setting's 120 and 8",
+    )
     o.set_defaults(handler=one)
     g = sub.add_parser("gram")
     g.add_argument("--widths", type=int, nargs="+", default=[688, 1536, 4096, 11008])

@@ -66,6 +66,19 @@ def test_loading_and_saving_draw_no_progress_bar_and_leave_the_setting_as_it_was
         hf_logging.disable_progress_bar()
 
 
+def test_a_gguf_conversion_reports_progress_as_lines_not_a_bar(tied, capfd, caplog):
+    _, gguf = tied
+    with caplog.at_level("INFO", logger="bonsai.progress"):
+        resolve(gguf)
+    assert "de-quantizing" not in capfd.readouterr().err  # transformers' own bar
+    lines = [r.getMessage() for r in caplog.records if r.name == "bonsai.progress"]
+    assert lines and lines[-1].startswith("converting GGUF tensors: ") and "(100%)" in lines[-1]
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from tqdm.auto import tqdm
+
+    assert gguf_utils.tqdm is tqdm  # put back
+
+
 def test_pruning_a_gguf_file_exports_a_plain_tied_model_with_the_chat_template(tied, corpus, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -10,6 +10,7 @@ checks (does it exist, which GGUF architecture is it) come before any heavy impo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 from bonsai.artifacts import DigestCache
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.paths import cache_dir
+from bonsai.stages.core.progress import Progress
 
 log = logging.getLogger("bonsai.model")
 
@@ -174,11 +176,13 @@ def _dequantize(path: Path, out: Path, dtype: str) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bonsai.stages.core.devices import DTYPES
+    from bonsai.stages.core.model_io import no_progress_bars
 
     log.info("converting %s into a Hugging Face directory (dequantized to %s, once)", path.name, dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=DTYPES[dtype])
+        with no_progress_bars(), _conversion_progress():
+            loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=DTYPES[dtype])
     except Exception as exc:  # a header that reads but tensors or metadata that do not
         first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise UserError(f"--model {path}: transformers cannot load this GGUF file ({first})") from None
@@ -196,6 +200,31 @@ def _dequantize(path: Path, out: Path, dtype: str) -> dict:
         "parameters": sum(p.numel() for p in plain.parameters()),
         "chat_template": bool(getattr(tokenizer, "chat_template", None)),
     }
+
+
+@contextlib.contextmanager
+def _conversion_progress():
+    """transformers draws its GGUF conversion as a tqdm bar of its own, which no setting turns
+    off and which would interleave with the stages' progress lines: its loop reports through
+    ``Progress`` instead.  A transformers without that module attribute keeps its bar."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+
+    def as_progress(iterable, *args, **kwargs):
+        progress = Progress("converting GGUF tensors", len(iterable), "tensors")
+        for item in iterable:
+            yield item
+            progress.advance()
+
+    gguf_utils.tqdm = as_progress
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def packaged_gguf(distribution: str) -> Path:
