@@ -4,7 +4,14 @@ from bonsai.artifacts.digest import DigestCache, canonical_json, file_digest, te
 from bonsai.artifacts.faults import kill_point
 from bonsai.artifacts.lock import RunLock, RunLocked
 from bonsai.artifacts.run import RunDir, RunMismatch
-from bonsai.artifacts.store import ArtifactRef, Store, external_ref, write_text_atomic
+from bonsai.artifacts.store import (
+    ArtifactRef,
+    Store,
+    external_ref,
+    library_changes,
+    library_versions,
+    write_text_atomic,
+)
 
 __all__ = [
     "ArtifactRef",
@@ -18,6 +25,8 @@ __all__ = [
     "external_ref",
     "file_digest",
     "kill_point",
+    "library_changes",
+    "library_versions",
     "text_digest",
     "value_digest",
     "write_text_atomic",

@@ -65,13 +65,35 @@ def external_ref(stage: str, path: str | os.PathLike, digest: str) -> ArtifactRe
     return ArtifactRef(stage=stage, key=digest[:20], path=str(Path(path).resolve()), digest=digest)
 
 
-def _library_versions() -> dict[str, str]:
+# the libraries whose version can change a stage's numbers or bytes, recorded in every manifest
+# (distribution name -> the name manifests use); the first three are checked on resume
+LIBRARIES = {"torch": "torch", "transformers": "transformers", "safetensors": "safetensors",
+             "polars": "polars", "scikit-learn": "sklearn", "numpy": "numpy"}  # fmt: skip
+RESUME_CHECKED = ("torch", "transformers", "safetensors")
+
+
+def library_versions() -> dict[str, str]:
+    """This process's versions (from the installed metadata: nothing is imported)."""
+    from importlib import metadata
+
     out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "polars", "sklearn"):
-        mod = sys.modules.get(name)
-        if mod is not None:
-            out[name] = getattr(mod, "__version__", "?")
+    for distribution, name in LIBRARIES.items():
+        try:
+            out[name] = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            pass
     return out
+
+
+def library_changes(recorded: Mapping[str, Mapping[str, str]], now: Mapping[str, str]) -> dict[str, list[str]]:
+    """Per library of RESUME_CHECKED, the versions artifacts were made with that differ from
+    ``now`` (artifacts from before the library was recorded are not counted)."""
+    changes: dict[str, set[str]] = {}
+    for libraries in recorded.values():
+        for name in RESUME_CHECKED:
+            if name in libraries and name in now and libraries[name] != now[name]:
+                changes.setdefault(name, set()).add(libraries[name])
+    return {name: sorted(versions) for name, versions in changes.items()}
 
 
 class Store:
@@ -125,6 +147,17 @@ class Store:
             seen.add(node)
             todo.extend((i["stage"], i["key"]) for i in json.loads(manifest_path.read_text())["inputs"])
         return seen
+
+    def library_versions(self) -> dict[str, dict]:
+        """Per finished artifact (``stage/key``), the library versions its manifest records."""
+        out = {}
+        for manifest in sorted(self.root.glob(f"*/*/{MANIFEST}")):
+            try:
+                recorded = json.loads(manifest.read_text()).get("libraries", {})
+            except (OSError, ValueError):
+                continue  # a corrupted manifest: its lookup rebuilds it
+            out[manifest.parent.relative_to(self.root).as_posix()] = recorded
+        return out
 
     def _verify(self, where: Path, digests: DigestCache | None = None) -> str | None:
         digests = digests or self.digests
@@ -200,7 +233,7 @@ class Store:
                 "files": files,
                 "digest": _content_digest(files),
                 "info": json.loads(canonical_json(info)),
-                "libraries": _library_versions(),
+                "libraries": library_versions(),
                 "wall_s": round(time.time() - started, 3),
                 # the process's peak resident memory so far (a stage that raises it is the culprit)
                 "peak_rss_mb": round(_peak_rss_mb(), 1),

@@ -225,8 +225,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     config = options_from(args, PruneOptions, load_preset(args.config) if args.config else None)
-    from bonsai.flows.preflight import open_run, prepare
+    from bonsai.flows.preflight import check_inputs, open_run, prepare
 
+    check_inputs(args.model, args.data)
     address = _runner(args)
     ready = start_prefect(background=True)  # a temporary server starts (10-15 s): meanwhile, check and load
     prepared = prepare(args.model, args.data, args.out, config)
@@ -248,9 +249,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from bonsai.flows.chain import load_spec
-    from bonsai.flows.preflight import open_run, prepare
+    from bonsai.flows.preflight import check_inputs, open_run, prepare
 
     spec = load_spec(args.config)
+    check_inputs(spec.model, spec.data)
     address = _runner(args)
     ready = start_prefect(background=True)
     open_run(prepare(spec.model, spec.data, spec.out, spec.prune), probe=True)

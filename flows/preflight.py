@@ -11,10 +11,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bonsai.artifacts import ArtifactRef, RunDir, RunLocked, RunMismatch, external_ref
-from bonsai.stages.core.data import describe, source_digest
+from bonsai.stages.core.data import check_data, describe, source_digest
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.model_dirs import inspect_model_dir, model_digest
 from bonsai.stages.core.model_source import ModelSource
+from bonsai.stages.core.model_source import check as check_model
 from bonsai.stages.core.model_source import resolve as resolve_model
 from bonsai.stages.core.options import RUN_FORMAT, PruneOptions, recorded_identity
 
@@ -28,11 +29,19 @@ class Prepared:
     config: PruneOptions  # dtype resolved: "auto" becomes what this device uses
 
 
+def check_inputs(model: str, data: str) -> None:
+    """The refusals that cost nothing (a path that is not there, a GGUF file of an architecture
+    not pruned here): made before a Prefect server starts or any file is hashed."""
+    check_data(data)
+    check_model(model)
+
+
 def prepare(model: str, data: str, out: str, config: PruneOptions) -> Prepared:
     """Check every input before any work starts; each problem is one UserError line.  A GGUF
     file is converted here (once; the conversion is cached), in the pruning dtype."""
-    data_ref = ArtifactRef("data", key="text", path=describe(data), digest=source_digest(data))
+    check_data(data)  # a missing or unreadable --data is refused before a GGUF file is converted
     source = resolve_model(model, dtype=lambda: _resolved(config).dtype)
+    data_ref = ArtifactRef("data", key="text", path=describe(data), digest=source_digest(data))
     info = inspect_model_dir(source.path)
     raw = json.loads((Path(info.path) / "config.json").read_text())
     limit = raw.get("max_position_embeddings")

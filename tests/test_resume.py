@@ -155,3 +155,32 @@ def test_a_run_made_by_an_earlier_version_resumes(tmp_path):
     assert len(manifests(root / "run")) > len(before)
     assert file_digest(Path(summary["model"]) / "model.safetensors") == expected["model_safetensors_sha256"]
     assert summary["iterations"][-1]["sparsity"] == pytest.approx(expected["sparsity"])
+
+
+def test_resuming_under_other_library_versions_says_so_once(zoo, corpus, tmp_path, caplog):
+    """A run whose finished artifacts were made with another transformers: they are reused, one
+    warning names the versions, and the end says what this resume computed."""
+    import json
+    import logging
+    import shutil
+
+    import tiny
+
+    run = tmp_path / "run"
+    first = tiny.prune(zoo["llama-gqa"], corpus, run)
+    made = file_digest(Path(first["model"]) / "model.safetensors")
+    for manifest in run.glob("*/*/manifest.json"):
+        recorded = json.loads(manifest.read_text())
+        recorded["libraries"]["transformers"] = "4.0.0"
+        manifest.write_text(json.dumps(recorded))
+    shutil.rmtree(run / "export")  # left to do: the export
+    with caplog.at_level(logging.WARNING, logger="bonsai"):
+        again = tiny.prune(zoo["llama-gqa"], corpus, run)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    mixed = [w for w in warnings if "other library versions" in w]
+    assert len(mixed) == 1 and "transformers 4.0.0 there" in mixed[0], warnings
+    assert any(w == "computed in this resume, with the versions here: export x1" for w in warnings), warnings
+    assert file_digest(Path(again["model"]) / "model.safetensors") == made
+    from bonsai.stages.reports.status import describe, run_status
+
+    assert "transformers 4.0.0 + " in describe(run_status(str(run))) and "(mixed" in describe(run_status(str(run)))

@@ -56,6 +56,12 @@ def _load_hf(spec: str, flag: str):
         ) from None
 
 
+def check_data(spec: str, flag: str = "--data") -> None:
+    """What can be refused without reading the text (a local file's existence and type)."""
+    if not spec.startswith(HF_PREFIX):
+        _files(spec, flag)
+
+
 def source_digest(spec: str, flag: str = "--data") -> str:
     """Identity of the text: file contents, or the dataset's own fingerprint."""
     h = hashlib.sha256()

@@ -67,6 +67,22 @@ def resolve(
     raise UserError(f"{flag} {spec}: no such file or directory, and not a hub id (org/name[@revision])")
 
 
+def check(spec: str | os.PathLike, flag: str = "--model") -> None:
+    """The refusals ``resolve`` would make that need no hashing, converting or downloading: run
+    first, so that a wrong --model is one line before anything slow starts."""
+    spec = str(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob(f"*{GGUF_SUFFIX}"))
+        path = ggufs[0] if len(ggufs) == 1 else path  # several, or none: resolve's own refusal
+    if path.is_file():
+        if path.suffix != GGUF_SUFFIX:
+            raise UserError(f"{flag} {spec}: a file must be a {GGUF_SUFFIX} model; otherwise give a model directory")
+        _check_architecture(spec, gguf_architecture(path, spec, flag), flag)
+    elif not path.is_dir() and not is_hub_id(spec):
+        raise UserError(f"{flag} {spec}: no such file or directory, and not a hub id (org/name[@revision])")
+
+
 def is_hub_id(spec: str) -> bool:
     """``org/name[@revision][/file.gguf]``, as opposed to a relative path such as ``../models/x``."""
     return bool(HUB_ID.match(spec)) and not spec.startswith((".", "/", "~"))
@@ -140,13 +156,16 @@ def gguf_architecture(path: Path, spec: str, flag: str) -> str:
         raise UserError(f"{flag} {spec}: not a readable GGUF file ({first})") from None
 
 
-def _gguf(spec: str, path: Path, dtype: Callable[[], str], flag: str) -> ModelSource:
-    architecture = gguf_architecture(path, spec, flag)
+def _check_architecture(spec: str, architecture: str, flag: str) -> None:
     supported = gguf_architectures()
     if architecture not in supported:
         raise UserError(
             f"{flag} {spec}: GGUF architecture {architecture!r} is not supported; supported: {', '.join(supported)}"
         )
+
+
+def _gguf(spec: str, path: Path, dtype: Callable[[], str], flag: str) -> ModelSource:
+    _check_architecture(spec, gguf_architecture(path, spec, flag), flag)
     cache = DigestCache(cache_dir() / "file-digests.json")
     digest = cache.digest(path)
     cache.save()

@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bonsai.artifacts import RunDir
+from bonsai.artifacts.store import RESUME_CHECKED
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.options import PruneOptions, build, recorded_identity
 from bonsai.stages.core.plan import PrunePlan
@@ -63,6 +64,11 @@ def run_status(run_dir: str) -> dict:
         "adapted": (run / "adapted" / "config.json").is_file(),
         "half_built": sorted(p.name for p in (run / ".tmp").glob("*")) if (run / ".tmp").is_dir() else [],
         "checkpoints": sorted(p.parent.name + "/" + p.name for p in run.glob(".work/*/checkpoint-*")),
+        # per library whose version a resume checks: the versions the artifacts were made with
+        "libraries": {
+            name: sorted({m["libraries"][name] for m in found if name in m.get("libraries", {})})
+            for name in RESUME_CHECKED
+        },
     }
     if not plan.reached(reached):
         current = 0 if last is None else last + 1
@@ -111,6 +117,10 @@ def describe(status: dict) -> str:
         f"model:      {'RUN/model published' if status['published'] else 'not yet'}"
         f"{'; RUN/adapted published' if status['adapted'] else ''}"
     )
+    made_with = [f"{name} {' + '.join(v)}" for name, v in status["libraries"].items() if v]
+    if made_with:
+        mixed = any(len(v) > 1 for v in status["libraries"].values())
+        lines.append(f"made with:  {', '.join(made_with)}{' (mixed: resumed under other versions)' if mixed else ''}")
     if status["half_built"]:
         lines.append(f"half-built: {len(status['half_built'])} (discarded when the run resumes)")
     if status["checkpoints"]:
