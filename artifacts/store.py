@@ -18,6 +18,7 @@ rebuilt, with a warning.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -72,8 +73,8 @@ LIBRARIES = {"torch": "torch", "transformers": "transformers", "safetensors": "s
 RESUME_CHECKED = ("torch", "transformers", "safetensors")
 
 
-def library_versions() -> dict[str, str]:
-    """This process's versions (from the installed metadata: nothing is imported)."""
+@functools.cache
+def _installed_versions() -> tuple[tuple[str, str], ...]:
     from importlib import metadata
 
     out = {"python": sys.version.split()[0]}
@@ -82,7 +83,12 @@ def library_versions() -> dict[str, str]:
             out[name] = metadata.version(distribution)
         except metadata.PackageNotFoundError:
             pass
-    return out
+    return tuple(out.items())
+
+
+def library_versions() -> dict[str, str]:
+    """This process's versions (read once from the installed metadata: nothing is imported)."""
+    return dict(_installed_versions())
 
 
 def library_changes(recorded: Mapping[str, Mapping[str, str]], now: Mapping[str, str]) -> dict[str, list[str]]:
