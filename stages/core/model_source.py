@@ -55,16 +55,13 @@ def resolve(
     """The local model directory for ``spec``; every way it can be wrong is one UserError.
     ``dtype`` gives the dtype a GGUF file is dequantized to; it is called only for one."""
     spec = str(spec)
+    check(spec, flag)  # what a path's kind and a GGUF header can refuse, before any hashing
     path = Path(spec).expanduser()
     if path.is_file():
-        if path.suffix != GGUF_SUFFIX:
-            raise UserError(f"{flag} {spec}: a file must be a {GGUF_SUFFIX} model; otherwise give a model directory")
         return _gguf(spec, path, dtype, flag)
     if path.is_dir():
         return _directory(spec, path, dtype, flag)
-    if is_hub_id(spec):
-        return _hub(spec, HUB_ID.match(spec), dtype, flag)
-    raise UserError(f"{flag} {spec}: no such file or directory, and not a hub id (org/name[@revision])")
+    return _hub(spec, HUB_ID.match(spec), dtype, flag)  # check() let it through: a hub id
 
 
 def check(spec: str | os.PathLike, flag: str = "--model") -> None:
@@ -126,6 +123,7 @@ def _hub(spec: str, match: re.Match, dtype: Callable[[], str], flag: str) -> Mod
             f"{flag} {spec}: cannot download it ({exc.__class__.__name__}); check the network, or "
             f"set HF_HUB_OFFLINE=1 to use the local cache only"
         ) from None
+    check(local, flag)  # the downloaded file's header, as for a local one
     source = _gguf(spec, local, dtype, flag) if file else _directory(spec, local, dtype, flag)
     return ModelSource(spec, "hub", source.path, source.file_digest)
 
@@ -165,7 +163,7 @@ def _check_architecture(spec: str, architecture: str, flag: str) -> None:
 
 
 def _gguf(spec: str, path: Path, dtype: Callable[[], str], flag: str) -> ModelSource:
-    _check_architecture(spec, gguf_architecture(path, spec, flag), flag)
+    """A GGUF file that check() has accepted: hashed, then converted (once)."""
     cache = DigestCache(cache_dir() / "file-digests.json")
     digest = cache.digest(path)
     cache.save()
