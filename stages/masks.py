@@ -36,6 +36,7 @@ import torch
 
 from bonsai.artifacts import ArtifactRef, Store
 from bonsai.stages import priors as priors_stage
+from bonsai.stages.core.plan import candidate_count
 from bonsai.stages.core.rng import generator
 from bonsai.stages.core.units import CHANNEL, HEAD
 
@@ -96,9 +97,7 @@ def candidates(priors: pl.DataFrame, prune_frac: float, prior: str) -> pl.DataFr
     ranked = table.sort("layer", "kind", "prior", "unit").with_columns(
         pl.int_range(pl.len()).over("layer", "kind").alias("rank")
     )
-    quota = ranked["group_size"].map_elements(
-        lambda n: min(n, math.ceil(round(2 * prune_frac * n, 9))), return_dtype=pl.Int64
-    )
+    quota = ranked["group_size"].map_elements(lambda n: candidate_count(n, prune_frac), return_dtype=pl.Int64)
     chosen = ranked.filter(pl.col("rank") < quota).sort("layer", "kind", "unit")
     return chosen.select(
         pl.int_range(pl.len(), dtype=pl.Int32).alias("candidate"),

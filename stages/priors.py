@@ -1,8 +1,10 @@
 """Priors stage: forward passes of the current model with activation taps.
 
-All three priors (wanda, activation, fluctuation; Appendix F) come from the same
-statistics, so all are written and the run's ``--prior`` only picks which one guides the
-sampling: the table lets an audit compare them.  The unmasked utility of the current model
+All the priors (wanda, activation, fluctuation: Appendix F; flap: FLAP's standardised
+fluctuation) come from the same statistics, so all are written and the run's ``--prior`` only
+picks which one guides the sampling: the table lets an audit compare them.  The repair-aware
+prior (obs) needs Gram matrices on other windows: its own stage computes it, for ``--prior obs``
+only, and it joins the table here.  The unmasked utility of the current model
 on this iteration's windows is recorded too, as the baseline sub-models are compared with.
 """
 
@@ -16,6 +18,7 @@ from pathlib import Path
 import polars as pl
 
 from bonsai.artifacts import ArtifactRef, Store, kill_point
+from bonsai.stages import saliency as saliency_stage
 from bonsai.stages.calibration import iteration_windows
 from bonsai.stages.core.model_io import current_model
 from bonsai.stages.core.nll import batches, row_nll
@@ -23,9 +26,9 @@ from bonsai.stages.core.progress import Progress
 from bonsai.stages.core.taps import Taps, unit_priors
 from bonsai.stages.core.units import KINDS, KeepState, read_keep_state
 
-VERSION = "1"
+VERSION = "2"  # 2: the flap and obs columns
 FILE = "priors.parquet"
-METRICS = ("wanda", "activation", "fluctuation")
+METRICS = ("wanda", "activation", "fluctuation", "flap")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,7 +48,11 @@ def run(
     cfg: PriorsConfig,
     store: Store,
     device: str = "auto",
+    saliency: ArtifactRef | None = None,
 ) -> ArtifactRef:
+    """``saliency``: the repair-aware prior's artifact (stages/saliency.py), the column ``obs``
+    (null without it)."""
+
     def build(out: Path) -> dict:
         model, family, dev = current_model(parent, previous, cfg.dtype, device, repairs)
         windows = iteration_windows(calibration, cfg.seed, cfg.iteration, cfg.calib_samples)
@@ -75,6 +82,10 @@ def run(
         table = pl.DataFrame(
             rows, schema_overrides={"layer": pl.Int32, "unit": pl.Int32, "position": pl.Int32, "params": pl.Int64}
         )
+        if saliency is not None:
+            table = table.join(saliency_stage.read(saliency), on=["layer", "kind", "position"], how="left")
+        else:  # one schema for every run
+            table = table.with_columns(pl.lit(None, pl.Float64).alias(saliency_stage.METRIC))
         table.insert_column(0, pl.lit(cfg.iteration, pl.Int32).alias("iteration")).write_parquet(out / FILE)
         mean_nll = nll / max(tokens, 1)
         return {
@@ -84,7 +95,7 @@ def run(
         }
 
     inputs = [parent, calibration] + ([previous] if previous is not None else []) + list(repairs)
-    return store.produce("priors", VERSION, cfg, inputs, build)
+    return store.produce("priors", VERSION, cfg, inputs + ([saliency] if saliency is not None else []), build)
 
 
 def read(priors: ArtifactRef) -> pl.DataFrame:

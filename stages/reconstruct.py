@@ -60,14 +60,16 @@ class ReconstructConfig:
     damping: float
     batch_size: int
     dtype: str
+    fit: str = "weights"  # core/reconstruction.py FITS: the kept columns, and an output bias or not
 
 
-def windows_for(calibration: ArtifactRef, cfg: ReconstructConfig, count: int) -> torch.Tensor:
+def windows_for(calibration: ArtifactRef, seed: int, iteration: int, calib_samples: int, count: int) -> torch.Tensor:
     """The repair's ``count`` windows: a seeded draw from the pool without this iteration's
-    evaluation windows (the last eighth, at least one, judge the updates)."""
-    scored = set(draw(calibration, cfg.seed, cfg.iteration, cfg.calib_samples))
+    ``calib_samples`` evaluation windows (the last eighth, at least one, judge the updates).
+    The repair-aware prior (stages/saliency.py) takes its statistics from the same draw."""
+    scored = set(draw(calibration, seed, iteration, calib_samples))
     rest = [w for w in range(int(calibration.info()["windows"])) if w not in scored]
-    order = torch.randperm(len(rest), generator=generator(cfg.seed, "reconstruct", cfg.iteration)).tolist()
+    order = torch.randperm(len(rest), generator=generator(seed, "reconstruct", iteration)).tolist()
     return load_windows(calibration, [rest[i] for i in order[:count]])
 
 
@@ -113,7 +115,14 @@ def run(
         widest = max((output_projection(layers[i], family, k).in_features for i, k in changed(keep, shapes)), default=0)
         count = windows_needed(widest, cfg)
         updated, outcomes = repair(
-            model, family, windows_for(calibration, cfg, count), check_windows(count), keep, cfg.damping, cfg.batch_size
+            model,
+            family,
+            windows_for(calibration, cfg.seed, cfg.iteration, cfg.calib_samples, count),
+            check_windows(count),
+            keep,
+            cfg.damping,
+            cfg.batch_size,
+            fit=cfg.fit,
         )
         kill_point("reconstruct")
         save_file(repair_tensors(updated, target), str(out / REPAIRS_FILE))

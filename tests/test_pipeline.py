@@ -22,7 +22,8 @@ def prune(zoo, corpus, out, spec="llama-gqa", **changes):
     return tiny.prune(zoo[spec], corpus, out, **changes)
 
 
-FINISHED = {"sampling": "adaptive"}  # adaptive: the finished run writes its settle tables too
+# adaptive: the finished run writes its settle tables too; obs: its saliency tables
+FINISHED = {"sampling": "adaptive", "prior": "obs"}
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +135,29 @@ def test_the_audit_finds_the_settle_decisions_of_a_finished_adaptive_run(finishe
     rounds = pl.read_parquet(str(out / "settle/*/convergence.parquet")).group_by("iteration").len().sort("iteration")
     assert table["rounds"].to_list() == rounds["len"].to_list() and len(rounds) == len(summary["iterations"])
     assert table["bootstrap_regret"].is_not_null().all()
+
+
+def test_flap_ranks_every_unit_by_its_standardised_score_and_exports_its_bias(zoo, corpus, tmp_path):
+    """configs/flap.yaml on the tiny parent: one iteration, every unit a candidate, the removal
+    the lowest FLAP scores across layers and kinds, and the bias compensation in the export."""
+    import json
+
+    from bonsai.stages.core.options import load_preset
+
+    preset = load_preset(Path(__file__).parent.parent / "configs" / "flap.yaml")
+    summary = prune(zoo, corpus, tmp_path / "run", **{**preset, "sparsity": 0.3, "prune_frac": 0.3})
+    assert len(summary["iterations"]) == 1 and summary["iterations"][0]["sparsity"] >= 0.3
+    priors = pl.concat([pl.read_parquet(p) for p in (tmp_path / "run" / "priors").glob("*/priors.parquet")])
+    importance = pl.read_parquet(next((tmp_path / "run" / "importance").glob("*/importance.parquet")))
+    assert importance.height == priors.height  # every unit ranked
+    assert importance["importance"].to_list() == priors.sort("layer", "kind", "unit")["flap"].to_list()
+    removed = pl.read_parquet(next((tmp_path / "run" / "select").glob("*/removed.parquet")))
+    assert (
+        removed["importance"].max()
+        <= importance.join(removed, on=["layer", "kind", "unit"], how="anti")["importance"].min()
+    )
+    config = json.loads((Path(summary["model"]) / "config.json").read_text())
+    # the bias compensation gives a bias to the output projection of every kind that lost a unit
+    kinds = set(removed["kind"].to_list())
+    expected = [name for kind, name in (("head", "o_proj"), ("channel", "down_proj")) if kind in kinds]
+    assert expected and config["bonsai_output_biases"] == expected

@@ -5,6 +5,8 @@ layers with no heads or no channels left included."""
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -55,6 +57,35 @@ def test_the_update_is_the_least_squares_fit_of_the_full_output():
     full = x @ w.T
     for candidate in (new, damped):  # both beat plain removal on the data they were fitted to
         assert (x[:, kept] @ candidate.T - full).norm() < (x[:, kept] @ w[:, kept].T - full).norm()
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.1])
+def test_a_fitted_bias_is_the_least_squares_intercept(damping):
+    """weights+bias: the fit of the full output by [x_K, 1], damped on the centred inputs and
+    not on the intercept; bias alone: the removed columns' mean output (FLAP's compensation)."""
+    x, w = correlated()
+    x = x + torch.linspace(-3, 3, x.shape[1], dtype=torch.float64)  # inputs with a mean
+    kept, removed = torch.tensor([0, 2, 3, 5, 7, 8, 9, 11]), torch.tensor([1, 4, 6, 10])
+    moments = lambda: Moments(x.T @ x, None, len(x), x.sum(0))  # noqa: E731
+    new, shift, _ = reconstruction.fit_projection(w, moments(), kept, damping, "weights+bias")
+    mean = x.mean(0)
+    centred = x - mean
+    cov = centred.T @ centred
+    lam = damping * cov[kept][:, kept].diagonal().mean()
+    expected = (w @ cov[:, kept] + lam * w[:, kept]) @ torch.linalg.inv(cov[kept][:, kept] + lam * torch.eye(8))
+    assert torch.allclose(new, expected, atol=1e-8)
+    assert torch.allclose(shift, w @ mean - new @ mean[kept], atol=1e-8)
+    if damping == 0.0:  # the plain least squares with a column of ones
+        design = torch.cat([x[:, kept], torch.ones(len(x), 1, dtype=torch.float64)], 1)
+        solution = torch.linalg.lstsq(design, x @ w.T).solution.T
+        assert torch.allclose(new, solution[:, :-1], atol=1e-8) and torch.allclose(shift, solution[:, -1], atol=1e-8)
+    with_bias = (x[:, kept] @ new.T + shift - x @ w.T).norm()
+    without, _ = solve(w, moments(), kept, damping)
+    assert with_bias < (x[:, kept] @ without.T - x @ w.T).norm()  # the intercept only helps
+    same, only_shift, _ = reconstruction.fit_projection(w, moments(), kept, damping, "bias")
+    assert torch.equal(same, w[:, kept]) and torch.allclose(only_shift, w[:, removed] @ mean[removed], atol=1e-10)
+    nothing, all_mean, _ = reconstruction.fit_projection(w, moments(), kept[:0], damping, "weights+bias")
+    assert nothing.shape == (5, 0) and torch.allclose(all_mean, w @ mean, atol=1e-10)
 
 
 def test_toward_the_model_fits_the_unpruned_output_of_another_input():
@@ -118,7 +149,7 @@ def test_outputs_completed_for_the_update_equal_a_second_pass(zoo, spec):
     ((fast, fast_outcomes), layers), ((slow, slow_outcomes), _) = (_repairs(zoo, spec, s) for s in (True, False))
     assert fast.keys() == slow.keys()
     for key in fast:
-        assert torch.allclose(fast[key], slow[key], rtol=1e-4, atol=1e-5), key
+        assert torch.allclose(fast[key].weight, slow[key].weight, rtol=1e-4, atol=1e-5), key
     # the held-out errors of every later layer are computed on the inputs the shortcut gave it
     assert len(fast_outcomes) == len(slow_outcomes) > 2 * layers - 2
     for a, b in zip(fast_outcomes, slow_outcomes):
@@ -169,9 +200,13 @@ QUICK_FAMILIES = ("llama-gqa", "phi")
 
 
 @pytest.mark.parametrize(
-    "spec", [s if s in QUICK_FAMILIES else pytest.param(s, marks=pytest.mark.slow) for s in tiny.SPECS]
+    ("spec", "fit"),
+    [(s, "weights") if s in QUICK_FAMILIES else pytest.param(s, "weights", marks=pytest.mark.slow) for s in tiny.SPECS]
+    + [("llama-gqa", "weights+bias"), ("phi", "weights+bias")],
 )
-def test_repaired_model_exports_and_reloads_for_every_family(zoo, corpus, tmp_path, spec):
+def test_repaired_model_exports_and_reloads_for_every_family(zoo, corpus, tmp_path, spec, fit):
+    """With ``weights+bias`` the repair gives LLaMA's bias-free output projections a bias (Phi's
+    have one already): the export must carry it, or the reloaded model differs."""
     shared_models().clear()
     store = Store(tmp_path / "run")
     parent = external_ref("parent", zoo[spec], "p" * 64)
@@ -185,14 +220,15 @@ def test_repaired_model_exports_and_reloads_for_every_family(zoo, corpus, tmp_pa
         calibration.CalibrationConfig(seq_len=32, pool=24, min_windows=4),
         store,
     )
-    cfg = config(samples=16, tokens_per_input=16.0)
+    cfg = config(samples=16, tokens_per_input=16.0, fit=fit)
     rec = reconstruct.run(parent, calib, None, after, [], cfg, store, "cpu")
     table = reconstruct.read(rec)
     assert set(table["projection"]) == {"attention_out", "mlp_out"}
     applied = table.filter(pl.col("applied"))
     assert (applied["error_after"] < applied["error_before"]).all() and applied.height > 0
     emptied = table.filter(pl.col("kept") == 0)  # layer 0 lost every head, layer 1 every channel
-    assert not emptied["applied"].any() and emptied.height == 2
+    # with nothing left to fit, only a bias can take over (the inputs' mean output)
+    assert emptied.height == 2 and emptied["applied"].any() == (fit != "weights")
     ids = ids_for(model)
     with torch.no_grad():
         in_place = current_model(parent, after, "float32", "cpu", [rec])[0](input_ids=ids).logits  # adopted model
@@ -204,6 +240,9 @@ def test_repaired_model_exports_and_reloads_for_every_family(zoo, corpus, tmp_pa
     reload_elsewhere(tmp_path, [(exported.file(export.MODEL), tmp_path / "ids.pt", tmp_path / "out.pt")])
     reloaded = torch.load(tmp_path / "out.pt")
     assert (reloaded["logits"] - fresh).abs().max().item() < family.tolerance
+    written = json.loads((Path(exported.file(export.MODEL)) / "config.json").read_text())
+    added = written.get("bonsai_output_biases", [])
+    assert added == ([] if fit == "weights" or spec == "phi" else [family.attention_out, family.mlp_out])
     unrepaired = export.run(parent, after, export.ExportConfig(), store)
     assert unrepaired.digest != exported.digest
 
@@ -219,7 +258,7 @@ def test_the_repair_fits_on_windows_the_iteration_never_scores(zoo, corpus, tmp_
     )
     cfg = config(iteration=3, seed=1, samples=20)
     scored = calibration.iteration_windows(calib, 1, 3, 4)
-    used = reconstruct.windows_for(calib, cfg, 20)
+    used = reconstruct.windows_for(calib, cfg.seed, cfg.iteration, cfg.calib_samples, 20)
     assert used.shape[0] == 20
     assert not any(torch.equal(a, b) for a in used for b in scored)
     assert np.unique(used.numpy(), axis=0).shape[0] == 20

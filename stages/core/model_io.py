@@ -135,13 +135,16 @@ class ModelCache:
 REPAIRS_FILE = "weights.safetensors"
 
 
-def repair_tensors(updated: dict[tuple[int, str], torch.Tensor], state: KeepState) -> dict[str, torch.Tensor]:
-    """The tensors a repair artifact holds: per repaired projection, its kept columns'
-    weights and the parent indices of the units those columns belong to."""
+def repair_tensors(updated: dict, state: KeepState) -> dict[str, torch.Tensor]:
+    """The tensors a repair artifact holds: per repaired projection (``updated``: {(layer, kind):
+    reconstruction.Repaired}), its kept columns' weights, the parent indices of the units those
+    columns belong to, and its whole new bias when the repair fitted one."""
     out = {}
-    for (layer, kind), weight in sorted(updated.items()):
-        out[f"layers.{layer}.{kind}.weight"] = weight.contiguous().cpu()
+    for (layer, kind), repaired in sorted(updated.items()):
+        out[f"layers.{layer}.{kind}.weight"] = repaired.weight.contiguous().cpu()
         out[f"layers.{layer}.{kind}.units"] = torch.tensor(state.units(kind)[layer], dtype=torch.long)
+        if repaired.bias is not None:
+            out[f"layers.{layer}.{kind}.bias"] = repaired.bias.contiguous().cpu()
     return out
 
 
@@ -165,6 +168,12 @@ def apply_repair(model: nn.Module, family, state: KeepState, repair: ArtifactRef
         columns = (torch.tensor(positions, dtype=torch.long).unsqueeze(1) * width + torch.arange(width)).reshape(-1)
         target = output_projection(layers[layer], family, kind)
         target.weight.copy_(tensors[name].index_select(1, columns).to(target.weight.dtype))
+        bias = tensors.get(name.replace(".weight", ".bias"))
+        if bias is not None:
+            if target.bias is None:
+                zeros = torch.zeros(bias.shape, dtype=target.weight.dtype, device=target.weight.device)
+                target.bias = nn.Parameter(zeros, requires_grad=False)
+            target.bias.data.copy_(bias.to(device=target.bias.device, dtype=target.bias.dtype))
 
 
 def current_model(

@@ -22,10 +22,16 @@ import yaml
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.plan import ESTIMATORS
 
-PRIORS = ("wanda", "activation", "fluctuation")
+# obs: the error a unit's removal leaves after the repair (stages/saliency.py); flap: FLAP's
+# standardised score, for --estimator flap
+PRIORS = ("wanda", "activation", "fluctuation", "obs", "flap")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 PENALTIES = ("l1", "l2")
 RECONSTRUCT = ("lsq", "lsq-final", "none")
+# what the repair fits: the kept columns (weights), those and an output bias (least squares with
+# an intercept, so a removed unit's mean output moves into the bias), or the bias alone (FLAP's
+# bias compensation, b += W_P mean(x_P), the kept columns unchanged)
+RECONSTRUCT_FITS = ("weights", "weights+bias", "bias")
 SAMPLING = ("adaptive", "fixed")
 
 # Regularisation grids searched by cross-validation (Appendix A.1 searches a grid too).
@@ -150,6 +156,14 @@ class PruneOptions(Options):
         "the tiny parent for 0.7 perplexity, see BENCHMARKS.md)",
         legacy=0.0,
     )
+    reconstruct_fit: str = option(
+        "weights",
+        "what the repair fits: the kept columns (weights), those and each projection's output bias "
+        "(weights+bias: least squares with an intercept, so a removed unit's mean output is kept), or the bias "
+        "alone (bias: FLAP's bias compensation); a bias where the parent had none is written into the export",
+        RECONSTRUCT_FITS,
+        legacy="weights",
+    )
     reconstruct_damping: float = option(
         0.1,
         "shrinks the repaired weights toward their current values: a multiple of G's mean diagonal",
@@ -168,6 +182,11 @@ class PruneOptions(Options):
             f"--masks-per-iter must be at least 2 x cv-folds ({2 * self.cv_folds}) for the regression",
         )
         _check(self.calib_pool >= self.calib_samples, "--calib-pool must be at least --calib-samples")
+        _check(
+            (self.estimator == "flap") == (self.prior == "flap"),
+            "--estimator flap and --prior flap (FLAP's standardised fluctuation, which can be negative, so it "
+            "cannot guide sampling) go together (configs/flap.yaml)",
+        )
         _check(self.round_size >= 4, "--round-size must be at least 4 (two pairs of each kind of pair)")
         _check(0 <= self.settle_tolerance <= 1, f"--settle-tolerance must be in [0, 1], got {self.settle_tolerance}")
         _check(self.settle_regret >= 0, f"--settle-regret must not be negative, got {self.settle_regret}")
@@ -180,7 +199,8 @@ class PruneOptions(Options):
         )
         _check(self.reconstruct_samples >= 2, "--reconstruct-samples must be at least 2 (windows to fit and to check)")
         _check(
-            self.reconstruct == "none" or self.calib_pool >= self.calib_samples + self.reconstruct_samples,
+            (self.reconstruct == "none" and self.prior != "obs")
+            or self.calib_pool >= self.calib_samples + self.reconstruct_samples,
             f"--calib-pool ({self.calib_pool}) must hold --calib-samples and --reconstruct-samples "
             f"({self.calib_samples} + {self.reconstruct_samples}) windows",
         )

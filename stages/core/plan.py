@@ -23,6 +23,7 @@ class Estimator:
     perturbed_prior: bool  # evaluation also collects the prior under each sub-model
     design: str  # how sub-models are sampled (stages/masks.py): "half" or "split"
     summary: str
+    every_unit: bool = False  # every unit is a candidate, not the bottom 2 p_iter of each group
 
 
 ESTIMATORS: dict[str, Estimator] = {
@@ -62,6 +63,18 @@ ESTIMATORS: dict[str, Estimator] = {
             summary="the prior of the unperturbed model (Figure 2)",
         ),
         Estimator(
+            name="flap",
+            evaluates=False,
+            regression=False,
+            perturbed_prior=False,
+            design="half",
+            summary="FLAP (An et al., AAAI 2024), the forward-only baseline: --prior flap (the fluctuation "
+            "standardised over each projection's input features) ranked globally, every unit a candidate; with "
+            "--reconstruct-fit bias (its bias compensation) and --prune-frac equal to --sparsity it is FLAP's "
+            "whole method (configs/flap.yaml)",
+            every_unit=True,
+        ),
+        Estimator(
             name="random",
             evaluates=False,
             regression=False,
@@ -72,8 +85,14 @@ ESTIMATORS: dict[str, Estimator] = {
     )
 }
 
+
+def candidate_count(group_size: int, prune_frac: float) -> int:
+    """Candidates of a (layer, kind) group of ``group_size`` units: ceil(2 p_iter n)."""
+    return min(group_size, math.ceil(round(2 * prune_frac * group_size, 9)))
+
+
 # the stages of one iteration, in the order they run
-ITERATION_STAGES = ("priors", "masks", "evaluate", "importance", "settle", "select", "reconstruct")
+ITERATION_STAGES = ("saliency", "priors", "masks", "evaluate", "importance", "settle", "select", "reconstruct")
 
 
 @dataclass(frozen=True)
@@ -88,6 +107,7 @@ class PrunePlan:
     reconstruct: str  # "lsq": repair after every iteration, "lsq-final": after the last, "none"
     adaptive: bool  # sub-models in rounds until the decision settles (estimators that fit group scales)
     round_size: int  # sub-models per round (all of them in one round when not adaptive)
+    repair_aware_prior: bool = False  # --prior obs: the saliency stage runs before the priors
 
     @classmethod
     def of(cls, options: PruneOptions) -> PrunePlan:
@@ -106,6 +126,7 @@ class PrunePlan:
             reconstruct=options.reconstruct,
             adaptive=adaptive,
             round_size=min(4 * math.ceil(options.round_size / 4), sub_models) if adaptive else sub_models,
+            repair_aware_prior=options.prior == "obs",
         )
 
     @property
@@ -130,11 +151,19 @@ class PrunePlan:
     def stages(self) -> tuple[str, ...]:
         """This run's stages per iteration, in order."""
         skip = {"evaluate"} if not self.estimator.evaluates else set()
+        if not self.repair_aware_prior:
+            skip.add("saliency")
         if not self.adaptive:
             skip.add("settle")
         if self.reconstruct != "lsq":
             skip.add("reconstruct")  # none, or only after the last iteration
         return tuple(s for s in ITERATION_STAGES if s not in skip)
+
+    @property
+    def candidate_frac(self) -> float:
+        """The masks stage's p_iter: candidates are the bottom 2 p_iter of each (layer, kind)
+        group, so 0.5 makes every unit one (an estimator that ranks every unit)."""
+        return 0.5 if self.estimator.every_unit else self.prune_frac
 
     def target(self, iteration: int) -> float:
         """The cumulative sparsity iteration ``iteration`` must reach."""

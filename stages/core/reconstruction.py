@@ -43,12 +43,14 @@ from torch import nn
 
 from bonsai.stages.core.families.base import Family
 from bonsai.stages.core.families.remote_code import get_module
+from bonsai.stages.core.options import RECONSTRUCT_FITS
 from bonsai.stages.core.progress import Progress
 from bonsai.stages.core.units import CHANNEL, HEAD, LayerShape, layer_shapes, output_projection
 
 log = logging.getLogger("bonsai.reconstruct")
 
 PROJECTIONS = {HEAD: "attention_out", CHANNEL: "mlp_out"}
+FITS = RECONSTRUCT_FITS  # what the repair fits (``fit_projection``)
 MAX_RETRIES = 6  # each multiplies the damping by 10 when G_KK + lambda I is not positive definite
 
 
@@ -63,6 +65,25 @@ class Outcome:
     error_before: float  # relative held-out output error of plain removal
     error_after: float  # ... with the update
     applied: bool
+
+
+@dataclass
+class Repaired:
+    """What a repair wrote into one projection."""
+
+    weight: torch.Tensor  # the kept columns (out x k)
+    bias: torch.Tensor | None  # the whole new bias, when the repair fitted one
+
+
+def add_bias(linear: nn.Linear, shift: torch.Tensor) -> None:
+    """linear.bias += shift, giving the projection a bias first if it had none (the export
+    records that in the config: families/remote_code.py)."""
+    if linear.bias is None:
+        linear.bias = nn.Parameter(
+            torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device),
+            requires_grad=False,
+        )
+    linear.bias.data += shift.to(linear.bias.dtype)
 
 
 class _Stop(Exception):
@@ -113,9 +134,10 @@ class Moments:
     pruned-model input x, and C = sum x_ref x^T with x_ref the input the reference output
     W x_ref comes from.  Least squares then needs no activations kept."""
 
-    gram: torch.Tensor
+    gram: torch.Tensor | None  # None: only the bias is fitted
     cross: torch.Tensor | None  # None: the reference input is x itself (C = G)
     tokens: int
+    sum: torch.Tensor | None = None  # sum x over the fit tokens, when a bias is fitted
 
     def target_columns(self, weight: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
         """(sum (W x_ref) x^T)[:, kept], (out x k) float64, a block of W's rows at a time (no
@@ -158,10 +180,11 @@ class _Collect:
     """Fit moments from hooked projection inputs, and the held-out inputs themselves: the check
     takes its errors from those directly (a held-out Gram matrix would double the memory)."""
 
-    def __init__(self, weight: torch.Tensor, reference: bool):
+    def __init__(self, weight: torch.Tensor, reference: bool, fit: str = "weights"):
         d, dev = weight.shape[1], weight.device
         zeros = functools.partial(torch.zeros, d, d, dtype=torch.float64, device=dev)
-        self.fit = Moments(zeros(), zeros() if reference else None, 0)
+        sums = torch.zeros(d, dtype=torch.float64, device=dev) if fit != "weights" else None
+        self.fit = Moments(zeros() if fit != "bias" else None, zeros() if reference else None, 0, sums)
         self.held: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
     def add(self, fit: bool, x: torch.Tensor, x_ref: torch.Tensor | None) -> None:
@@ -171,14 +194,18 @@ class _Collect:
             self.held.append((x, x_ref))
             return
         x = x.float()
-        _add_gram(self.fit.gram, x)
+        if self.fit.gram is not None:
+            _add_gram(self.fit.gram, x)
+        if self.fit.sum is not None:
+            self.fit.sum += x.sum(0).double()
         if x_ref is not None:
             _add_products(self.fit.cross, x_ref.float(), x)
         self.fit.tokens += x.shape[0]
 
     def moments(self) -> Moments:
         """The fit moments, once every input has been added."""
-        _symmetrize(self.fit.gram)
+        if self.fit.gram is not None:
+            _symmetrize(self.fit.gram)
         return self.fit
 
 
@@ -237,10 +264,12 @@ def _pass(layer, family, kind, batch, call, shortcut: bool, attention=None) -> t
     return seen[0], (kept[0] if shortcut else None)
 
 
-def _complete(partial, x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor):
+def _complete(partial, x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, shift=None):
     """What a shortcut pass kept, with the projection's product added: ``partial`` + x_K W_K^T
-    (W is zero off the kept columns); on the first element when ``partial`` is a module's tuple."""
-    product = nn.functional.linear(x.index_select(-1, kept), weight.index_select(1, kept))
+    (W is zero off the kept columns), and the bias change ``shift`` when the repair made one (the
+    pass added the old bias); on the first element when ``partial`` is a module's tuple."""
+    bias = shift.to(weight.dtype) if shift is not None else None
+    product = nn.functional.linear(x.index_select(-1, kept), weight.index_select(1, kept), bias)
     if isinstance(partial, tuple):
         return (partial[0] + product, *partial[1:])
     return partial + product
@@ -323,18 +352,49 @@ def solve(weight: torch.Tensor, moments: Moments, kept: torch.Tensor, damping: f
     raise RuntimeError("the Gram matrix stays singular however large the damping")
 
 
-def _relative_errors(weight: torch.Tensor, new_kept: torch.Tensor, held: list, kept) -> tuple[float, float]:
-    """sqrt(sum ||W' x - W x_ref||^2 / sum ||W x_ref||^2) over the held-out inputs, for W' the kept
-    columns unchanged (plain removal) and ``new_kept`` (the update), zero elsewhere; one pass."""
+def fit_projection(
+    weight: torch.Tensor, moments: Moments, kept: torch.Tensor, damping: float, fit: str
+) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """(W_K', the bias change or None, damping used) for one projection under ``fit`` (FITS).
+
+    With a bias, the least squares has an intercept: with mu = the inputs' mean over the fit
+    tokens, W_K' is ``solve`` on the centred moments (G - n mu mu^T: the covariance, damped
+    relative to its own diagonal) and the bias changes by W mu - W_K' mu_K, so the output's
+    mean is kept exactly on the fit tokens; the intercept itself is not damped.  The bias
+    alone (W_K' = W_K) changes by W_P mu_P.  Consumes ``moments.gram``."""
+    if fit == "weights":
+        new, used = solve(weight, moments, kept, damping)
+        return new, None, used
+    if moments.cross is not None:
+        raise ValueError("a fitted bias needs the layer's own output as the target")
+    mean = moments.sum / max(moments.tokens, 1)
+    if fit == "bias" or len(kept) == 0:
+        new, used = weight.index_select(1, kept).double(), damping
+    else:
+        moments.gram.addr_(moments.sum, mean, alpha=-1.0)  # G - n mu mu^T, in place
+        new, used = solve(weight, moments, kept, damping)
+    shift = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+    for s in range(0, weight.shape[0], BLOCK):
+        shift[s : s + BLOCK] = weight[s : s + BLOCK].double() @ mean - new[s : s + BLOCK] @ mean.index_select(0, kept)
+    return new, shift, used
+
+
+def _relative_errors(
+    weight: torch.Tensor, new_kept: torch.Tensor, held: list, kept, shift: torch.Tensor | None = None
+) -> tuple[float, float]:
+    """sqrt(sum ||W' x + b' - W x_ref||^2 / sum ||W x_ref||^2) over the held-out inputs, for W' the
+    kept columns unchanged (plain removal, b' = 0) and ``new_kept`` with ``shift`` (the update),
+    zero elsewhere; one pass."""
     w = weight.float()
-    candidates = (weight.index_select(1, kept).float(), new_kept.float())
+    candidates = ((weight.index_select(1, kept).float(), None), (new_kept.float(), shift))
     errors, energy = [0.0, 0.0], 0.0
     for x, x_ref in held:
         x = x.float()
         full = (x if x_ref is None else x_ref.float()) @ w.T
         x_kept = x.index_select(1, kept)
-        for i, w_kept in enumerate(candidates):
-            errors[i] += float((x_kept @ w_kept.T - full).double().square().sum())
+        for i, (w_kept, b) in enumerate(candidates):
+            out = x_kept @ w_kept.T if b is None else x_kept @ w_kept.T + b.float()
+            errors[i] += float((out - full).double().square().sum())
         energy += float(full.double().square().sum())
     if energy <= 0:
         return 0.0, 0.0
@@ -358,7 +418,8 @@ def repair(
     batch_size: int,
     toward: str = "layer",
     shortcut: bool = True,
-) -> tuple[dict[tuple[int, str], torch.Tensor], list[Outcome]]:
+    fit: str = "weights",
+) -> tuple[dict[tuple[int, str], Repaired], list[Outcome]]:
     """Repair every layer in order; ``keep[(layer, kind)]`` lists the current positions of the
     units that stay (all others of that layer and kind are removed).  The last ``check``
     windows only judge each update.  ``toward``: fit each projection's full output on the
@@ -366,12 +427,17 @@ def repair(
     same place (``model``: also undoes the drift of the layers before; it runs the unpruned
     layers beside the pruned ones).  ``shortcut=False`` runs each layer again after its
     repair instead of completing the collecting passes' outputs (the same model: tests compare
-    them).  Returns {(layer, kind): new weight of the kept columns}
-    (projections whose update was applied) and one Outcome per projection that lost units."""
+    them).  ``fit``: what is fitted (FITS; a bias needs ``toward="layer"``).  Returns
+    {(layer, kind): the kept columns' new weight and the projection's new bias} (projections
+    whose update was applied) and one Outcome per projection that lost units."""
+    if fit != "weights" and toward != "layer":
+        raise ValueError("a fitted bias needs toward='layer'")
     device = next(model.parameters()).device
-    fit, held = windows[: windows.shape[0] - check], windows[windows.shape[0] - check :]
-    batches = [part[s : s + batch_size].to(device) for part in (fit, held) for s in range(0, part.shape[0], batch_size)]
-    fit_rows = math.ceil(fit.shape[0] / batch_size)
+    fitted, held = windows[: windows.shape[0] - check], windows[windows.shape[0] - check :]
+    batches = [
+        part[s : s + batch_size].to(device) for part in (fitted, held) for s in range(0, part.shape[0], batch_size)
+    ]
+    fit_rows = math.ceil(fitted.shape[0] / batch_size)
     captured = [capture_layer_inputs(model, family, ids) for ids in batches]
     hidden = [h for h, _ in captured]
     arguments = [c for _, c in captured]  # per batch, per layer
@@ -413,8 +479,8 @@ def repair(
             # attention module's output, the layer's output), completed below with the new weight
             take = shortcut and reference is None and (kind == HEAD or family.mlp_out_adds_to_residual)
             partial = []
-            if positions:
-                collect = _Collect(target.weight, reference is not None)
+            if positions or fit != "weights":  # with a bias, even a projection left with no inputs
+                collect = _Collect(target.weight, reference is not None, fit)
                 for b, (batch, call) in enumerate(zip(hidden, calls)):
                     x_ref = None
                     if reference is not None:  # the unpruned layer: the original weights, swapped in
@@ -433,8 +499,8 @@ def repair(
                             attention[b] = None
                     collect.add(b < fit_rows, x, x_ref)
                 tokens = collect.fit.tokens
-                new_kept, used = solve(target.weight, collect.moments(), kept, damping)
-                before, after = _relative_errors(target.weight, new_kept, collect.held, kept)
+                new_kept, shift, used = fit_projection(target.weight, collect.moments(), kept, damping, fit)
+                before, after = _relative_errors(target.weight, new_kept, collect.held, kept, shift)
                 del collect  # its sums, before the next projection's
                 outcome.tokens, outcome.damping, outcome.error_before, outcome.error_after = (
                     tokens,
@@ -443,15 +509,20 @@ def repair(
                     after,
                 )
                 outcome.applied = after < before
-                if outcome.applied:
+                if not outcome.applied:
+                    shift = None
+                else:
                     target.weight[:, kept] = new_kept.to(target.weight.dtype)
-                    updated[(index, kind)] = target.weight[:, kept].clone()
+                    if shift is not None:
+                        add_bias(target, shift)
+                    bias = target.bias.detach().clone() if shift is not None else None
+                    updated[(index, kind)] = Repaired(target.weight[:, kept].clone(), bias)
             removed = torch.ones(target.in_features, dtype=torch.bool, device=kept.device)
             removed[kept] = False
             target.weight[:, removed] = 0  # the removal itself, so that later layers see the pruned model
             outcomes.append(outcome)
             if partial:
-                completed = [_complete(part, x, target.weight, kept) for x, part in partial]
+                completed = [_complete(part, x, target.weight, kept, shift) for x, part in partial]
                 attention, outputs = (completed, None) if kind == HEAD else (attention, completed)
             del partial
         if reference is not None:

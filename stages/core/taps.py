@@ -133,9 +133,12 @@ def unit_priors(
     For a feature f feeding output projection W (out x features), over the tokens seen:
     - activation: mean |a_f|;
     - wanda: RMS(a_f) * mean_o |W[o, f]|  (the module analogue of |W| * ||X||);
-    - fluctuation: Var(a_f) * ||W[:, f]||^2  (FLAP's fluctuation metric).
-    A channel is one feature.  A KV group spans per_group * head_dim features: activation
-    and wanda average over them (Eq. 5 flattens the head's features), fluctuation sums.
+    - fluctuation: Var(a_f) * ||W[:, f]||^2  (FLAP's fluctuation metric);
+    - flap: the fluctuation standardised over the projection's features (zero mean, unit
+      sample deviation: FLAP's AL-AM structure, which compares every layer's heads and channels
+      on one scale), averaged over the unit's features.
+    A channel is one feature.  A KV group spans per_group * head_dim features: activation,
+    wanda and flap average over them (Eq. 5 flattens the head's features), fluctuation sums.
     """
     weights = weights if weights is not None else weight_terms(taps)
     out: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
@@ -152,9 +155,12 @@ def unit_priors(
             fluct = var * col_sq_norm
             units = shape.count(kind)
             width = shape.per_group * shape.head_dim if kind == HEAD else 1
+            spread = fluct.std() if fluct.numel() > 1 else fluct.new_zeros(())
+            standard = (fluct - fluct.mean()) / spread if spread > 0 else torch.zeros_like(fluct)
             out[(index, kind)] = {
                 "activation": mean_abs.reshape(units, width).mean(1),
                 "wanda": wanda.reshape(units, width).mean(1),
                 "fluctuation": fluct.reshape(units, width).sum(1),
+                "flap": standard.reshape(units, width).mean(1),
             }
     return out

@@ -8,7 +8,9 @@ installed.  Stock configs cannot express per-layer sizes, so the config adds thr
 - ``layer_num_key_value_heads``: key/value heads kept in each layer (query heads are this
   times the parent's query heads per KV head, since heads are pruned by whole group);
 - ``layer_intermediate_sizes``: MLP channels kept in each layer;
-- ``bonsai_layout``: the module names of the family (which projections to resize).
+- ``bonsai_layout``: the module names of the family (which projections to resize);
+- ``bonsai_output_biases`` (when present): output projections given a bias by the repair
+  where the parent has none (its mean compensation), in every layer.
 
 The classes subclass the parent family's own config and model, so everything else
 (rotary embeddings, norms, caches, ``generate()``) is the stock implementation.  The only
@@ -31,10 +33,18 @@ _BaseForCausalLM = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[BASE_
 class BonsaiConfig(_BaseConfig):
     model_type = "bonsai_" + BASE_MODEL_TYPE
 
-    def __init__(self, layer_num_key_value_heads=None, layer_intermediate_sizes=None, bonsai_layout=None, **kwargs):
+    def __init__(
+        self,
+        layer_num_key_value_heads=None,
+        layer_intermediate_sizes=None,
+        bonsai_layout=None,
+        bonsai_output_biases=None,
+        **kwargs,
+    ):
         self.layer_num_key_value_heads = layer_num_key_value_heads
         self.layer_intermediate_sizes = layer_intermediate_sizes
         self.bonsai_layout = bonsai_layout
+        self.bonsai_output_biases = bonsai_output_biases
         super().__init__(**kwargs)
 
 
@@ -84,13 +94,14 @@ def shrink_layers(model, config):
     hidden, head_dim = config.hidden_size, head_dim_of(config)
     per_group = config.num_attention_heads // config.num_key_value_heads
     layers = get_module(model, layout["layers"])
+    added = set(getattr(config, "bonsai_output_biases", None) or ())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zero-element tensors warn on init
         for index, layer in enumerate(layers):
             groups = config.layer_num_key_value_heads[index]
             attention = get_module(layer, layout["attention"])
             biases = {
-                n: getattr(attention, n).bias is not None
+                n: getattr(attention, n).bias is not None or n in added
                 for n in list(layout["query"]) + list(layout["key_value"]) + [layout["attention_out"]]
             }
             if groups == 0:
@@ -108,7 +119,8 @@ def shrink_layers(model, config):
                 old = getattr(mlp, name)
                 setattr(mlp, name, nn.Linear(hidden, channels, bias=old.bias is not None))
             old = getattr(mlp, layout["mlp_out"])
-            setattr(mlp, layout["mlp_out"], nn.Linear(channels, hidden, bias=old.bias is not None))
+            bias = old.bias is not None or layout["mlp_out"] in added
+            setattr(mlp, layout["mlp_out"], nn.Linear(channels, hidden, bias=bias))
 
 
 class BonsaiForCausalLM(_BaseForCausalLM):
