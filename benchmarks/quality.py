@@ -94,7 +94,6 @@ def main() -> None:
                 estimator=estimator,
                 seed=seed,
                 device="cpu",
-                sampling="fixed",
                 reconstruct=args.reconstruct,
             )
             start = time.perf_counter()

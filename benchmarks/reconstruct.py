@@ -97,21 +97,20 @@ def settings(args) -> None:
     def ppl(model) -> float:
         return math.exp(mean_nll(model, held, 16, torch.device("cpu"))[0])
 
-    rows.append({"setting": "parent", "windows": 0, "damping": None, "toward": None, "perplexity": ppl(parent)})
+    rows.append({"setting": "parent", "windows": 0, "damping": None, "perplexity": ppl(parent)})
     pruned = copy.deepcopy(parent)
     repair(pruned, family, pool[16:20], 2, keep, damping=1e9, batch_size=2)  # damping so large nothing moves
-    rows.append({"setting": "removal only", "windows": 0, "damping": None, "toward": None, "perplexity": ppl(pruned)})
+    rows.append({"setting": "removal only", "windows": 0, "damping": None, "perplexity": ppl(pruned)})
     print(rows[-2:], flush=True)
-    for windows, damping, toward in itertools.product(args.windows, args.dampings, args.toward):
+    for windows, damping in itertools.product(args.windows, args.dampings):
         model = copy.deepcopy(parent)
         start = time.perf_counter()
-        _, outcomes = repair(model, family, pool[16 : 16 + windows], max(1, windows // 8), keep, damping, 8, toward)
+        _, outcomes = repair(model, family, pool[16 : 16 + windows], max(1, windows // 8), keep, damping, 8)
         rows.append(
             {
                 "setting": "repair",
                 "windows": windows,
                 "damping": damping,
-                "toward": toward,
                 "perplexity": ppl(model),
                 "seconds": time.perf_counter() - start,
                 "applied": sum(o.applied for o in outcomes),
@@ -127,16 +126,9 @@ def settings(args) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     for damping in args.dampings:
-        for toward, style in (("layer", "-"), ("model", "--")):
-            part = frame.filter((pl.col("damping") == damping) & (pl.col("toward") == toward)).sort("windows")
-            if part.height:
-                ax.plot(
-                    part["windows"],
-                    part["perplexity"],
-                    marker="o",
-                    linestyle=style,
-                    label=f"damping {damping:g}, toward the {toward}",
-                )
+        part = frame.filter(pl.col("damping") == damping).sort("windows")
+        if part.height:
+            ax.plot(part["windows"], part["perplexity"], marker="o", label=f"damping {damping:g}")
     for label, style in (("parent", ":"), ("removal only", "--")):
         ax.axhline(
             frame.filter(pl.col("setting") == label)["perplexity"].item(), color="gray", linestyle=style, label=label
@@ -225,7 +217,7 @@ def one(args) -> None:
 def gram(args) -> None:
     """Seconds per batch of fit tokens for the repair's Gram sums: every product (as for the
     cross moments) against the upper block triangle the stage computes, mirrored at the end."""
-    from bonsai.stages.core import reconstruction
+    from bonsai.stages.core import least_squares
 
     generator = torch.Generator().manual_seed(0)
     rows = []
@@ -233,8 +225,8 @@ def gram(args) -> None:
         x = torch.randn(args.tokens, width, generator=generator)
         timings = {}
         for name, add in (
-            ("full product", lambda total, x: reconstruction._add_products(total, x, x)),
-            ("upper block triangle", reconstruction._add_gram),
+            ("full product", lambda total, x: least_squares.add_products(total, x, x)),
+            ("upper block triangle", least_squares.add_gram),
         ):
             total = torch.zeros(width, width, dtype=torch.float64)
             add(total, x)  # warm-up
@@ -243,9 +235,9 @@ def gram(args) -> None:
                 add(total, x)
             timings[name] = (time.perf_counter() - start) / args.repeats
         triangle, full = torch.zeros(width, width, dtype=torch.float64), torch.zeros(width, width, dtype=torch.float64)
-        reconstruction._add_gram(triangle, x)
-        reconstruction._add_products(full, x, x)
-        reconstruction._symmetrize(triangle)
+        least_squares.add_gram(triangle, x)
+        least_squares.add_products(full, x, x)
+        least_squares.symmetrize(triangle)
         rows.append(
             {
                 "width": width,
@@ -268,7 +260,6 @@ def main() -> None:
     s.add_argument("--windows", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     s.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     s.add_argument("--heldout-windows", type=int, default=64)
-    s.add_argument("--toward", nargs="+", default=["layer", "model"])
     s.set_defaults(handler=settings)
     r = sub.add_parser("runs")
     r.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5])

@@ -1,11 +1,12 @@
 """`bonsai run --config run.yaml`: prune, then adapt, then evaluate, as one flow.
 
 run.yaml has a `prune` section (model, data, out, and any `bonsai prune` option), and
-optional `adapt` and `eval` sections with the options of those commands, for example:
+optional `adapt`, `export` and `eval` sections with the options of those commands, for example:
 
-    prune: {model: models/llama, data: corpus.jsonl, out: runs/llama-50, sparsity: 0.5}
-    adapt: {steps: 2000, lora-rank: 64}
-    eval:  {ppl-data: "hf:wikitext:wikitext-2-raw-v1:test", tasks: [arc_easy], speed: true}
+    prune:  {model: models/llama, data: corpus.jsonl, out: runs/llama-50, sparsity: 0.5}
+    adapt:  {steps: 2000, lora-rank: 64}
+    export: {gguf: true, type: q8_0}
+    eval:   {ppl-data: "hf:wikitext:wikitext-2-raw-v1:test", tasks: [arc_easy], speed: true}
 
 Each step resumes from the run directory like its own command, so a scheduled or re-run
 chain continues where the last one stopped.
@@ -21,9 +22,17 @@ from typing import Any
 from bonsai.flows.executors import Executor, Inline
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.model_source import is_hub_id
-from bonsai.stages.core.options import AdaptOptions, EvalOptions, PruneOptions, build, fields_of, read_yaml
+from bonsai.stages.core.options import (
+    AdaptOptions,
+    EvalOptions,
+    ExportOptions,
+    PruneOptions,
+    build,
+    fields_of,
+    read_yaml,
+)
 
-SECTIONS = ("prune", "adapt", "eval")
+SECTIONS = ("prune", "adapt", "export", "eval")
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,7 @@ class ChainSpec:
     prune: PruneOptions
     adapt: AdaptOptions | None
     eval: EvalOptions | None
+    export: ExportOptions | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -47,6 +57,7 @@ class ChainSpec:
             PruneOptions(**data["prune"]),
             AdaptOptions(**data["adapt"]) if data.get("adapt") is not None else None,
             EvalOptions(**data["eval"]) if data.get("eval") is not None else None,
+            ExportOptions(**data["export"]) if data.get("export") is not None else None,
         )
 
 
@@ -76,7 +87,7 @@ def _section(cls, section: dict | None, name: str, path: Path):
 
 def load_spec(path: str | Path) -> ChainSpec:
     path = Path(path)
-    data = read_yaml(path, "sections prune, adapt, eval")
+    data = read_yaml(path, "sections prune, adapt, export, eval")
     if "prune" not in data:
         raise UserError(f"--config {path}: needs a 'prune' section (model, data, out, options)")
     unknown = sorted(set(data) - set(SECTIONS))
@@ -95,17 +106,21 @@ def load_spec(path: str | Path) -> ChainSpec:
     config = _section(PruneOptions, prune, "prune", path)
     adapt = _section(AdaptOptions, data["adapt"], "adapt", path) if "adapt" in data else None
     evaluate = _section(EvalOptions, data["eval"], "eval", path) if "eval" in data else None
-    return ChainSpec(where["model"], where["data"], where["out"], config, adapt, evaluate)
+    export = _section(ExportOptions, data["export"], "export", path) if "export" in data else None
+    return ChainSpec(where["model"], where["data"], where["out"], config, adapt, evaluate, export)
 
 
 def run_chain(spec: ChainSpec, execute: Executor = Inline()) -> dict:
     from bonsai.flows.adapt import run_adapt
     from bonsai.flows.eval import run_eval
+    from bonsai.flows.export import run_export
     from bonsai.flows.prune import run_prune
 
     result: dict[str, Any] = {"prune": run_prune(spec.model, spec.data, spec.out, spec.prune, execute)}
     if spec.adapt is not None:
         result["adapt"] = run_adapt(spec.out, spec.adapt, execute)
+    if spec.export is not None:  # after adaptation: the adapted model is exported too
+        result["export"] = run_export(spec.out, spec.export, execute)
     if spec.eval is not None:
         result["eval"] = run_eval(spec.out, spec.eval, execute)
     return result

@@ -13,7 +13,16 @@ from typing import NoReturn
 
 from bonsai.flows.prefect_server import configured_server, prefect_environment, quiet_user_errors, start_prefect
 from bonsai.stages.core.errors import UserError
-from bonsai.stages.core.options import AdaptOptions, EvalOptions, PruneOptions, build, fields_of, kinds, load_preset
+from bonsai.stages.core.options import (
+    AdaptOptions,
+    EvalOptions,
+    ExportOptions,
+    PruneOptions,
+    build,
+    fields_of,
+    kinds,
+    load_preset,
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_option_flags(evaluate, EvalOptions)
     evaluate.set_defaults(handler=cmd_eval)
 
+    export = sub.add_parser("export", help="a run's pruned (and adapted) model as GGUF files for stock llama.cpp")
+    export.add_argument("run", metavar="RUN", help="a run directory with a pruned model")
+    add_option_flags(export, ExportOptions)
+    export.set_defaults(handler=cmd_export)
+
     chain = sub.add_parser("run", help="prune -> adapt -> eval as one flow, from a run file")
     chain.add_argument("--config", required=True, metavar="RUN_YAML", help="run file (see configs/runs/example.yaml)")
     _add_runner_flags(chain)
@@ -205,6 +219,21 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             f"teacher cache: {summary['teacher_cache_bytes'] / 2**20:.1f} MiB, "
             f"{per_1000 / 2**20:.1f} MiB per 1,000 sequences"
         )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from bonsai.flows.export import plan
+
+    options = options_from(args, ExportOptions)
+    plan(args.run)  # a wrong run or family fails now, not after Prefect starts
+    start_prefect()
+    from bonsai.flows.pipelines import export_flow
+
+    with quiet_user_errors():
+        written = export_flow(args.run, dataclasses.asdict(options))
+    for stem, info in written.items():
+        print(f"{stem}: {info['file']} ({info['bytes'] / 2**20:.1f} MiB, {info['type']})")
     return 0
 
 
@@ -332,6 +361,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
                     "iterations": result["iterations"].to_dicts(),
                     "layers": result["layers"].to_dicts(),
                     "repairs": result["repairs"].to_dicts() if result["repairs"] is not None else [],
+                    "removal_shift": result["removal_shift"].to_dicts() if result["removal_shift"] is not None else [],
                     "plots": result["plots"],
                 },
                 indent=1,

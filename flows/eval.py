@@ -18,6 +18,7 @@ from bonsai.flows.preflight import run_parent
 from bonsai.stages.core.data import describe, source_digest
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.model_dirs import inspect_model_dir, model_digest
+from bonsai.stages.core.model_source import ModelSource
 from bonsai.stages.core.model_source import resolve as resolve_model
 from bonsai.stages.core.options import DEFAULT_PPL_DATA, EvalOptions
 
@@ -26,6 +27,7 @@ from bonsai.stages.core.options import DEFAULT_PPL_DATA, EvalOptions
 class Targets:
     models: dict[str, str]  # label -> model directory, parent first when there is one
     out: Path
+    source: ModelSource  # where the parent (or the model, without one) came from: a GGUF file's tokenizer
 
 
 def resolve_targets(target: str, options: EvalOptions) -> Targets:
@@ -40,20 +42,26 @@ def resolve_targets(target: str, options: EvalOptions) -> Targets:
         if (where / "adapted" / "config.json").is_file():
             models["adapted"] = str(where / "adapted")
         if not options.parent:
-            parent = run_parent(json.loads((where / "run.json").read_text())).path
+            parent = run_parent(json.loads((where / "run.json").read_text()))
         out = Path(options.out) if options.out else where / "evaluation"
+        source = parent
     else:
         source = resolve_model(target, dtype=lambda: _dtype(options), flag="bonsai eval")
         inspect_model_dir(source.path, flag="bonsai eval")
         models = {"model": source.path}
         out = Path(options.out) if options.out else Path(f"eval-{Path(source.spec).name.removesuffix('.gguf')}")
     if options.parent:
-        parent = resolve_model(options.parent, dtype=lambda: _dtype(options), flag="--parent").path
+        parent = resolve_model(options.parent, dtype=lambda: _dtype(options), flag="--parent")
     if parent:
-        inspect_model_dir(parent, flag="--parent")
-        check_same_tokenizer(parent, next(iter(models.values())))
-        models = {"parent": parent, **models}
-    return Targets(models, out)
+        inspect_model_dir(parent.path, flag="--parent")
+        check_same_tokenizer(parent.path, next(iter(models.values())))
+        models = {"parent": parent.path, **models}
+    if options.speed and options.engine == "llama.cpp":
+        from bonsai.flows.export import check_family
+
+        for directory in models.values():
+            check_family(directory)
+    return Targets(models, out, parent or source)
 
 
 def _dtype(options: EvalOptions) -> str:
@@ -123,9 +131,20 @@ def run_eval(target: str, options: EvalOptions, execute: Executor = Inline()) ->
         )
         for label, ref in refs.items():
             tables[label] = harness.read(execute(f"harness-{label}", harness.run, ref, cfg, store, options.device))
-    if options.speed:
+    if options.speed and options.engine == "llama.cpp":
+        from bonsai.flows.export import gguf_families, tokenizer_source
+        from bonsai.stages import gguf
+
+        tokenizer, files = tokenizer_source(targets.source), {}
+        for label, ref in refs.items():
+            cfg = gguf.GgufConfig(type=options.gguf_type, name=label)
+            made = execute(f"gguf-{label}", gguf.run, ref, tokenizer, cfg, store, gguf_families())
+            files[label] = str(made.file(gguf.file_name(cfg)))
+        speeds = execute("speed", speed.measure_llama_cpp, files, speed.SpeedConfig())
+    elif options.speed:
         # every model at once, interleaved repeats: a drifting machine slows them alike
         speeds = execute("speed", speed.measure, targets.models, speed.SpeedConfig(dtype=options.dtype), options.device)
     results = eval_report.results_table(ppl, tables, speeds)
-    markdown = execute("report", eval_report.write, targets.out, results, protocols)
+    engine = f"llama.cpp, {options.gguf_type} GGUF files" if options.engine == "llama.cpp" else "torch"
+    markdown = execute("report", eval_report.write, targets.out, results, protocols, engine)
     return {"out": str(targets.out), "report": markdown, "results": results.to_dicts()}

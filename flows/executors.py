@@ -13,7 +13,11 @@ from typing import Any, Protocol
 class Executor(Protocol):
     def __call__(self, name: str, fn: Callable[..., Any], *args: Any) -> Any: ...
 
-    def map(self, name: str, fn: Callable[..., Any], calls: Sequence[tuple]) -> list[Any]: ...
+    def map(
+        self, name: str, fn: Callable[..., Any], calls: Sequence[tuple], after: Callable[[], None] | None = None
+    ) -> list[Any]:
+        """Every call of ``fn``, in order; ``after()`` once each has finished (progress lines)."""
+        ...
 
 
 class Inline:
@@ -22,8 +26,10 @@ class Inline:
     def __call__(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
 
-    def map(self, name: str, fn: Callable[..., Any], calls: Sequence[tuple]) -> list[Any]:
-        return [fn(*args) for args in calls]
+    def map(
+        self, name: str, fn: Callable[..., Any], calls: Sequence[tuple], after: Callable[[], None] | None = None
+    ) -> list[Any]:
+        return [_then(fn(*args), after) for args in calls]
 
 
 class PrefectTasks:
@@ -49,9 +55,17 @@ class PrefectTasks:
     def __call__(self, name: str, fn: Callable[..., Any], *args: Any) -> Any:
         return self._task(name, fn)(*args)
 
-    def map(self, name: str, fn: Callable[..., Any], calls: Sequence[tuple]) -> list[Any]:
+    def map(
+        self, name: str, fn: Callable[..., Any], calls: Sequence[tuple], after: Callable[[], None] | None = None
+    ) -> list[Any]:
         tasks = [self._task(f"{name}-shard{i:03d}", fn) for i in range(len(calls))]
         if not self.parallel:
-            return [t(*args) for t, args in zip(tasks, calls)]
+            return [_then(t(*args), after) for t, args in zip(tasks, calls)]
         futures = [t.submit(*args) for t, args in zip(tasks, calls)]
-        return [future.result() for future in futures]
+        return [_then(future.result(), after) for future in futures]
+
+
+def _then(result: Any, after: Callable[[], None] | None) -> Any:
+    if after is not None:
+        after()
+    return result

@@ -74,6 +74,15 @@ def adapt_flow(run: str, options: dict) -> dict:
     return run_adapt(run, AdaptOptions(**options), PrefectTasks())
 
 
+@flow(name="bonsai-export", persist_result=False, validate_parameters=False)
+def export_flow(run: str, options: dict) -> dict:
+    """RUN's pruned (and adapted) model as GGUF files for stock llama.cpp."""
+    _progress_logs()
+    from bonsai.flows.export import ExportOptions, run_export
+
+    return run_export(run, ExportOptions(**options), PrefectTasks())
+
+
 @flow(name="bonsai-eval", persist_result=False, validate_parameters=False)
 def eval_flow(target: str, options: dict) -> dict:
     """Perplexity, harness tasks and speed of TARGET (a run or a model) and its parent."""

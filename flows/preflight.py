@@ -26,7 +26,8 @@ class Prepared:
     parent: ArtifactRef  # the local model directory (a GGUF file's conversion, a hub snapshot)
     source: ModelSource  # what --model named
     data: ArtifactRef
-    config: PruneOptions  # dtype resolved: "auto" becomes what this device uses
+    config: PruneOptions  # dtype resolved: "auto" becomes what this device evaluates sub-models in
+    model_dtype: str  # what every other stage works in (devices.model_dtype), and a GGUF file's conversion
 
 
 def check_inputs(model: str, data: str) -> None:
@@ -40,7 +41,8 @@ def prepare(model: str, data: str, out: str, config: PruneOptions) -> Prepared:
     """Check every input before any work starts; each problem is one UserError line.  A GGUF
     file is converted here (once; the conversion is cached), in the pruning dtype."""
     check_data(data)  # a missing or unreadable --data is refused before a GGUF file is converted
-    source = resolve_model(model, dtype=lambda: _resolved(config).dtype)
+    config, working = _resolved(config)
+    source = resolve_model(model, dtype=lambda: working)
     data_ref = ArtifactRef("data", key="text", path=describe(data), digest=source_digest(data))
     info = inspect_model_dir(source.path)
     raw = json.loads((Path(info.path) / "config.json").read_text())
@@ -49,14 +51,17 @@ def prepare(model: str, data: str, out: str, config: PruneOptions) -> Prepared:
         raise UserError(f"--seq-len {config.seq_len} exceeds the model's context ({limit} tokens)")
     parent = external_ref("parent", info.path, model_digest(info.path))
     run = RunDir(out, format=RUN_FORMAT, upgrade=recorded_identity)
-    return Prepared(run, parent, source, data_ref, _resolved(config))
+    return Prepared(run, parent, source, data_ref, config, working)
 
 
-def _resolved(config: PruneOptions) -> PruneOptions:
-    """The options with ``dtype`` resolved for the device (imports torch)."""
-    from bonsai.stages.core.devices import dtype_name, resolve_device, resolve_dtype
+def _resolved(config: PruneOptions) -> tuple[PruneOptions, str]:
+    """(the options with ``dtype`` resolved for the device, the dtype of the model every stage but
+    the evaluation works in) (imports torch)."""
+    from bonsai.stages.core.devices import dtype_name, model_dtype, pruning_dtype, resolve_device
 
-    return replace(config, dtype=dtype_name(resolve_dtype(config.dtype, resolve_device(config.device))))
+    device = resolve_device(config.device)
+    evaluation = pruning_dtype(config.dtype, device)
+    return replace(config, dtype=dtype_name(evaluation)), dtype_name(model_dtype(evaluation, device))
 
 
 def identity(p: Prepared) -> dict:
@@ -66,7 +71,7 @@ def identity(p: Prepared) -> dict:
 def open_run(p: Prepared, probe: bool = False) -> bool:
     """Lock the run directory and check it holds this run; True when resuming.  With
     ``probe``, only check (nothing is written and the lock is not kept)."""
-    described = {**p.source.described(), "data": p.data.path}
+    described = {**p.source.described(), "data": p.data.path, "model_dtype": p.model_dtype}
     try:
         return p.run.probe(identity(p)) if probe else p.run.open(identity(p), described)
     except RunLocked as exc:
@@ -98,5 +103,6 @@ def run_parent(recorded: dict, flag: str = "the run's parent model") -> ModelSou
     spec = recorded.get("described", {}).get("model")
     if not spec:
         raise UserError(f"{flag}: run.json does not name it")
-    dtype = recorded.get("identity", {}).get("config", {}).get("dtype", "float32")
+    dtype = recorded.get("described", {}).get("model_dtype")  # runs before it: the pruning dtype
+    dtype = dtype or recorded.get("identity", {}).get("config", {}).get("dtype", "float32")
     return resolve_model(spec, dtype=lambda: dtype, flag=flag)

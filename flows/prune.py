@@ -3,8 +3,8 @@
     calibration
     for each iteration l (until the target sparsity):
         [saliency(l)]  ->  priors(l)     (saliency: the repair-aware prior, --prior obs only)
-        for each round r (one, unless sampling is adaptive; until settle says the decision holds):
-            masks(l, r)  ->  evaluate(l, r, shard 0..k)  ->  importance(l, r)  ->  settle(l, r)
+        masks(l)  ->  [compensate(l)]  ->  evaluate(l, shard 0..k)  ->  importance(l)
+                      (compensate: sub-models scored as repaired, --sub-model-repair lsq only)
         select(l)  ->  reconstruct(l)       (the repair: after every iteration, the last, or none)
     export  ->  publish RUN/model
 
@@ -23,6 +23,7 @@ from bonsai.flows.executors import Executor, Inline
 from bonsai.flows.preflight import Prepared, open_run, prepare
 from bonsai.stages import (
     calibration,
+    compensate,
     evaluate,
     export,
     importance,
@@ -31,24 +32,21 @@ from bonsai.stages import (
     reconstruct,
     saliency,
     select,
-    settle,
 )
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.options import PruneOptions
 from bonsai.stages.core.plan import PrunePlan
+from bonsai.stages.reports import eta
+from bonsai.stages.reports.status import manifests
 
 log = logging.getLogger("bonsai.prune")
-
-# adaptive sampling: refits that judge whether a decision is settled, and the rounds before the
-# first judgement (a first round alone is too few sub-models to trust its own stability)
-SETTLE_RESAMPLES = 16
-SETTLE_MIN_ROUNDS = 2
 
 
 def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
     """The wiring of Algorithm 1.  Returns the summary also written to RUN/summary.json."""
     cfg, store, parent, device = p.config, p.run.store, p.parent, p.config.device
     plan = PrunePlan.of(cfg)
+    log.info("plan: %s", eta.plan_line(plan))
     calib = execute(
         "calibration",
         calibration.run,
@@ -80,7 +78,7 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
                     candidate_frac=plan.candidate_frac,
                     centred=cfg.reconstruct_fit != "weights",
                     batch_size=cfg.batch_size,
-                    dtype=cfg.dtype,
+                    dtype=p.model_dtype,
                 ),
                 store,
                 device,
@@ -93,7 +91,11 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
             previous,
             repairs,
             priors.PriorsConfig(
-                iteration=it, seed=cfg.seed, calib_samples=cfg.calib_samples, batch_size=cfg.batch_size, dtype=cfg.dtype
+                iteration=it,
+                seed=cfg.seed,
+                calib_samples=cfg.calib_samples,
+                batch_size=cfg.batch_size,
+                dtype=p.model_dtype,
             ),
             store,
             device,
@@ -129,7 +131,7 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
                     calib_samples=cfg.calib_samples,
                     damping=cfg.reconstruct_damping,
                     batch_size=cfg.batch_size,
-                    dtype=cfg.dtype,
+                    dtype=p.model_dtype,
                     fit=cfg.reconstruct_fit,
                 ),
                 store,
@@ -147,6 +149,7 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
             row["heads_left"],
             row["channels_left"],
         )
+        report_progress(p, plan)
         if plan.reached(row["sparsity"]):
             break
         if row["candidates"] == 0:
@@ -166,99 +169,87 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
 
 
 def sample_and_fit(p: Prepared, plan: PrunePlan, it: int, pri, previous, repairs, calib, execute: Executor):
-    """Masks, their evaluation and the importance fit of iteration ``it``: one round of all the
-    sub-models, or (adaptive sampling) rounds until the settle stage says the removal would
-    not change.  Returns (the importance artifact select uses, sub-models evaluated)."""
+    """Masks, their evaluation and the importance fit of iteration ``it``.  Returns (the
+    importance artifact select uses, sub-models evaluated)."""
     cfg, store, parent, device = p.config, p.run.store, p.parent, p.config.device
     tag = f"it{it:02d}"
-    rounds, evaluations, settled = [], [], None
-    for r in range(plan.rounds):
-        rtag = f"{tag}-round{r:02d}" if plan.rounds > 1 else tag
-        msk = execute(
-            f"masks-{rtag}",
-            masks.run,
-            pri,
-            masks.MasksConfig(
-                iteration=it,
-                prune_frac=plan.candidate_frac,
-                count=plan.round_count(r),
-                prior=cfg.prior,
-                seed=cfg.seed,
-                design=plan.estimator.design,
-                round=r,
-                offset=r * plan.round_size,
-            ),
-            store,
-        )
-        shard_cfgs = [
-            evaluate.EvaluateConfig(
-                iteration=it,
-                shard=shard,
-                shard_size=plan.shard_size,
-                seed=cfg.seed,
-                calib_samples=cfg.calib_samples,
-                batch_size=cfg.batch_size,
-                dtype=cfg.dtype,
-                perturbed_prior=cfg.prior if plan.estimator.perturbed_prior else None,
-            )
-            for shard in range(plan.round_shards(r))
-        ]
-        rounds.append(msk)
-        evaluations += execute.map(
-            f"evaluate-{rtag}",
-            evaluate.run,
-            [(parent, calib, previous, repairs, msk, c, store, device) for c in shard_cfgs],
-        )
-        imp = execute(
-            f"importance-{rtag}",
-            importance.run,
-            rounds if plan.adaptive else msk,
-            evaluations,
-            importance.ImportanceConfig(
-                iteration=it,
-                estimator=cfg.estimator,
-                penalty=cfg.penalty,
-                alphas=cfg.alpha_grid,
-                cv_folds=cfg.cv_folds,
-                seed=cfg.seed,
-            ),
-            store,
-        )
-        if not plan.adaptive:
-            return imp, plan.sub_models
-        settled = execute(
-            f"settle-{rtag}",
-            settle.run,
-            pri,
+    msk = execute(
+        f"masks-{tag}",
+        masks.run,
+        pri,
+        masks.MasksConfig(
+            iteration=it,
+            prune_frac=plan.candidate_frac,
+            count=plan.sub_models,
+            prior=cfg.prior,
+            seed=cfg.seed,
+            design=plan.estimator.design,
+        ),
+        store,
+    )
+    compensation = None
+    if plan.compensated:
+        compensation = execute(
+            f"compensate-{tag}",
+            compensate.run,
+            parent,
+            calib,
             previous,
-            imp,
-            rounds,
-            evaluations,
-            settled,
-            settle.SettleConfig(
+            repairs,
+            msk,
+            compensate.CompensateConfig(
                 iteration=it,
-                round=r,
-                sparsity=cfg.sparsity,
-                prune_frac=cfg.prune_frac,
-                tolerance=cfg.settle_tolerance,
-                regret=cfg.settle_regret,
-                resamples=SETTLE_RESAMPLES,
-                min_rounds=SETTLE_MIN_ROUNDS,
-                last_round=r == plan.rounds - 1,
                 seed=cfg.seed,
-                cv_folds=cfg.cv_folds,
+                samples=cfg.reconstruct_samples,
+                calib_samples=cfg.calib_samples,
+                damping=cfg.reconstruct_damping,
+                fit=cfg.reconstruct_fit,
+                batch_size=cfg.batch_size,
+                dtype=p.model_dtype,
             ),
             store,
+            device,
         )
-        if settled.info()["settled"]:
-            log.info(
-                "iteration %d: the removal settled after %d sub-models (budget %d)",
-                it,
-                settled.info()["sub_models"],
-                plan.sub_models,
-            )
-            break
-    return imp, settled.info()["sub_models"]
+    shard_cfgs = [
+        evaluate.EvaluateConfig(
+            iteration=it,
+            shard=shard,
+            shard_size=plan.shard_size,
+            seed=cfg.seed,
+            calib_samples=cfg.calib_samples,
+            batch_size=cfg.batch_size,
+            dtype=cfg.dtype,  # the evaluation's: bfloat16 where the CPU has it (devices.pruning_dtype)
+            perturbed_prior=cfg.prior if plan.estimator.perturbed_prior else None,
+        )
+        for shard in range(plan.shards)
+    ]
+    evaluations = execute.map(
+        f"evaluate-{tag}",
+        evaluate.run,
+        [(parent, calib, previous, repairs, msk, c, store, device, compensation) for c in shard_cfgs],
+        after=lambda: report_progress(p, plan),
+    )
+    imp = execute(
+        f"importance-{tag}",
+        importance.run,
+        msk,
+        evaluations,
+        importance.ImportanceConfig(
+            iteration=it,
+            estimator=cfg.estimator,
+            penalty=cfg.penalty,
+            alphas=cfg.alpha_grid,
+            cv_folds=cfg.cv_folds,
+            seed=cfg.seed,
+        ),
+        store,
+    )
+    return imp, plan.sub_models
+
+
+def report_progress(p: Prepared, plan: PrunePlan) -> None:
+    """The whole run's progress and time left, priced from its own manifests (stages/reports/eta.py)."""
+    log.info("run: %s", eta.progress_line(eta.estimate(plan, manifests(p.run.path))))
 
 
 def _fit_summary(imp: ArtifactRef) -> dict:
@@ -275,7 +266,7 @@ def warm_up(p: Prepared) -> None:
     parent, loaded into this process's model cache, where the first stage finds it."""
     from bonsai.stages.core.model_io import current_model
 
-    current_model(p.parent, None, p.config.dtype, p.config.device)
+    current_model(p.parent, None, p.model_dtype, p.config.device)
 
 
 def warn_library_changes(p: Prepared, before: dict[str, dict], changes: dict[str, list[str]]) -> None:

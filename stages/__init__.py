@@ -5,14 +5,16 @@ The modules at this level are the DAG's stages and nothing else.  Each has ``VER
 ``run(inputs..., cfg, store[, device]) -> ArtifactRef``; none imports Prefect:
 
     calibration  text source -> token windows
-    priors       current model -> per-unit wanda / activation / fluctuation priors
-    masks        priors -> candidates and sampled sub-models (with complements), per round
+    saliency     current model -> the repair-aware prior (--prior obs)
+    priors       current model -> per-unit wanda / activation / fluctuation / flap priors
+    masks        priors -> candidates and sampled sub-models (with complements)
+    compensate   current model -> what scoring sub-models as repaired needs (--sub-model-repair lsq)
     evaluate     one shard of sub-models -> utilities
     importance   utilities (or priors) -> importance per candidate
-    settle       after a round of adaptive sampling: would more sub-models change the removal?
     select       importance -> cumulative keep-state
     reconstruct  keep-state -> least-squares repair of the kept output-projection columns
     export       keep-state + repairs -> sliced model directory (and ``publish`` into RUN/model)
+    gguf         model directory -> a GGUF file that stock llama.cpp runs
     logits       parent -> cached top-k teacher log-probabilities, one shard of windows
     adapt        pruned model + teacher cache -> LoRA / full fine-tune, merged model
     perplexity   model + text -> held-out perplexity

@@ -80,14 +80,9 @@ class ImportanceConfig:
     seed: int
 
 
-def run(
-    masks: ArtifactRef | list[ArtifactRef], evaluations: list[ArtifactRef], cfg: ImportanceConfig, store: Store
-) -> ArtifactRef:
-    """``masks``: the iteration's masks artifact, or one per round of adaptive sampling."""
-    rounds = masks if isinstance(masks, list) else [masks]
-
+def run(masks: ArtifactRef, evaluations: list[ArtifactRef], cfg: ImportanceConfig, store: Store) -> ArtifactRef:
     def build(out: Path) -> dict:
-        cands, table = masks_stage.read_rounds(rounds)
+        cands, table = masks_stage.read(masks)
         info: dict = {"estimator": cfg.estimator, "candidates": cands.height}
         score = ESTIMATES[cfg.estimator](cands, table, evaluations, cfg, out, info)
         kill_point("importance")
@@ -98,7 +93,7 @@ def run(
         ).write_parquet(out / FILE)
         return info
 
-    return store.produce("importance", VERSION, cfg, [*rounds, *evaluations], build)
+    return store.produce("importance", VERSION, cfg, [masks, *evaluations], build)
 
 
 def usable_submodels(table: pl.DataFrame, evaluations: list[ArtifactRef]) -> pl.DataFrame:

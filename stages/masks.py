@@ -55,8 +55,6 @@ class MasksConfig:
     prior: str
     seed: int
     design: str = "half"  # "half" (the paper's) or "split" (varied fractions, channel-only pairs)
-    round: int = 0  # adaptive sampling draws the sub-models of an iteration in rounds
-    offset: int = 0  # sub-models drawn in the rounds before: mask and pair ids continue from there
 
 
 def run(priors: ArtifactRef, cfg: MasksConfig, store: Store) -> ArtifactRef:
@@ -64,14 +62,13 @@ def run(priors: ArtifactRef, cfg: MasksConfig, store: Store) -> ArtifactRef:
         table = priors_stage.read(priors)
         cands = candidates(table, cfg.prune_frac, cfg.prior)
         cands.write_parquet(out / CANDIDATES)
-        purpose = ("masks", cfg.iteration) if cfg.round == 0 else ("masks", cfg.iteration, cfg.round)
-        gen = generator(cfg.seed, *purpose)
+        gen = generator(cfg.seed, "masks", cfg.iteration)
         if cfg.design == "half":
             keep, pair, complement = sample(cands, cfg.count, gen)
-            table = masks_table(cfg.iteration, keep, pair, complement, cfg.offset)
+            table = masks_table(cfg.iteration, keep, pair, complement)
         else:
             keep, pair, complement, perturbs = sample_split(cands, cfg.count, gen)
-            table = masks_table(cfg.iteration, keep, pair, complement, cfg.offset)
+            table = masks_table(cfg.iteration, keep, pair, complement)
             table = table.with_columns(pl.Series("perturbs", perturbs, dtype=pl.Utf8))
         table.write_parquet(out / MASKS)
         return {"candidates": cands.height, "masks": int(keep.shape[0])}
@@ -183,15 +180,13 @@ def perturbed_kinds(masks: pl.DataFrame, kinds: tuple[str, ...]) -> np.ndarray:
     return np.array([[k in row.split(",") for k in kinds] for row in masks["perturbs"].to_list()], dtype=bool)
 
 
-def masks_table(
-    iteration: int, keep: np.ndarray, pair: np.ndarray, complement: np.ndarray, offset: int = 0
-) -> pl.DataFrame:
-    """One row per sub-model; ids continue from ``offset`` sub-models drawn in earlier rounds."""
+def masks_table(iteration: int, keep: np.ndarray, pair: np.ndarray, complement: np.ndarray) -> pl.DataFrame:
+    """One row per sub-model."""
     return pl.DataFrame(
         {
             "iteration": [iteration] * keep.shape[0],
-            "mask": list(range(offset, offset + keep.shape[0])),
-            "pair": (pair + offset // 2).tolist(),
+            "mask": list(range(keep.shape[0])),
+            "pair": pair.tolist(),
             "complement": complement.tolist(),
             "dropped": (~keep).sum(axis=1).tolist(),
             "keep": [row.tolist() for row in keep],
@@ -210,12 +205,6 @@ def masks_table(
 def read(masks: ArtifactRef) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(candidates, masks) tables of a masks artifact."""
     return pl.read_parquet(masks.file(CANDIDATES)), pl.read_parquet(masks.file(MASKS))
-
-
-def read_rounds(masks: list[ArtifactRef]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(candidates, masks of every round) of an iteration's masks artifacts, one per round."""
-    cands, first = read(masks[0])
-    return cands, pl.concat([first, *(read(m)[1] for m in masks[1:])], how="diagonal_relaxed")
 
 
 def keep_matrix(masks: pl.DataFrame) -> np.ndarray:

@@ -17,8 +17,10 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("preset", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_preset_is_valid(preset):
-    config = build(PruneOptions, load_preset(preset))
-    assert isinstance(config, PruneOptions)
+    values = load_preset(preset)
+    config = build(PruneOptions, values)
+    assert values and all(getattr(config, key) == value for key, value in values.items())
+    assert PrunePlan.of(config).iterations >= 1
 
 
 def test_there_are_presets():
@@ -99,10 +101,13 @@ def test_every_field_is_a_prune_flag_with_the_issue_names():
             "0.3",
         ]
     )
-    for field in fields_of(PruneOptions):
-        assert hasattr(args, field.name)
     options = options_from(args, PruneOptions)
     assert (options.masks_per_iter, options.estimator, options.seed) == (4, "perturbed-prior", 3)
+    given = {"masks_per_iter", "prune_frac", "calib_samples", "seq_len", "prior", "estimator", "seed", "device"}
+    given |= {"dtype", "sparsity"}
+    for field in fields_of(PruneOptions):  # every flag not given takes the schema's default
+        if field.name not in given:
+            assert getattr(options, field.name) == field.default, field.name
 
 
 def test_the_command_line_answers_bad_input_before_loading_torch():
@@ -139,7 +144,7 @@ def test_run_file_problems_are_one_line(tmp_path):
         ("prune: {model: m, data: d, out: o}\nextra: {}\n", "unknown section(s) extra"),
         ("prune: {model: m, data: d, out: o}\nadapt: {stepz: 3}\n", "unknown option(s) stepz"),
         ("prune: {model: m, data: d, out: o, sparsity: 3}\n", "--sparsity must be in (0, 1)"),
-        ("prune: {model: m, data: d, out: o, settle_regret: -1}\n", "--settle-regret must not be negative"),
+        ("prune: {model: m, data: d, out: o, reconstruct_damping: -1}\n", "--reconstruct-damping must not be negative"),
     ]:
         bad.write_text(text)
         with pytest.raises(UserError, match=re.escape(message)):
@@ -155,3 +160,16 @@ def test_the_readme_option_table_agrees_with_the_schema():
     assert set(documented) == set(fields)
     for name, default in fields.items():
         assert documented[name] == ("per penalty" if default is None else str(default)), name
+
+
+def test_a_run_made_by_0_1_is_refused_in_one_line_naming_that_version():
+    """0.1.0 recorded adaptive sampling's options, and its masks' keys hashed the rounds'
+    fields: resuming here would redo its evaluations, so it is refused instead."""
+    from bonsai.stages.core.options import recorded_identity
+
+    for sampling, how in (("fixed", "fixed sampling"), ("adaptive", "adaptive sampling, which 0.2.0 removed")):
+        made = {"format": 2, "identity": {"config": {"sampling": sampling, "round_size": 16, "sparsity": 0.5}}}
+        with pytest.raises(UserError, match=rf"made by bonsai 0\.1\.0 \({how}\).*finish it with bonsai 0\.1\.0"):
+            recorded_identity(made)
+    earlier = {"format": 2, "identity": {"config": {"sparsity": 0.5}}}  # before 0.1.0's sampling options
+    assert recorded_identity(earlier)["config"]["sparsity"] == 0.5

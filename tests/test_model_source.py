@@ -47,6 +47,22 @@ def test_a_gguf_file_becomes_the_same_model_with_its_tokenizer_and_chat_template
     assert resolve(gguf.parent / "tiny-llama.gguf").path == source.path
 
 
+def test_a_gemma3_gguf_file_becomes_the_same_model(tmp_path):
+    """GGUF architecture ``gemma3`` reads as transformers' ``gemma3_text`` (the pattern of
+    sliding layers and the local RoPE base are not in the file: llama.cpp's defaults are
+    Gemma 3's, so the tiny model keeps them)."""
+    directory = tiny.model_dir(
+        tmp_path, "gemma3", tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window_pattern=6
+    )
+    source = resolve(tiny.gemma3_gguf_file(tmp_path / "tiny-gemma3.gguf", directory))
+    original = load_model(directory, torch.float32, torch.device("cpu"))
+    converted = load_model(source.path, torch.float32, torch.device("cpu"))
+    assert converted.config.model_type == "gemma3_text"
+    ids = tiny.ids_for(original)
+    with torch.no_grad():
+        assert torch.allclose(original(input_ids=ids).logits, converted(input_ids=ids).logits, atol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:Cannot enable progress bars")  # huggingface_hub's, under the tests' setting
 def test_loading_and_saving_draw_no_progress_bar_and_leave_the_setting_as_it_was(tied, capfd, tmp_path):
     from transformers.utils import logging as hf_logging

@@ -22,8 +22,8 @@ def prune(zoo, corpus, out, spec="llama-gqa", **changes):
     return tiny.prune(zoo[spec], corpus, out, **changes)
 
 
-# adaptive: the finished run writes its settle tables too; obs: its saliency tables
-FINISHED = {"sampling": "adaptive", "prior": "obs"}
+# the finished run also writes the saliency tables (obs) and scores its sub-models as repaired
+FINISHED = {"prior": "obs", "sub_model_repair": "lsq"}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,12 @@ def test_every_estimator_prunes(zoo, corpus, tmp_path, estimator):
     assert summary["iterations"][-1]["sparsity"] >= 0.5
     evaluated = list((tmp_path / "run" / "evaluate").glob("*/utilities.parquet"))
     assert bool(evaluated) == (estimator == "perturbed-prior")
+    # how far each removal moved from what the prior alone removes: not at all for prior-only
+    jaccard = [row["prior_only_jaccard"] for row in summary["iterations"]]
+    if estimator == "prior-only":
+        assert jaccard == [1.0] * len(jaccard)
+    else:
+        assert min(jaccard) < 1.0
 
 
 def readme_tables() -> list[tuple[str, list[str]]]:
@@ -91,6 +97,27 @@ def test_audit_tables_join_into_one_story(finished):
     assert final.filter(~pl.col("kept")).height == removed.height
 
 
+def test_audit_shows_how_far_the_repair_aware_prior_moved_the_removal(finished, tmp_path):
+    from bonsai.stages.reports.audit import REPAIR_AWARE_PLOT, audit
+
+    out, summary = finished
+    result = audit(str(out), str(tmp_path / "audit"))
+    shift = result["removal_shift"]
+    removed = pl.read_parquet(str(out / "select/*/removed.parquet"))
+    assert shift["removed"].sum() == removed.height  # every removed unit is in one (iteration, layer, kind)
+    assert (shift["wanda_overlap"] <= shift["removed"]).all() and (shift["wanda_union"] >= shift["removed"]).all()
+    assert shift["predicted_error"].is_not_null().all() and (shift["predicted_error"] >= 0).all()
+    assert shift["measured_error"].is_not_null().any()
+    # the same count removed per group: the Jaccard is overlap / (2 count - overlap)
+    jaccard = result["iterations"]["wanda_jaccard"]
+    expected = shift.group_by("iteration").agg(
+        (pl.col("wanda_overlap").sum() / (2 * pl.col("removed").sum() - pl.col("wanda_overlap").sum())).alias("j")
+    )
+    assert sorted(jaccard.to_list()) == pytest.approx(sorted(expected["j"].to_list()))
+    assert jaccard.max() < 1  # the obs prior chose other units than Wanda's order somewhere
+    assert str(tmp_path / "audit" / REPAIR_AWARE_PLOT) in result["plots"]
+
+
 def test_rerunning_builds_nothing_and_returns_the_same(finished, zoo, corpus):
     out, summary = finished
     manifests = {p: p.stat().st_mtime_ns for p in out.glob("*/*/manifest.json")}
@@ -124,17 +151,6 @@ def test_seq_len_beyond_the_context_is_refused(zoo, corpus, tmp_path):
     with pytest.raises(UserError, match="exceeds the model's context"):
         prune(zoo, corpus, tmp_path / "run", seq_len=4096)
     assert not (tmp_path / "run").exists()
-
-
-def test_the_audit_finds_the_settle_decisions_of_a_finished_adaptive_run(finished):
-    """The result does not read the settle stage's decisions, yet the audit shows them."""
-    from bonsai.stages.reports.audit import iteration_table
-
-    out, summary = finished
-    table = iteration_table(out).sort("iteration")
-    rounds = pl.read_parquet(str(out / "settle/*/convergence.parquet")).group_by("iteration").len().sort("iteration")
-    assert table["rounds"].to_list() == rounds["len"].to_list() and len(rounds) == len(summary["iterations"])
-    assert table["bootstrap_regret"].is_not_null().all()
 
 
 def test_flap_ranks_every_unit_by_its_standardised_score_and_exports_its_bias(zoo, corpus, tmp_path):

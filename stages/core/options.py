@@ -32,7 +32,9 @@ RECONSTRUCT = ("lsq", "lsq-final", "none")
 # an intercept, so a removed unit's mean output moves into the bias), or the bias alone (FLAP's
 # bias compensation, b += W_P mean(x_P), the kept columns unchanged)
 RECONSTRUCT_FITS = ("weights", "weights+bias", "bias")
-SAMPLING = ("adaptive", "fixed")
+# how a sampled sub-model's dropped units are scored: zeroed (the paper's), or with their inputs
+# imputed as the repair's one-shot least-squares update would (stages/compensate.py)
+SUB_MODEL_REPAIRS = ("none", "lsq")
 
 # Regularisation grids searched by cross-validation (Appendix A.1 searches a grid too).
 # Utilities are standardised before fitting, so the same grid serves every model size.
@@ -103,7 +105,11 @@ class PruneOptions(Options):
     )
     seed: int = option(0, "seed of every random choice (windows, masks, CV folds)")
     device: str = option("auto", "torch device: auto, cpu, cuda, cuda:N", identity=False)
-    dtype: str = option("auto", "dtype of forward passes while pruning (auto: float32 on CPU, bfloat16 on GPU)", DTYPES)
+    dtype: str = option(
+        "auto",
+        "dtype of sub-model evaluation (auto: bfloat16 on a GPU or a CPU with native bf16, else float32)",
+        DTYPES,
+    )
     batch_size: int = option(
         8, "rows (mask x window) per forward pass; several masks share a batch when it exceeds calib-samples"
     )
@@ -114,29 +120,6 @@ class PruneOptions(Options):
         None, "paper-regression's penalty strengths to cross-validate (default: a grid per penalty)"
     )
     cv_folds: int = option(5, "folds of held-out mask pairs that choose the regressions' penalties")
-    sampling: str = option(
-        "fixed",
-        "fixed: every iteration evaluates --masks-per-iter sub-models; adaptive: that is a budget spent "
-        "in rounds until the removal decision settles (regression only; fewer evaluations, but worse on "
-        "SmolLM2, see BENCHMARKS.md)",
-        SAMPLING,
-        legacy="fixed",
-    )
-    round_size: int = option(16, "sub-models per round of adaptive sampling (a multiple of 4)", legacy=16)
-    settle_tolerance: float = option(
-        0.05,
-        "adaptive sampling stops when resampling the sub-models would change at most this fraction of the removal",
-        legacy=0.05,
-    )
-    settle_regret: float = option(
-        0.001,
-        "adaptive sampling also stops when, averaged over resamples of the sub-models, the removal loses less "
-        "than this (predicted nats per token: 0.001 is a tenth of a percent of perplexity) "
-        "against each resample's best removal",
-        # runs made before it: fixed ones never read it, and adaptive ones recompute their settle
-        # stages anyway (its version changed), so the default is what resumes them
-        legacy=0.001,
-    )
     reconstruct: str = option(
         "lsq",
         "repair the kept columns of each layer's output projections by least squares after every "
@@ -169,6 +152,14 @@ class PruneOptions(Options):
         "shrinks the repaired weights toward their current values: a multiple of G's mean diagonal",
         legacy=0.1,
     )
+    sub_model_repair: str = option(
+        "none",
+        "how each sampled sub-model is scored: with its dropped units zeroed (none, the paper's), or as the "
+        "repair would leave it (lsq: their inputs imputed from the kept ones by the repair's least squares, "
+        "from the repair's windows), so the regression measures what a removal costs after repair",
+        SUB_MODEL_REPAIRS,
+        legacy="none",
+    )
 
     def __post_init__(self) -> None:
         _check(0.0 < self.sparsity < 1.0, f"--sparsity must be in (0, 1), got {self.sparsity}")
@@ -187,9 +178,6 @@ class PruneOptions(Options):
             "--estimator flap and --prior flap (FLAP's standardised fluctuation, which can be negative, so it "
             "cannot guide sampling) go together (configs/flap.yaml)",
         )
-        _check(self.round_size >= 4, "--round-size must be at least 4 (two pairs of each kind of pair)")
-        _check(0 <= self.settle_tolerance <= 1, f"--settle-tolerance must be in [0, 1], got {self.settle_tolerance}")
-        _check(self.settle_regret >= 0, f"--settle-regret must not be negative, got {self.settle_regret}")
         _check(
             self.reconstruct_damping >= 0, f"--reconstruct-damping must not be negative, got {self.reconstruct_damping}"
         )
@@ -199,10 +187,15 @@ class PruneOptions(Options):
         )
         _check(self.reconstruct_samples >= 2, "--reconstruct-samples must be at least 2 (windows to fit and to check)")
         _check(
-            (self.reconstruct == "none" and self.prior != "obs")
+            (self.reconstruct == "none" and self.prior != "obs" and self.sub_model_repair == "none")
             or self.calib_pool >= self.calib_samples + self.reconstruct_samples,
             f"--calib-pool ({self.calib_pool}) must hold --calib-samples and --reconstruct-samples "
             f"({self.calib_samples} + {self.reconstruct_samples}) windows",
+        )
+        _check(
+            self.sub_model_repair == "none" or self.reconstruct != "none",
+            "--sub-model-repair lsq scores sub-models as the repair leaves them: it needs --reconstruct lsq "
+            "or lsq-final",
         )
         if self.alphas is not None:
             object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
@@ -252,6 +245,8 @@ class AdaptOptions(Options):
 
 
 DEFAULT_PPL_DATA = "hf:wikitext:wikitext-2-raw-v1:test"
+ENGINES = ("torch", "llama.cpp")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")  # core/gguf_export.py writes each
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,6 +262,13 @@ class EvalOptions(Options):
     tasks: tuple[str, ...] = option((), "lm-eval task names, or task YAML files or folders", path=True)
     limit: int | None = option(None, "at most this many examples per task")
     speed: bool = option(False, "measure prefill throughput and decode latency against the parent")
+    engine: str = option(
+        "torch",
+        "what --speed times: the models in torch (transformers), or their GGUF files in llama.cpp "
+        "(llama-cpp-python; each model exported to --gguf-type first)",
+        ENGINES,
+    )
+    gguf_type: str = option("q8_0", "the GGUF type --engine llama.cpp times (parent and pruned alike)", GGUF_TYPES)
     batch_size: int = option(8, "rows per forward pass")
     device: str = option("auto", "torch device", identity=False)
     dtype: str = option("auto", "dtype for every model (auto: float32 on CPU, bfloat16 on GPU)", DTYPES)
@@ -278,7 +280,26 @@ class EvalOptions(Options):
         object.__setattr__(self, "tasks", tuple(self.tasks))
 
 
-COMMANDS: dict[str, type[Options]] = {"prune": PruneOptions, "adapt": AdaptOptions, "eval": EvalOptions}
+@dataclass(frozen=True, kw_only=True)
+class ExportOptions(Options):
+    gguf: bool = option(False, "write RUN/gguf/<model>-<type>.gguf for stock llama.cpp (and for RUN/adapted)")
+    type: str = option(
+        "q8_0",
+        "the GGUF's tensor type: f32, f16, bf16, or quantized q8_0 / q4_0 (q4_0 keeps the embedding at q8_0)",
+        GGUF_TYPES,
+    )
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        _check(self.gguf, "bonsai export writes a GGUF file: give --gguf (the Hugging Face export is RUN/model)")
+
+
+COMMANDS: dict[str, type[Options]] = {
+    "prune": PruneOptions,
+    "adapt": AdaptOptions,
+    "eval": EvalOptions,
+    "export": ExportOptions,
+}
 
 
 # --- reading options from flags, presets and run files ------------------------------------
@@ -367,12 +388,26 @@ def load_preset(path: str | Path) -> dict[str, Any]:
 RUN_FORMAT = 2  # of run.json; format 1 called the paper's estimator "regression"
 
 
+# options bonsai 0.1.0 recorded that 0.2.0 removed (adaptive sampling's): a run that records
+# them was made by 0.1.0, whose sub-model masks are keyed differently (their config had the
+# rounds' fields), so resuming it here would silently redo its evaluations; it is refused
+# in one line instead, naming the version that finishes it
+MADE_BY_0_1 = ("sampling", "round_size", "settle_tolerance", "settle_regret")
+
+
 def recorded_identity(recorded: dict) -> dict:
     """A run.json's identity in this version's terms: a run of format 1 made with the paper's
-    estimator (then "regression") reads as ``paper-regression``, and options added since the
-    run was made take the value that reproduces what it did (their ``legacy`` value)."""
+    estimator (then "regression") reads as ``paper-regression``, options added since the run
+    was made take the value that reproduces what it did (their ``legacy`` value), and a run
+    made by 0.1.0 is refused (MADE_BY_0_1)."""
     identity = dict(recorded.get("identity", {}))
     config = dict(identity.get("config", {}))
+    if any(name in config for name in MADE_BY_0_1):
+        how = "adaptive sampling, which 0.2.0 removed" if config.get("sampling") == "adaptive" else "fixed sampling"
+        raise UserError(
+            f"this run was made by bonsai 0.1.0 ({how}); 0.2.0 keys its sub-model masks differently and would redo "
+            "its evaluations: finish it with bonsai 0.1.0 (git checkout 160127d), or start a new --out"
+        )
     if recorded.get("format", 1) < 2 and config.get("estimator") == "regression":
         config["estimator"] = "paper-regression"
     for f in fields_of(PruneOptions):

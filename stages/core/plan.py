@@ -92,7 +92,16 @@ def candidate_count(group_size: int, prune_frac: float) -> int:
 
 
 # the stages of one iteration, in the order they run
-ITERATION_STAGES = ("saliency", "priors", "masks", "evaluate", "importance", "settle", "select", "reconstruct")
+ITERATION_STAGES = (
+    "saliency",
+    "priors",
+    "masks",
+    "compensate",
+    "evaluate",
+    "importance",
+    "select",
+    "reconstruct",
+)
 
 
 @dataclass(frozen=True)
@@ -101,20 +110,21 @@ class PrunePlan:
     prune_frac: float
     iterations: int  # ceil(p / p_iter): what the target needs
     iteration_limit: int  # more iterations run only if candidates ran short
-    sub_models: int  # per iteration (the budget, under adaptive sampling), mask + complement pairs
+    sub_models: int  # per iteration, mask + complement pairs
     shard_size: int
     estimator: Estimator
     reconstruct: str  # "lsq": repair after every iteration, "lsq-final": after the last, "none"
-    adaptive: bool  # sub-models in rounds until the decision settles (estimators that fit group scales)
-    round_size: int  # sub-models per round (all of them in one round when not adaptive)
     repair_aware_prior: bool = False  # --prior obs: the saliency stage runs before the priors
+    compensated: bool = False  # --sub-model-repair lsq: sub-models are scored as repaired (compensate stage)
+    window_tokens: int = 0  # tokens per calibration window
+    windows: int = 0  # the evaluation's windows per sub-model (and the priors' per iteration)
+    repair_windows: int = 0  # the repair's (and the saliency's and compensate's) windows per iteration
 
     @classmethod
     def of(cls, options: PruneOptions) -> PrunePlan:
         estimator = ESTIMATORS[options.estimator]
         iterations = max(1, math.ceil(round(options.sparsity / options.prune_frac, 9)))
         sub_models = 2 * math.ceil(options.masks_per_iter / 2) if estimator.evaluates else 0
-        adaptive = options.sampling == "adaptive" and estimator.design == "split" and sub_models > 0
         return cls(
             sparsity=options.sparsity,
             prune_frac=options.prune_frac,
@@ -124,37 +134,30 @@ class PrunePlan:
             shard_size=options.shard_size,
             estimator=estimator,
             reconstruct=options.reconstruct,
-            adaptive=adaptive,
-            round_size=min(4 * math.ceil(options.round_size / 4), sub_models) if adaptive else sub_models,
             repair_aware_prior=options.prior == "obs",
+            compensated=options.sub_model_repair != "none" and sub_models > 0,
+            window_tokens=options.seq_len,
+            windows=options.calib_samples,
+            repair_windows=options.reconstruct_samples,
         )
 
     @property
-    def rounds(self) -> int:
-        """The most rounds of sub-models an iteration can use."""
-        return math.ceil(self.sub_models / self.round_size) if self.sub_models else 1
-
-    def round_count(self, round_: int) -> int:
-        """Sub-models drawn in round ``round_`` (the last one takes what is left of the budget)."""
-        return min(self.round_size, self.sub_models - round_ * self.round_size)
-
-    def round_shards(self, round_: int) -> int:
-        """Evaluation shards of round ``round_``."""
-        return math.ceil(self.round_count(round_) / self.shard_size)
-
-    @property
     def shards(self) -> int:
-        """Evaluation shards per iteration, at most (every round run)."""
-        return sum(self.round_shards(r) for r in range(self.rounds))
+        """Evaluation shards per iteration."""
+        return math.ceil(self.sub_models / self.shard_size)
+
+    def shard_count(self, shard: int) -> int:
+        """Sub-models in evaluation shard ``shard`` (the last one takes what is left)."""
+        return min(self.shard_size, self.sub_models - shard * self.shard_size)
 
     @property
     def stages(self) -> tuple[str, ...]:
         """This run's stages per iteration, in order."""
         skip = {"evaluate"} if not self.estimator.evaluates else set()
+        if not self.compensated:
+            skip.add("compensate")
         if not self.repair_aware_prior:
             skip.add("saliency")
-        if not self.adaptive:
-            skip.add("settle")
         if self.reconstruct != "lsq":
             skip.add("reconstruct")  # none, or only after the last iteration
         return tuple(s for s in ITERATION_STAGES if s not in skip)

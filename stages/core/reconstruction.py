@@ -7,11 +7,9 @@ with G = sum over calibration tokens of x x^T, x the projection's input with all
     W_K' = W_K + W_P G_PK (G_KK + lambda I)^-1,   lambda = damping * mean(diag(G_KK))
 
 is the least-squares fit of the full output W x by the kept inputs, shrunk toward the current
-W_K (not toward zero, which measured far worse).  With ``toward="model"`` the fit aims instead
-at the unpruned model's output at the same place, W x_ref, x_ref being the projection's input
-in the unpruned model: W_K' = (W C_{.K} + lambda W_K) (G_KK + lambda I)^-1 with C = sum x_ref x^T,
-which also undoes what the layers before still get wrong (the unpruned layers run beside the
-pruned ones, on the same windows).  Layers are repaired in order, each one's G collected
+W_K (not toward zero, which measured far worse; aiming instead at the unpruned model's output at
+the same place, to undo the earlier layers' drift too, measured no better and was removed in
+0.2.0).  Layers are repaired in order, each one's G collected
 through the already repaired (and pruned) layers before it: every decoder layer's input
 hidden states are kept between layers.  The pass that collects a projection's inputs replaces
 the projection by its bias and keeps what follows it (for heads the attention module's output,
@@ -33,7 +31,6 @@ the pruned model; ``repair`` returns the updated tensors and a table of what it 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -43,6 +40,14 @@ from torch import nn
 
 from bonsai.stages.core.families.base import Family
 from bonsai.stages.core.families.remote_code import get_module
+from bonsai.stages.core.least_squares import (
+    BLOCK,
+    MAX_RETRIES,
+    add_gram,
+    capture_layer_inputs,
+    run_layer,
+    symmetrize,
+)
 from bonsai.stages.core.options import RECONSTRUCT_FITS
 from bonsai.stages.core.progress import Progress
 from bonsai.stages.core.units import CHANNEL, HEAD, LayerShape, layer_shapes, output_projection
@@ -51,7 +56,6 @@ log = logging.getLogger("bonsai.reconstruct")
 
 PROJECTIONS = {HEAD: "attention_out", CHANNEL: "mlp_out"}
 FITS = RECONSTRUCT_FITS  # what the repair fits (``fit_projection``)
-MAX_RETRIES = 6  # each multiplies the damping by 10 when G_KK + lambda I is not positive definite
 
 
 @dataclass
@@ -96,116 +100,51 @@ def _columns(kind: str, shape: LayerShape, positions: list[int]) -> torch.Tensor
     return (base + torch.arange(width)).reshape(-1)
 
 
-def capture_layer_inputs(model: nn.Module, family: Family, ids: torch.Tensor) -> tuple[torch.Tensor, list]:
-    """(hidden states entering the first decoder layer, each layer's call arguments) for a
-    batch, from a pass in which every decoder layer is an identity: only the embeddings and
-    what the model computes for its layers (rotary tables, masks) are computed."""
-    layers = list(get_module(model, family.layers))
-    base = get_module(model, family.layers.rsplit(".", 1)[0])
-    calls: list = []
-
-    def stand_in(hidden_states, *args, **kwargs):
-        calls.append((hidden_states, args, kwargs))
-        return hidden_states
-
-    for layer in layers:
-        layer.forward = stand_in
-    try:
-        with torch.no_grad():
-            base(input_ids=ids, use_cache=False)
-    finally:
-        for layer in layers:
-            del layer.forward
-    return calls[0][0], [(args, kwargs) for _, args, kwargs in calls]
-
-
-def _run_layer(layer: nn.Module, hidden: torch.Tensor, call) -> torch.Tensor:
-    args, kwargs = call
-    out = layer(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-BLOCK = 1024  # columns (or rows) per product: no d x d float32 temporary beside the float64 sums
-
-
 @dataclass
 class Moments:
     """Sums over the fit tokens, for one projection W (out x d): G = sum x x^T of its
-    pruned-model input x, and C = sum x_ref x^T with x_ref the input the reference output
-    W x_ref comes from.  Least squares then needs no activations kept."""
+    pruned-model input x.  Least squares then needs no activations kept."""
 
     gram: torch.Tensor | None  # None: only the bias is fitted
-    cross: torch.Tensor | None  # None: the reference input is x itself (C = G)
     tokens: int
     sum: torch.Tensor | None = None  # sum x over the fit tokens, when a bias is fitted
 
     def target_columns(self, weight: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """(sum (W x_ref) x^T)[:, kept], (out x k) float64, a block of W's rows at a time (no
-        float64 copy of W)."""
-        m = self.gram if self.cross is None else self.cross
-        out = torch.empty(weight.shape[0], len(kept), dtype=torch.float64, device=m.device)
+        """(sum (W x) x^T)[:, kept] = (W G)[:, kept], (out x k) float64, a block of W's rows at a
+        time (no float64 copy of W)."""
+        out = torch.empty(weight.shape[0], len(kept), dtype=torch.float64, device=self.gram.device)
         for s in range(0, weight.shape[0], BLOCK):
-            out[s : s + BLOCK] = (weight[s : s + BLOCK].double() @ m).index_select(1, kept)
+            out[s : s + BLOCK] = (weight[s : s + BLOCK].double() @ self.gram).index_select(1, kept)
         return out
-
-
-def _add_products(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """total += a^T b: float32 products (half the time of float64, and within 2e-7 of it in norm
-    on SmolLM2's activations) added to float64 sums, a block of columns at a time."""
-    for s in range(0, b.shape[1], BLOCK):
-        total[:, s : s + BLOCK] += (a.T @ b[:, s : s + BLOCK]).double()
-
-
-TRIANGLE_BLOCK = 256  # narrower blocks follow the diagonal closer; 128-512 measured within 10 %
-
-
-def _add_gram(total: torch.Tensor, a: torch.Tensor) -> None:
-    """The upper block triangle of total += a^T a (what ``_symmetrize`` completes): 46-64 % of
-    the full product's time at widths 688-11,008, the same sums (equal to the bit where measured)."""
-    d = a.shape[1]
-    for s in range(0, d, TRIANGLE_BLOCK):
-        e = min(s + TRIANGLE_BLOCK, d)
-        total[:e, s:e] += (a[:, :e].T @ a[:, s:e]).double()
-
-
-def _symmetrize(total: torch.Tensor) -> None:
-    """Copy the upper block triangle that ``_add_gram`` fills onto the lower one, in place."""
-    d = total.shape[0]
-    for s in range(0, d, TRIANGLE_BLOCK):
-        e = min(s + TRIANGLE_BLOCK, d)
-        total[e:, s:e] = total[s:e, e:].T
 
 
 class _Collect:
     """Fit moments from hooked projection inputs, and the held-out inputs themselves: the check
     takes its errors from those directly (a held-out Gram matrix would double the memory)."""
 
-    def __init__(self, weight: torch.Tensor, reference: bool, fit: str = "weights"):
+    def __init__(self, weight: torch.Tensor, fit: str = "weights"):
         d, dev = weight.shape[1], weight.device
-        zeros = functools.partial(torch.zeros, d, d, dtype=torch.float64, device=dev)
+        gram = torch.zeros(d, d, dtype=torch.float64, device=dev) if fit != "bias" else None
         sums = torch.zeros(d, dtype=torch.float64, device=dev) if fit != "weights" else None
-        self.fit = Moments(zeros() if fit != "bias" else None, zeros() if reference else None, 0, sums)
-        self.held: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+        self.fit = Moments(gram, 0, sums)
+        self.held: list[torch.Tensor] = []
 
-    def add(self, fit: bool, x: torch.Tensor, x_ref: torch.Tensor | None) -> None:
+    def add(self, fit: bool, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1])
-        x_ref = x_ref.reshape(-1, x_ref.shape[-1]) if x_ref is not None else None
         if not fit:
-            self.held.append((x, x_ref))
+            self.held.append(x)
             return
         x = x.float()
         if self.fit.gram is not None:
-            _add_gram(self.fit.gram, x)
+            add_gram(self.fit.gram, x)
         if self.fit.sum is not None:
             self.fit.sum += x.sum(0).double()
-        if x_ref is not None:
-            _add_products(self.fit.cross, x_ref.float(), x)
         self.fit.tokens += x.shape[0]
 
     def moments(self) -> Moments:
         """The fit moments, once every input has been added."""
         if self.fit.gram is not None:
-            _symmetrize(self.fit.gram)
+            symmetrize(self.fit.gram)
         return self.fit
 
 
@@ -258,7 +197,7 @@ def _pass(layer, family, kind, batch, call, shortcut: bool, attention=None) -> t
         if attention is not None:
             stack.enter_context(_replaced(attention_module, lambda *args, **kwargs: attention))
         try:
-            kept.append(_run_layer(layer, batch, call))
+            kept.append(run_layer(layer, batch, call))
         except _Stop:
             pass
     return seen[0], (kept[0] if shortcut else None)
@@ -277,9 +216,9 @@ def _complete(partial, x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor
 
 def _run_with(layer, family, hidden: torch.Tensor, call, attention) -> torch.Tensor:
     if attention is None:
-        return _run_layer(layer, hidden, call)
+        return run_layer(layer, hidden, call)
     with _replaced(get_module(layer, family.attention), lambda *args, **kwargs: attention):
-        return _run_layer(layer, hidden, call)
+        return run_layer(layer, hidden, call)
 
 
 def _compact(gram: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -316,8 +255,8 @@ def _restore(g: torch.Tensor, diagonal: torch.Tensor) -> None:
 
 
 def solve(weight: torch.Tensor, moments: Moments, kept: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
-    """(W_K', damping used): (T_K + lambda W_K) (G_KK + lambda I)^-1 with T = sum (W x_ref) x^T,
-    in float64; for the layer's own output (T = W G) that is W_K + W_P G_PK (G_KK + lambda I)^-1.
+    """(W_K', damping used): ((W G)_K + lambda W_K) (G_KK + lambda I)^-1 in float64, which is
+    W_K + W_P G_PK (G_KK + lambda I)^-1.
     The damping is raised tenfold (with a warning) until G_KK + lambda I is positive definite.
     Consumes ``moments.gram``: G_KK and its factor are made in G's own memory, so the solve
     needs the d x d sums and an out x k right-hand side, nothing more (at LLaMA-7B's MLP width,
@@ -365,8 +304,6 @@ def fit_projection(
     if fit == "weights":
         new, used = solve(weight, moments, kept, damping)
         return new, None, used
-    if moments.cross is not None:
-        raise ValueError("a fitted bias needs the layer's own output as the target")
     mean = moments.sum / max(moments.tokens, 1)
     if fit == "bias" or len(kept) == 0:
         new, used = weight.index_select(1, kept).double(), damping
@@ -382,15 +319,15 @@ def fit_projection(
 def _relative_errors(
     weight: torch.Tensor, new_kept: torch.Tensor, held: list, kept, shift: torch.Tensor | None = None
 ) -> tuple[float, float]:
-    """sqrt(sum ||W' x + b' - W x_ref||^2 / sum ||W x_ref||^2) over the held-out inputs, for W' the
+    """sqrt(sum ||W' x + b' - W x||^2 / sum ||W x||^2) over the held-out inputs, for W' the
     kept columns unchanged (plain removal, b' = 0) and ``new_kept`` with ``shift`` (the update),
     zero elsewhere; one pass."""
     w = weight.float()
     candidates = ((weight.index_select(1, kept).float(), None), (new_kept.float(), shift))
     errors, energy = [0.0, 0.0], 0.0
-    for x, x_ref in held:
+    for x in held:
         x = x.float()
-        full = (x if x_ref is None else x_ref.float()) @ w.T
+        full = x @ w.T
         x_kept = x.index_select(1, kept)
         for i, (w_kept, b) in enumerate(candidates):
             out = x_kept @ w_kept.T if b is None else x_kept @ w_kept.T + b.float()
@@ -416,22 +353,16 @@ def repair(
     keep: dict,
     damping: float,
     batch_size: int,
-    toward: str = "layer",
     shortcut: bool = True,
     fit: str = "weights",
 ) -> tuple[dict[tuple[int, str], Repaired], list[Outcome]]:
     """Repair every layer in order; ``keep[(layer, kind)]`` lists the current positions of the
     units that stay (all others of that layer and kind are removed).  The last ``check``
-    windows only judge each update.  ``toward``: fit each projection's full output on the
-    pruned model's input (``layer``, the formula above), or the unpruned model's output at the
-    same place (``model``: also undoes the drift of the layers before; it runs the unpruned
-    layers beside the pruned ones).  ``shortcut=False`` runs each layer again after its
+    windows only judge each update.  ``shortcut=False`` runs each layer again after its
     repair instead of completing the collecting passes' outputs (the same model: tests compare
-    them).  ``fit``: what is fitted (FITS; a bias needs ``toward="layer"``).  Returns
+    them).  ``fit``: what is fitted (FITS).  Returns
     {(layer, kind): the kept columns' new weight and the projection's new bias} (projections
     whose update was applied) and one Outcome per projection that lost units."""
-    if fit != "weights" and toward != "layer":
-        raise ValueError("a fitted bias needs toward='layer'")
     device = next(model.parameters()).device
     fitted, held = windows[: windows.shape[0] - check], windows[windows.shape[0] - check :]
     batches = [
@@ -442,7 +373,6 @@ def repair(
     hidden = [h for h, _ in captured]
     arguments = [c for _, c in captured]  # per batch, per layer
     del captured  # the first layer's inputs live on in ``hidden`` only, until replaced
-    reference = list(hidden) if toward == "model" else None  # the unpruned model's hidden states
     shapes = layer_shapes(model, family)
     layers = list(get_module(model, family.layers))
     last = max((i for i, _ in changed(keep, shapes)), default=-1)  # later layers need no inputs: the pass ends there
@@ -450,12 +380,6 @@ def repair(
     progress = Progress("reconstruct", last + 1, "layers")
     for index, (layer, shape) in enumerate(zip(layers[: last + 1], shapes)):
         calls = [c[index] for c in arguments]
-        originals = (
-            {kind: output_projection(layer, family, kind).weight.clone() for kind in (HEAD, CHANNEL)}
-            if reference is not None
-            else {}
-        )
-        next_reference = []
         attention = None  # per batch: the attention module's output with the repaired heads
         outputs = None  # per batch: the layer's output with the repaired heads and channels
         for kind in (HEAD, CHANNEL):
@@ -477,27 +401,17 @@ def repair(
             )
             # the pass that collects the projection's inputs also gives what follows it (the
             # attention module's output, the layer's output), completed below with the new weight
-            take = shortcut and reference is None and (kind == HEAD or family.mlp_out_adds_to_residual)
+            take = shortcut and (kind == HEAD or family.mlp_out_adds_to_residual)
             partial = []
             if positions or fit != "weights":  # with a bias, even a projection left with no inputs
-                collect = _Collect(target.weight, reference is not None, fit)
+                collect = _Collect(target.weight, fit)
                 for b, (batch, call) in enumerate(zip(hidden, calls)):
-                    x_ref = None
-                    if reference is not None:  # the unpruned layer: the original weights, swapped in
-                        current = {k: output_projection(layer, family, k).weight.clone() for k in originals}
-                        for k, w in originals.items():
-                            output_projection(layer, family, k).weight.copy_(w)
-                        x_ref, out = _input_and_output(layer, family, kind, reference[b], call)
-                        for k, w in current.items():
-                            output_projection(layer, family, k).weight.copy_(w)
-                        if len(next_reference) < len(hidden):  # the first kind repaired here keeps it
-                            next_reference.append(out)
                     x, part = _pass(layer, family, kind, batch, call, take, attention[b] if attention else None)
                     if take:
                         partial.append((x, part))
                         if attention:  # in this layer's output now: not needed again
                             attention[b] = None
-                    collect.add(b < fit_rows, x, x_ref)
+                    collect.add(b < fit_rows, x)
                 tokens = collect.fit.tokens
                 new_kept, shift, used = fit_projection(target.weight, collect.moments(), kept, damping, fit)
                 before, after = _relative_errors(target.weight, new_kept, collect.held, kept, shift)
@@ -525,10 +439,6 @@ def repair(
                 completed = [_complete(part, x, target.weight, kept, shift) for x, part in partial]
                 attention, outputs = (completed, None) if kind == HEAD else (attention, completed)
             del partial
-        if reference is not None:
-            if len(next_reference) != len(hidden):  # no head statistics taken here: run the unpruned layer now
-                next_reference = _unpruned_outputs(layer, family, originals, reference, calls)
-            reference = next_reference
         if outputs is None:
             outputs = [
                 _run_with(layer, family, h, call, attention[b] if attention else None)
@@ -537,25 +447,3 @@ def repair(
         hidden = outputs
         progress.advance()
     return updated, outcomes
-
-
-def _input_and_output(layer, family, kind, batch, call) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the ``kind`` projection's input, the layer's output) for one batch, nothing replaced."""
-    seen = []
-    handle = output_projection(layer, family, kind).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    try:
-        out = _run_layer(layer, batch, call)
-    finally:
-        handle.remove()
-    return seen[0], out
-
-
-def _unpruned_outputs(layer, family, originals: dict, hidden: list, calls: list) -> list[torch.Tensor]:
-    current = {k: output_projection(layer, family, k).weight.clone() for k in originals}
-    for k, w in originals.items():
-        output_projection(layer, family, k).weight.copy_(w)
-    try:
-        return [_run_layer(layer, h, call) for h, call in zip(hidden, calls)]
-    finally:
-        for k, w in current.items():
-            output_projection(layer, family, k).weight.copy_(w)

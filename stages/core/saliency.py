@@ -26,30 +26,8 @@ import torch
 from torch import nn
 
 from bonsai.stages.core.families.base import Family
-from bonsai.stages.core.families.remote_code import get_module
-from bonsai.stages.core.progress import Progress
-from bonsai.stages.core.reconstruction import (
-    MAX_RETRIES,
-    _add_gram,
-    _run_layer,
-    _symmetrize,
-    capture_layer_inputs,
-)
-from bonsai.stages.core.units import HEAD, KINDS, LayerShape, layer_shapes, output_projection
-
-
-def _damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
-    """(G + lambda I)^-1, lambda = damping * mean diag G, raised tenfold as the repair's is
-    until positive definite.  ``gram`` is consumed."""
-    diagonal = gram.diagonal().clone()
-    scale = max(float(diagonal.mean()), 1e-30)
-    for _ in range(MAX_RETRIES + 1):
-        gram.diagonal().copy_(diagonal + damping * scale)
-        factor, info = torch.linalg.cholesky_ex(gram)
-        if int(info) == 0:
-            return torch.cholesky_inverse(factor)
-        damping = max(damping * 10, 1e-6)
-    raise RuntimeError("the Gram matrix stays singular however large the damping")
+from bonsai.stages.core.least_squares import damped_inverse, layer_grams
+from bonsai.stages.core.units import HEAD
 
 
 def _scores(w: torch.Tensor, inverse: torch.Tensor, width: int, units: torch.Tensor) -> torch.Tensor:
@@ -77,7 +55,7 @@ def unit_errors(weight: torch.Tensor, gram: torch.Tensor, width: int, damping: f
     d = gram.shape[0]
     if d == 0:
         return gram.new_zeros(0)
-    inverse = _damped_inverse(gram, damping)
+    inverse = damped_inverse(gram, damping)
     w = weight.double().clone() if steps else weight.double()
     units = d // width
     alive = torch.ones(units, dtype=torch.bool)
@@ -100,28 +78,6 @@ def unit_errors(weight: torch.Tensor, gram: torch.Tensor, width: int, damping: f
     return out
 
 
-class _Sums:
-    """G = sum x x^T, sum x and the token count of one projection's inputs, as a pre-hook."""
-
-    def __init__(self, width: int, device: torch.device):
-        self.gram = torch.zeros(width, width, dtype=torch.float64, device=device)
-        self.total = torch.zeros(width, dtype=torch.float64, device=device)
-        self.tokens = 0
-
-    def hook(self, module, args) -> None:
-        x = args[0].reshape(-1, args[0].shape[-1]).float()
-        _add_gram(self.gram, x)
-        self.total += x.sum(0).double()
-        self.tokens += x.shape[0]
-
-    def gram_matrix(self, centred: bool) -> torch.Tensor:
-        """G, or G - n mu mu^T (the covariance, times n) when ``centred``."""
-        _symmetrize(self.gram)
-        if centred:
-            self.gram.addr_(self.total, self.total / max(self.tokens, 1), alpha=-1.0)
-        return self.gram
-
-
 @torch.no_grad()
 def repair_aware_priors(
     model: nn.Module,
@@ -135,29 +91,11 @@ def repair_aware_priors(
     """{(layer, kind): per current unit, sqrt(error per token)} for every layer, from one
     layer-by-layer pass of ``windows`` through the current model.  ``steps(units)``: how many
     of a group's units ``unit_errors`` removes greedily (the masks stage's candidates)."""
-    device = next(model.parameters()).device
-    batches = [windows[s : s + batch_size].to(device) for s in range(0, windows.shape[0], batch_size)]
-    captured = [capture_layer_inputs(model, family, ids) for ids in batches]
-    hidden = [h for h, _ in captured]
-    arguments = [c for _, c in captured]
-    del captured
-    shapes: list[LayerShape] = layer_shapes(model, family)
     out = {}
-    progress = Progress("repair-aware prior", len(shapes), "layers")
-    for index, (layer, shape) in enumerate(zip(get_module(model, family.layers), shapes)):
-        targets = {kind: output_projection(layer, family, kind) for kind in KINDS}
-        sums = {kind: _Sums(t.in_features, device) for kind, t in targets.items()}
-        handles = [t.register_forward_pre_hook(sums[kind].hook) for kind, t in targets.items()]
-        try:
-            hidden = [_run_layer(layer, h, arguments[b][index]) for b, h in enumerate(hidden)]
-        finally:
-            for handle in handles:
-                handle.remove()
+    for index, shape, targets, sums in layer_grams(model, family, windows, batch_size, "repair-aware prior"):
         for kind, acc in sums.items():
             gram = acc.gram_matrix(centred)
             width = shape.per_group * shape.head_dim if kind == HEAD else 1
             errors = unit_errors(targets[kind].weight.detach(), gram, width, damping, steps(shape.count(kind)))
             out[(index, kind)] = (errors.clamp_min(0.0) / max(acc.tokens, 1)).sqrt()
-        del sums
-        progress.advance()
     return out

@@ -63,6 +63,9 @@ class Taps:
         self.head_masks: list[torch.Tensor | None] = [None] * len(self.layers)
         self.channel_masks: list[torch.Tensor | None] = [None] * len(self.layers)
         self.row_group: torch.Tensor | None = None
+        # per (layer, kind): (first row, end row, Imputation) for rows whose sub-model is scored
+        # as repaired (core/compensation.py): dropped inputs imputed after the mask zeroes them
+        self.imputations: dict[tuple[int, str], list] = {}
         self.stats: dict[tuple[int, str], Stats] | None = None
         if stat_groups:
             device = next(model.parameters()).device
@@ -98,6 +101,8 @@ class Taps:
                 # in place when no graph is recorded: the projection's input is a temporary
                 # of the layer's forward (per-family parity tests check masked == sliced)
                 x = x.mul_(mask) if not torch.is_grad_enabled() else x * mask
+                for first, end, imputation in self.imputations.get((index, kind), ()):
+                    imputation.apply(x[first:end])
             if self.stats is not None:
                 self.stats[(index, kind)].add(x, self.row_group)
             return (x, *args[1:]) if mask is not None else None

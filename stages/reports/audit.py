@@ -24,7 +24,8 @@ PROGRESS_PLOT = "progress.png"
 ADAPTATION_PLOT = "adaptation.png"
 SCALES_PLOT = "scales.png"
 REPAIRS_PLOT = "repairs.png"
-CONVERGENCE_PLOT = "convergence.png"
+REPAIR_AWARE_PLOT = "repair-aware.png"
+PROJECTION = {HEAD: "attention_out", CHANNEL: "mlp_out"}  # the repair's name for a kind's output projection
 
 
 def _current(run: Path, files) -> list[Path]:
@@ -35,29 +36,8 @@ def _current(run: Path, files) -> list[Path]:
 
 
 def _current_keys(run: Path) -> set[tuple[str, str]] | None:
-    """(stage, key) of the artifacts the result rests on, and of adaptive sampling's settle
-    decisions, which the result does not read: those made by this version of the stage that rest
-    only on the result's artifacts and on their own round's importance fit (an earlier round's
-    fit, itself not among the result's: it is a stepping stone, not returned).  None until the
-    run has finished."""
-    from bonsai.stages import importance, settle
-
-    lineage = RunDir(run).lineage()
-    if lineage is None:
-        return None
-    versions = {"importance": importance.VERSION, "settle": settle.VERSION}
-    aside = {}
-    for stage, version in versions.items():
-        for manifest in run.glob(f"{stage}/*/manifest.json"):
-            info = json.loads(manifest.read_text())
-            if (stage, manifest.parent.name) not in lineage and info.get("version") == version:
-                aside[(stage, manifest.parent.name)] = [(i["stage"], i["key"]) for i in info["inputs"]]
-    current, grew = set(lineage), True
-    while grew:  # a settle artifact rests on its round's importance and on the round before it
-        found = {k for k, inputs in aside.items() if k not in current and all(i in current for i in inputs)}
-        current |= found
-        grew = bool(found)
-    return set(lineage) | {k for k in current if k[0] == "settle"}
+    """(stage, key) of the artifacts the result rests on; None until the run has finished."""
+    return RunDir(run).lineage()
 
 
 def _glob(run: Path, pattern: str) -> pl.DataFrame | None:
@@ -109,17 +89,6 @@ def iteration_table(run: Path) -> pl.DataFrame:
             on="iteration",
             how="left",
         )
-    rounds = _glob(run, "settle/*/convergence.parquet")
-    if rounds is not None:
-        settled = rounds.group_by("iteration").agg(
-            pl.len().alias("rounds"),
-            *(
-                pl.col(c).sort_by("round").last().alias(c)
-                for c in ("bootstrap_change", "bootstrap_regret")
-                if c in rounds.columns  # runs made before the regret have no such column
-            ),
-        )
-        table = table.join(settled.with_columns(pl.col("iteration").cast(pl.Int64)), on="iteration", how="left")
     repairs = _glob(run, "reconstruct/*/repair.parquet")
     if repairs is not None:
         summary = repairs.group_by("iteration").agg(
@@ -132,6 +101,9 @@ def iteration_table(run: Path) -> pl.DataFrame:
             .alias("repair_error_after"),
         )
         table = table.join(summary.with_columns(pl.col("iteration").cast(pl.Int64)), on="iteration", how="left")
+    shift = removal_shift_table(run)
+    if shift is not None:
+        table = table.join(_shift_summary(shift), on="iteration", how="left")
     priors = [json.loads(f.read_text()) for f in _current(run, sorted(run.glob("priors/*/manifest.json")))]
     baselines = {m["config"]["iteration"]: m["info"].get("baseline_nll") for m in priors}
     return table.with_columns(
@@ -233,46 +205,79 @@ def plot_scales(scales: pl.DataFrame, path: Path) -> None:
     save(fig, path)
 
 
+def removal_shift_table(run: Path) -> pl.DataFrame | None:
+    """Per iteration, layer and kind that lost units: how far the removal moved from Wanda's
+    order (the same count removed from the group, lowest Wanda first; Jaccard 1: the same
+    units), and, for the repair-aware prior (``--prior obs``), the error its saliencies
+    predicted (their sum over the removed units) beside the repair's measured relative error
+    of that projection after the refit."""
+    removed, priors = _glob(run, "select/*/removed.parquet"), _glob(run, "priors/*/priors.parquet")
+    if removed is None or priors is None:
+        return None
+    keys = ["iteration", "layer", "kind"]
+    removed = removed.select(*keys, "unit").with_columns(pl.lit(True).alias("removed"))
+    priors = priors.select(*keys, "unit", "wanda", "obs").join(removed, on=[*keys, "unit"], how="left")
+    priors = priors.with_columns(
+        pl.col("removed").fill_null(False),
+        pl.col("wanda").rank("ordinal").over(keys).alias("wanda_rank"),
+        pl.col("removed").fill_null(False).sum().over(keys).alias("count"),
+    )
+    by_wanda = pl.col("wanda_rank") <= pl.col("count")
+    table = (
+        priors.filter(pl.col("count") > 0)
+        .group_by(keys)
+        .agg(
+            pl.col("count").first().alias("removed"),
+            (pl.col("removed") & by_wanda).sum().alias("wanda_overlap"),
+            (pl.col("removed") | by_wanda).sum().alias("wanda_union"),
+            pl.col("obs").filter(pl.col("removed")).sum().alias("predicted_error"),
+            pl.col("obs").is_not_null().any().alias("has_obs"),
+        )
+        .with_columns(
+            pl.when(pl.col("has_obs")).then(pl.col("predicted_error")).alias("predicted_error"),
+            pl.col("kind").replace_strict(PROJECTION, return_dtype=pl.Utf8).alias("projection"),
+        )
+        .drop("has_obs")
+    )
+    repairs = _glob(run, "reconstruct/*/repair.parquet")
+    if repairs is not None:
+        measured = repairs.select(
+            "iteration", "layer", "projection", "error_before", pl.col("error_after").alias("measured_error")
+        )
+        table = table.join(measured, on=["iteration", "layer", "projection"], how="left")
+    return table.sort(keys)
+
+
+def _shift_summary(shift: pl.DataFrame) -> pl.DataFrame:
+    """Per iteration: the removal's Jaccard overlap with Wanda's order (all groups pooled), and
+    the rank correlation of predicted with measured post-repair error across layers."""
+    aggs = [(pl.col("wanda_overlap").sum() / pl.col("wanda_union").sum()).alias("wanda_jaccard")]
+    if "measured_error" in shift.columns and shift["predicted_error"].is_not_null().any():
+        aggs.append(pl.corr("predicted_error", "measured_error", method="spearman").alias("predicted_error_spearman"))
+    return shift.group_by("iteration").agg(aggs).with_columns(pl.col("iteration").cast(pl.Int64))
+
+
+def plot_repair_aware(shift: pl.DataFrame, path: Path) -> None:
+    """Predicted (the removed units' saliencies) against measured (the repair's relative error
+    after the refit), one point per layer and projection, one colour per iteration."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
+    for ax, projection in zip(axes[0], PROJECTION.values()):
+        part = shift.filter((pl.col("projection") == projection) & pl.col("measured_error").is_not_null())
+        for it in sorted(part["iteration"].unique().to_list()):
+            rows = part.filter(pl.col("iteration") == it)
+            ax.scatter(rows["predicted_error"], rows["measured_error"], s=12, label=f"iteration {it}")
+        ax.set_xscale("symlog")
+        ax.set_xlabel("predicted: sum of the removed units' obs saliency")
+        ax.set_ylabel("measured: relative error after the repair")
+        ax.set_title(projection)
+        if part.height:
+            ax.legend(fontsize=7)
+    save(fig, path)
+
+
 def _layer_ticks(layers: int) -> list[int]:
     return list(range(0, layers, 1 if layers <= 16 else 5 if layers <= 80 else 10))
-
-
-def plot_convergence(rounds: pl.DataFrame, path: Path) -> None:
-    """Per iteration and round of adaptive sampling.  Left: the fraction of the removal (in
-    parameters) that changed since the round before (solid) and that a resample of the
-    sub-models would change (dashed).  Right: the mean regret of the removal under resampling
-    (nats per token, log scale), open markers where the fit predicted nothing yet; an iteration
-    stops at the round where either measure met its threshold on a fit that predicts."""
-    plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
-    colors = plt.get_cmap("viridis")
-    iterations = sorted(rounds["iteration"].unique().to_list())
-    for i, iteration in enumerate(iterations):
-        part = rounds.filter(pl.col("iteration") == iteration).sort("round")
-        color = colors(i / max(1, len(iterations) - 1))
-        left.plot(
-            part["sub_models"], part["change_since_last_round"], marker="o", color=color, label=f"iteration {iteration}"
-        )
-        left.plot(part["sub_models"], part["bootstrap_change"], linestyle="--", color=color)
-        if "informative" in part.columns:  # runs made before the regret have neither column
-            # a regret of exactly 0 (every resample agrees) is drawn at the axis' floor; an open
-            # marker: a round whose fit predicted held-out pairs no better than their mean
-            regret = part["bootstrap_regret"].clip(1e-7)
-            right.plot(part["sub_models"], regret, color=color)
-            measured = part["informative"].to_numpy()
-            right.scatter(part["sub_models"].to_numpy()[measured], regret.to_numpy()[measured], color=color)
-            right.scatter(
-                part["sub_models"].to_numpy()[~measured], regret.to_numpy()[~measured], facecolors="none", color=color
-            )
-    left.set_xlabel("sub-models evaluated")
-    left.set_ylabel("fraction of the removal that changes")
-    left.set_title("solid: since the last round; dashed: under resampling", fontsize=9)
-    left.legend(fontsize=7)
-    right.set_yscale("log")
-    right.set_xlabel("sub-models evaluated")
-    right.set_ylabel("regret under resampling (nats/token)")
-    right.set_title("what the removal loses against each resample's best", fontsize=9)
-    save(fig, path)
 
 
 def repair_table(run: Path) -> pl.DataFrame | None:
@@ -335,16 +340,16 @@ def audit(run_dir: str, out: str | None = None) -> dict:
     if scales is not None:
         plot_scales(scales, where / SCALES_PLOT)
         plots.append(str(where / SCALES_PLOT))
-    rounds = _glob(run, "settle/*/convergence.parquet")
-    if rounds is not None:
-        plot_convergence(rounds, where / CONVERGENCE_PLOT)
-        plots.append(str(where / CONVERGENCE_PLOT))
     repairs = repair_table(run)
     if repairs is not None:
         plot_repairs(repairs, where / REPAIRS_PLOT)
         plots.append(str(where / REPAIRS_PLOT))
+    shift = removal_shift_table(run)
+    if shift is not None and "measured_error" in shift.columns and shift["predicted_error"].is_not_null().any():
+        plot_repair_aware(shift, where / REPAIR_AWARE_PLOT)
+        plots.append(str(where / REPAIR_AWARE_PLOT))
     histories = sorted(run.glob("adapt/*/training.parquet"), key=lambda p: p.stat().st_mtime)
     if histories:
         plot_adaptation(pl.read_parquet(histories[-1]), where / ADAPTATION_PLOT)
         plots.append(str(where / ADAPTATION_PLOT))
-    return {"iterations": iterations, "layers": layers, "repairs": repairs, "plots": plots}
+    return {"iterations": iterations, "layers": layers, "repairs": repairs, "removal_shift": shift, "plots": plots}

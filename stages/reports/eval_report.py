@@ -109,8 +109,9 @@ def plot_speed(ratios: pl.DataFrame, path: Path) -> bool:
     return True
 
 
-def write(out: Path, results: pl.DataFrame, protocols: dict[str, str]) -> str:
-    """Write results.parquet/json, speed.png and report.md into ``out``; return the markdown."""
+def write(out: Path, results: pl.DataFrame, protocols: dict[str, str], engine: str = "torch") -> str:
+    """Write results.parquet/json, speed.png and report.md into ``out``; return the markdown.
+    ``engine``: what the speed section timed."""
     out.mkdir(parents=True, exist_ok=True)
     results.write_parquet(out / RESULTS)
     write_text_atomic(out / RESULTS_JSON, json.dumps(results.to_dicts(), indent=1))
@@ -124,7 +125,12 @@ def write(out: Path, results: pl.DataFrame, protocols: dict[str, str]) -> str:
         parts += ["## Harness tasks", "", frame_markdown(tasks.select("model", "name", "value", "stderr")), ""]
     speed = results.filter(pl.col("kind") == "speed")
     if speed.height:
-        parts += ["## Speed and size", "", frame_markdown(speed.select("model", "name", "value", "unit")), ""]
+        parts += [
+            f"## Speed and size ({engine})",
+            "",
+            frame_markdown(speed.select("model", "name", "value", "unit")),
+            "",
+        ]
         ratios = speed_ratios(results)
         if ratios.height:
             parts += [

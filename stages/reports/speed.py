@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from bonsai.stages.core.devices import resolve_device, resolve_dtype
+from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.model_io import load_model
 from bonsai.stages.core.progress import Progress
 
@@ -132,6 +133,90 @@ def measure(model_dirs: dict[str, str], cfg: SpeedConfig, device: str = "auto") 
     dtype = resolve_dtype(cfg.dtype, dev)
     models = {name: load_model(directory, dtype, dev) for name, directory in model_dirs.items()}
     return measure_models(models, cfg, dev)
+
+
+def llama_cpp_jobs(engines: dict, tokens: list[int], decode_tokens: int) -> tuple[dict, dict]:
+    """(prefill jobs: ``tokens`` through each engine at once, decode jobs: the same, then
+    ``decode_tokens`` more one at a time, as generation feeds them), from an empty KV cache."""
+
+    def prefill(engine):
+        engine.reset()
+        engine.eval(tokens)
+
+    def decode(engine):
+        prefill(engine)
+        for step in range(decode_tokens):
+            engine.eval([tokens[step % len(tokens)]])
+
+    return (
+        {name: (lambda e=e: prefill(e)) for name, e in engines.items()},
+        {name: (lambda e=e: decode(e)) for name, e in engines.items()},
+    )
+
+
+def measure_llama_cpp(files: dict[str, str], cfg: SpeedConfig, threads: int | None = None) -> dict[str, list[dict]]:
+    """The same rows as ``measure_models`` for GGUF files run by llama.cpp (llama-cpp-python),
+    interleaved the same way: prefill tokens/s of one sequence at each length of ``cfg.shapes``
+    (llama.cpp's batch is one sequence here), decode ms/token after a ``cfg.prompt_tokens``
+    prompt, and each file's size."""
+    import os
+
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise UserError(
+            "--engine llama.cpp needs llama-cpp-python: pip install --require-hashes --no-deps "
+            "-r requirements-llamacpp.lock (README, 'Running the pruned model in llama.cpp')"
+        ) from None
+    limit = min(_gguf_context(path) for path in files.values())  # short contexts clamp shapes
+    lengths = sorted({min(tokens, limit) for _, tokens in cfg.shapes})
+    prompt = min(cfg.prompt_tokens, limit - cfg.decode_tokens)
+    threads = threads or os.cpu_count() or 1
+    context = max(lengths + [prompt + cfg.decode_tokens])
+    engines = {
+        name: Llama(model_path=path, n_ctx=context, n_batch=context, n_threads=threads, verbose=False)
+        for name, path in files.items()
+    }
+    rows = {
+        name: [{"metric": "weights", "batch": None, "tokens": None, "value": os.path.getsize(p) / 2**20, "unit": "MiB"}]
+        for name, p in files.items()
+    }
+    vocab = min(e.n_vocab() for e in engines.values())
+    progress = Progress(f"speed (llama.cpp): {', '.join(files)}", len(lengths) + 1, "measurements", every_s=10.0)
+    cpu = torch.device("cpu")
+    for length in lengths:
+        ids = _ids(vocab, 1, length, cpu)[0].tolist()
+        jobs, _ = llama_cpp_jobs(engines, ids, 0)
+        seconds = interleaved(jobs, cpu, cfg.repeats, cfg.warmup)
+        for name in files:
+            row = {
+                "metric": "prefill",
+                "batch": 1,
+                "tokens": length,
+                "value": length / seconds[name],
+                "unit": "tokens/s",
+            }
+            rows[name].append(row)
+        progress.advance()
+    ids = _ids(vocab, 1, prompt, cpu)[0].tolist()
+    first, generate = llama_cpp_jobs(engines, ids, cfg.decode_tokens)
+    jobs = {(n, "prompt"): j for n, j in first.items()} | {(n, "generate"): j for n, j in generate.items()}
+    seconds = interleaved(jobs, cpu, cfg.repeats, cfg.warmup)
+    for name in files:
+        per_token = 1000.0 * max(seconds[(name, "generate")] - seconds[(name, "prompt")], 0.0) / cfg.decode_tokens
+        rows[name].append(
+            {"metric": "decode", "batch": 1, "tokens": cfg.decode_tokens, "value": per_token, "unit": "ms/token"}
+        )
+    progress.advance()
+    return rows
+
+
+def _gguf_context(path: str) -> int:
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    architecture = fields["general.architecture"].contents()
+    return int(fields[f"{architecture}.context_length"].contents())
 
 
 def speedup(parent: float, pruned: float, unit: str) -> float:

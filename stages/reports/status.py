@@ -16,6 +16,7 @@ from bonsai.artifacts.store import RESUME_CHECKED
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.options import PruneOptions, build, recorded_identity
 from bonsai.stages.core.plan import PrunePlan
+from bonsai.stages.reports import eta
 
 
 def manifests(run: Path) -> list[dict]:
@@ -40,17 +41,13 @@ def run_status(run_dir: str) -> dict:
         raise UserError(f"{run_dir}: not a bonsai run directory (no run.json)")
     plan = PrunePlan.of(build(PruneOptions, recorded_identity(recorded)["config"], where=f"{run_dir}/run.json"))
     found = manifests(run)
-    # an evaluation shard belongs to the round of the masks artifact it evaluates
-    round_of = {m["key"]: m["config"].get("round", 0) for m in found if m["stage"] == "masks"}
-    done: dict[str, dict] = defaultdict(dict)  # stage -> {(iteration, round, shard): info}
+    done: dict[str, dict] = defaultdict(dict)  # stage -> {(iteration, shard): info}
     for m in found:
         cfg = m.get("config", {})
-        masks_key = next((i["key"] for i in m.get("inputs", []) if i["stage"] == "masks"), None)
-        round_ = cfg.get("round", round_of.get(masks_key, 0))
-        done[m["stage"]][(cfg.get("iteration"), round_, cfg.get("shard"))] = m.get("info", {})
-    selected = sorted(it for it, _, _ in done["select"])
+        done[m["stage"]][(cfg.get("iteration"), cfg.get("shard"))] = m.get("info", {})
+    selected = sorted(it for it, _ in done["select"])
     last = selected[-1] if selected else None
-    reached = done["select"][(last, 0, None)]["sparsity"] if last is not None else 0.0
+    reached = done["select"][(last, None)]["sparsity"] if last is not None else 0.0
     status = {
         "run": str(run),
         "running": holder(run),
@@ -72,29 +69,24 @@ def run_status(run_dir: str) -> dict:
     }
     if not plan.reached(reached):
         current = 0 if last is None else last + 1
-        rounds = sorted({r for it, r, _ in done["masks"] if it == current}) or [0]
-        round_ = rounds[-1]  # the round in progress (adaptive sampling) or the only one
-        shards_done = sorted(s for it, r, s in done["evaluate"] if it == current and r == round_)
-        missing = [s for s in range(plan.round_shards(round_)) if s not in shards_done]
-        stage_done = {s: any(it == current for it, _, _ in done[s]) for s in plan.stages}
-        where = f"round {round_} of iteration {current}" if plan.rounds > 1 else f"iteration {current}"
+        shards_done = sorted(s for it, s in done["evaluate"] if it == current)
+        missing = [s for s in range(plan.shards) if s not in shards_done]
+        stage_done = {s: any(it == current for it, _ in done[s]) for s in plan.stages}
         if "evaluate" in plan.stages and stage_done["masks"] and missing:
-            nxt = f"evaluate shard {missing[0]} of {where} ({len(shards_done)}/{plan.round_shards(round_)} shards done)"
+            nxt = f"evaluate shard {missing[0]} of iteration {current} ({len(shards_done)}/{plan.shards} shards done)"
         else:
             first = next((s for s in plan.stages if not stage_done[s]), "select")
             nxt = f"{first} of iteration {current}" if done["calibration"] else "calibration"
         left_iterations = max(1, plan.iterations - current)
-        in_round = sum(min(plan.shard_size, plan.round_count(round_) - s * plan.shard_size) for s in missing)
-        later_rounds = sum(plan.round_count(r) for r in range(round_ + 1, plan.rounds))
         status.update(
             current_iteration=current,
-            rounds_started=len(rounds) if stage_done["masks"] else 0,
             shards_done=len(shards_done),
-            shards_per_iteration=plan.round_shards(round_),
+            shards_per_iteration=plan.shards,
             next=nxt,
-            # at most: adaptive sampling stops as soon as a decision settles
-            sub_models_left=in_round + later_rounds + (left_iterations - 1) * plan.sub_models,
+            sub_models_left=sum(plan.shard_count(s) for s in missing) + (left_iterations - 1) * plan.sub_models,
         )
+        status["estimate"] = eta.estimate(plan, found)
+        status["plan"] = eta.plan_line(plan)
     else:
         status["next"] = "nothing: pruned" if status["published"] else "export"
     return status
@@ -110,9 +102,12 @@ def describe(status: dict) -> str:
     if "current_iteration" in status:
         lines.append(
             f"evaluation: iteration {status['current_iteration']}: {status['shards_done']}/"
-            f"{status['shards_per_iteration']} shards done; {status['sub_models_left']} sub-models left at most"
+            f"{status['shards_per_iteration']} shards done; {status['sub_models_left']} sub-models left"
         )
     lines.append(f"next:       {status['next']}")
+    if "estimate" in status:
+        lines.append(f"plan:       {status['plan']}")
+        lines.append(f"time:       {eta.progress_line(status['estimate'])}")
     lines.append(
         f"model:      {'RUN/model published' if status['published'] else 'not yet'}"
         f"{'; RUN/adapted published' if status['adapted'] else ''}"

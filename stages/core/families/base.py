@@ -28,6 +28,12 @@ class Family:
     # after it), so a change of its weight changes the layer output by x @ dW^T
     mlp_out_adds_to_residual: bool = True
     tolerance: float = 1e-5  # max |logit| gap, masked parent vs sliced export, float32 (tested)
+    # its layers are what llama.cpp's `deci` architecture computes (RMSNorm, SwiGLU, rotary Q/K,
+    # optional q/k/v and output biases), so `bonsai export --gguf` writes it (core/gguf_export.py)
+    gguf: bool = False
+    # GGUF `general.architecture` names transformers reads as this family, where they differ
+    # from its model_types (Gemma 3's `gemma3` becomes `gemma3_text`)
+    gguf_architectures: tuple[str, ...] = ()
     notes: str = ""  # what differs from LLaMA, shown by `bonsai families`
 
     def layout(self) -> dict:

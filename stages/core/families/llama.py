@@ -2,4 +2,4 @@
 
 from bonsai.stages.core.families.base import Family
 
-FAMILY = Family(name="llama", model_types=("llama",), notes="RMSNorm, SwiGLU; MHA or GQA")
+FAMILY = Family(name="llama", model_types=("llama",), gguf=True, notes="RMSNorm, SwiGLU; MHA or GQA")

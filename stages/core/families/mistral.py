@@ -2,4 +2,4 @@
 
 from bonsai.stages.core.families.base import Family
 
-FAMILY = Family(name="mistral", model_types=("mistral",), notes="GQA, sliding-window attention")
+FAMILY = Family(name="mistral", model_types=("mistral",), gguf=True, notes="GQA, sliding-window attention")

@@ -2,4 +2,4 @@
 
 from bonsai.stages.core.families.base import Family
 
-FAMILY = Family(name="qwen2", model_types=("qwen2",), notes="q/k/v biases sliced with their rows")
+FAMILY = Family(name="qwen2", model_types=("qwen2",), gguf=True, notes="q/k/v biases sliced with their rows")

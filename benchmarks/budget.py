@@ -1,0 +1,208 @@
+"""The budget quality needs, and the command's start-up overhead.
+
+    python benchmarks/budget.py grid [--seeds 0 1 2] [--masks 32 64 128 256] [--windows 2 4 8 16]
+    python benchmarks/budget.py paired [--seeds 0 1 2]
+    python benchmarks/budget.py overhead [--repeats 5] [--code DIR]
+
+``grid`` prunes SmolLM2-135M-Instruct to 20 % (p_iter 0.1, windows of 128 tokens, the repair
+and every other option at the command's defaults) through the real ``bonsai prune`` command,
+once per (sub-models per iteration, windows per sub-model) of the grid: ``--masks`` at 8
+windows, ``--windows`` at 128 sub-models.  It reports held-out perplexity (the real-model
+benchmark's protocol) and the command's wall time per setting, mean and spread over seeds,
+with a plot.  ``paired`` runs the same setting (128 sub-models x 8 windows) with 0.1.0's
+defaults (``--dtype float32``: what ``auto`` resolved to on a CPU then) and then with this
+version's (``--dtype auto``), back to back per seed, and compares whole-command wall time and
+held-out perplexity.  ``overhead`` is the command's wall time minus the time its stages record, with
+the temporary server, beside the time a fresh interpreter takes only to import what the
+command needs before its first stage (a floor no change to the command itself can go under).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common
+import polars as pl
+import real_model
+import torch
+
+from bonsai.stages.core.model_io import load_model
+from bonsai.stages.core.nll import mean_nll
+from bonsai.stages.reports.render import pyplot, save
+
+OUT = common.RESULTS / "budget"
+# what `bonsai prune` imports before its first stage runs: the model's library and its torch, Prefect's
+# flow engine, the artifact tables
+FIRST_STAGE_IMPORTS = "import torch, transformers.modeling_utils, prefect.flows, prefect.task_engine, polars, pyarrow"
+
+
+def command(
+    model: str, train: str, out: Path, sparsity: float, masks: int, windows: int, seed: int, *flags: str
+) -> list[str]:
+    return common.prune_command(
+        model,
+        train,
+        out,
+        *("--sparsity", str(sparsity), "--prune-frac", "0.1"),
+        *("--masks-per-iter", str(masks), "--calib-samples", str(windows), "--seq-len", "128"),
+        *("--batch-size", "8", "--shard-size", "16", "--calib-pool", "1024", "--device", "cpu"),
+        *("--seed", str(seed)),
+        *flags,
+    )
+
+
+def timed_prune(cmd: list[str], run: Path) -> dict:
+    """Runs the command; its wall time, its stages' time, and the pruned model's held-out perplexity."""
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(result.stderr[-3000:])
+    pruned = load_model(str(run / "model"), torch.float32, torch.device("cpu"))
+    ppl = math.exp(mean_nll(pruned, real_model.Scorer("docs").windows, 16, torch.device("cpu"))[0])
+    return {"wall_s": wall, "stage_s": stage_seconds(run), "perplexity": ppl}
+
+
+def stage_seconds(run: Path) -> float:
+    return sum(json.loads(m.read_text())["wall_s"] for m in run.glob("*/*/manifest.json"))
+
+
+def grid(args) -> None:
+    common.setup_logging()
+    model, (train, _) = real_model.model(), common.texts()
+    OUT.mkdir(parents=True, exist_ok=True)
+    rows_file = OUT / "rows.json"
+    rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
+    done = {(r["masks"], r["windows"], r["seed"]) for r in rows}
+    settings = [(m, 8) for m in args.masks] + [(128, w) for w in args.windows if w != 8 or 128 not in args.masks]
+    for seed in args.seeds:
+        for masks, per in settings:
+            if (masks, per, seed) in done:
+                continue
+            run = OUT / f"masks{masks}-windows{per}-seed{seed}"
+            measured = timed_prune(command(model, train, run, 0.2, masks, per, seed), run)
+            rows.append({"masks": masks, "windows": per, "seed": seed, **measured})
+            rows_file.write_text(json.dumps(rows, indent=1))
+            print(rows[-1], flush=True)
+    frame = pl.DataFrame(rows).with_columns(tokens=pl.col("masks") * pl.col("windows") * 128)
+    summary = (
+        frame.group_by("masks", "windows", "tokens")
+        .agg(
+            pl.col("perplexity").mean().alias("mean"),
+            pl.col("perplexity").std().alias("sd"),
+            pl.len().alias("seeds"),
+            pl.col("wall_s").mean().alias("wall_s"),
+        )
+        .sort("tokens", "masks")
+    )
+    print(common.markdown(list(summary.columns), summary.rows()))
+    plot(frame, common.PLOTS / "budget-smollm2.png")
+
+
+def paired(args) -> None:
+    common.setup_logging()
+    model, (train, _) = real_model.model(), common.texts()
+    OUT.mkdir(parents=True, exist_ok=True)
+    rows_file = OUT / "paired.json"
+    rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
+    done = {(r["defaults"], r["seed"]) for r in rows}
+    for seed in args.seeds:
+        for defaults, flags in (("0.1.0 (float32)", ("--dtype", "float32")), ("0.2.0 (auto)", ())):
+            if (defaults, seed) in done:
+                continue
+            run = OUT / f"paired-{'float32' if flags else 'auto'}-seed{seed}"
+            measured = timed_prune(command(model, train, run, 0.2, 128, 8, seed, *flags), run)
+            dtype = json.loads((run / "run.json").read_text())["identity"]["config"]["dtype"]
+            rows.append({"defaults": defaults, "seed": seed, "dtype": dtype, **measured})
+            rows_file.write_text(json.dumps(rows, indent=1))
+            print(rows[-1], flush=True)
+    frame = pl.DataFrame(rows)
+    print(common.markdown(list(frame.columns), frame.rows()))
+    summary = frame.group_by("defaults").agg(
+        pl.col("perplexity").mean().alias("perplexity"),
+        (pl.col("perplexity").max() - pl.col("perplexity").min()).alias("seed spread"),
+        pl.col("wall_s").mean().alias("wall_s"),
+    )
+    print(common.markdown(list(summary.columns), summary.sort("defaults").rows()))
+    by_seed = frame.pivot(on="defaults", index="seed", values="wall_s")
+    ratios = by_seed["0.2.0 (auto)"] / by_seed["0.1.0 (float32)"]
+    print(f"wall-time ratio per seed: {', '.join(f'{r:.2f}' for r in ratios)}; mean {ratios.mean():.2f}")
+
+
+def plot(frame: pl.DataFrame, path: Path) -> None:
+    plt = pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    panels = (
+        (left, "windows", "masks", "sub-models per iteration (8 windows each)"),
+        (right, "masks", "windows", "windows per sub-model (128 sub-models)"),
+    )
+    for ax, fixed, varied, label in panels:
+        part = frame.filter(pl.col(fixed) == (8 if fixed == "windows" else 128))
+        mean = (
+            part.group_by(varied).agg(pl.col("perplexity").mean(), pl.col("perplexity").std().alias("sd")).sort(varied)
+        )
+        ax.errorbar(mean[varied], mean["perplexity"], yerr=mean["sd"].fill_null(0.0), marker="o", capsize=3)
+        ax.scatter(part[varied], part["perplexity"], s=8, alpha=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(label)
+    left.set_ylabel("held-out perplexity at 20 %")
+    fig.suptitle("SmolLM2-135M-Instruct: held-out perplexity against the evaluation budget (mean and sd of seeds)")
+    save(fig, path)
+
+
+def overhead(args) -> None:
+    """``--code DIR``: run another version of bonsai (a folder holding its ``bonsai`` package),
+    for the figure before a change."""
+    model, train, _ = common.parent()
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # a temporary server each time
+    if args.code:
+        env["PYTHONPATH"] = args.code
+    rows = []
+    for repeat in range(args.repeats):
+        run = OUT / f"overhead-{repeat}"
+        start = time.perf_counter()
+        result = subprocess.run(command(model, train, run, 0.1, 32, 16, 0), capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - start
+        if result.returncode != 0:
+            raise SystemExit(result.stderr[-3000:])
+        stages = stage_seconds(run)
+        rows.append({"repeat": repeat, "wall_s": wall, "stage_s": stages, "overhead_s": wall - stages})
+        print(rows[-1], flush=True)
+        subprocess.run(["rm", "-rf", str(run)], check=True)
+    print(pl.DataFrame(rows))
+    floor = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", FIRST_STAGE_IMPORTS], check=True, env=env)
+        floor.append(time.perf_counter() - start)
+    print(f"imports alone ({FIRST_STAGE_IMPORTS}): {', '.join(f'{s:.1f}' for s in floor)} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("grid")
+    g.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    g.add_argument("--masks", type=int, nargs="+", default=[32, 64, 128, 256])
+    g.add_argument("--windows", type=int, nargs="+", default=[2, 4, 8, 16])
+    g.set_defaults(handler=grid)
+    pr = sub.add_parser("paired")
+    pr.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    pr.set_defaults(handler=paired)
+    o = sub.add_parser("overhead")
+    o.add_argument("--repeats", type=int, default=5)
+    o.add_argument("--code", default=None, help="a folder holding another version's bonsai package")
+    o.set_defaults(handler=overhead)
+    args = parser.parse_args()
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()
