@@ -91,6 +91,22 @@ def grid(args) -> None:
             rows.append({"masks": masks, "windows": per, "seed": seed, **measured})
             rows_file.write_text(json.dumps(rows, indent=1))
             print(rows[-1], flush=True)
+    # the paired runs' 0.2.0 side is this grid's 128 x 8 point (same command, same defaults)
+    paired_file = OUT / "paired.json"
+    for r in json.loads(paired_file.read_text()) if paired_file.is_file() else []:
+        if r["defaults"].startswith("0.2.0") and (128, 8, r["seed"]) not in {
+            (x["masks"], x["windows"], x["seed"]) for x in rows
+        }:
+            rows.append(
+                {
+                    "masks": 128,
+                    "windows": 8,
+                    "seed": r["seed"],
+                    "wall_s": r["wall_s"],
+                    "stage_s": r["stage_s"],
+                    "perplexity": r["perplexity"],
+                }
+            )
     frame = pl.DataFrame(rows).with_columns(tokens=pl.col("masks") * pl.col("windows") * 128)
     summary = (
         frame.group_by("masks", "windows", "tokens")

