@@ -11,9 +11,9 @@ import json
 import logging
 from dataclasses import dataclass
 
-from bonsai.artifacts import ArtifactRef, RunDir, RunLocked, external_ref
+from bonsai.artifacts import ArtifactRef, RunDir, external_ref
 from bonsai.flows.executors import Executor, Inline
-from bonsai.flows.preflight import run_parent
+from bonsai.flows.preflight import holding, run_parent
 from bonsai.stages.core.data import describe, source_digest
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.model_dirs import inspect_model_dir, model_digest
@@ -143,11 +143,5 @@ def adapt_stages(p: AdaptPlan, options: AdaptOptions, execute: Executor = Inline
 
 def run_adapt(run_dir: str, options: AdaptOptions, execute: Executor = Inline()) -> dict:
     p = plan(run_dir, options)
-    try:
-        p.run.lock.acquire()
-    except RunLocked as exc:
-        raise UserError(f"{run_dir} is in use by another bonsai process (pid {exc.pid})") from None
-    try:
+    with holding(p.run, run_dir):
         return adapt_stages(p, options, execute)
-    finally:
-        p.run.lock.release()

@@ -14,9 +14,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from bonsai.artifacts import ArtifactRef, RunDir, RunLocked, external_ref
+from bonsai.artifacts import ArtifactRef, RunDir, external_ref
 from bonsai.flows.executors import Executor, Inline
-from bonsai.flows.preflight import run_parent
+from bonsai.flows.preflight import holding, run_parent
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.families import FAMILIES
 from bonsai.stages.core.model_dirs import inspect_model_dir, model_digest
@@ -105,11 +105,5 @@ def publish_file(source: Path, target: Path) -> None:
 
 def run_export(run_dir: str, options: ExportOptions, execute: Executor = Inline()) -> dict:
     p = plan(run_dir)
-    try:
-        p.run.lock.acquire()
-    except RunLocked as exc:
-        raise UserError(f"{run_dir} is in use by another bonsai process (pid {exc.pid})") from None
-    try:
+    with holding(p.run, run_dir):
         return export_stages(p, options, execute)
-    finally:
-        p.run.lock.release()

@@ -6,6 +6,7 @@ before torch, transformers and Prefect are loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -84,6 +85,20 @@ def open_run(p: Prepared, probe: bool = False) -> bool:
             f"--out {p.run.path} holds a different run ({what}); continue it with the same "
             f"options, or pass a new --out to start a new run"
         ) from None
+
+
+@contextlib.contextmanager
+def holding(run: RunDir, run_dir: str):
+    """The run's lock for the duration (commands that add to a finished run: adapt, export);
+    another process holding it is one line."""
+    try:
+        run.lock.acquire()
+    except RunLocked as exc:
+        raise UserError(f"{run_dir} is in use by another bonsai process (pid {exc.pid})") from None
+    try:
+        yield run
+    finally:
+        run.lock.release()
 
 
 def _readable(difference: str) -> str:

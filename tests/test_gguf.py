@@ -255,3 +255,27 @@ def test_the_demo_times_parent_and_pruned_in_llamacpp(zoo, corpus, tmp_path):
     rows = [{"model": m, "parameters": 1, "perplexity": 1.0} for m in ("parent", "pruned")]
     text = report("tiny", summary, {"rows": rows, "speedups": {}, "answers": [], "llama_cpp": engine}, [], run)
     assert "In llama.cpp (q8_0 GGUF files" in text and "decode" in text
+
+
+def test_export_of_a_run_another_process_holds_is_one_line(zoo, corpus, tmp_path):
+    import subprocess
+    import sys
+
+    from bonsai.flows.export import run_export
+    from bonsai.stages.core.options import ExportOptions
+
+    run = tmp_path / "run"
+    tiny.prune(zoo["llama-gqa"], corpus, run)
+    hold = (
+        f"from bonsai.artifacts import RunDir; import time; RunDir({str(run)!r}).lock.acquire(); "
+        "print(1, flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "1"
+        with pytest.raises(UserError, match=r"is in use by another bonsai process \(pid \d+\)"):
+            run_export(str(run), ExportOptions(gguf=True))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (run / "gguf").exists()
