@@ -149,13 +149,15 @@ def runs(args) -> None:
     done = {
         (r["sparsity"], r["reconstruct"], r["seed"])
         for r in rows
-        if r["reconstruct"] == "none" or r.get("tokens_per_input", 0.0) == args.tokens_per_input
+        if (r["reconstruct"] == "none" or r.get("tokens_per_input", 0.0) == args.tokens_per_input)
+        and r.get("dtype_option", "auto") == args.dtype
     }
     for sparsity, mode, seed in itertools.product(args.sparsities, args.modes, args.seeds):
         if (sparsity, mode, seed) in done:
             continue
         command = [sys.executable, __file__, "one", "--sparsity", str(sparsity), "--mode", mode, "--seed", str(seed)]
         command += ["--samples", str(args.samples), "--tokens-per-input", str(args.tokens_per_input)]
+        command += ["--dtype", args.dtype]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(result.stderr[-3000:])
@@ -179,7 +181,7 @@ def one(args) -> None:
     sampling = dict(common.TINY_PRUNE)
     if args.command_sampling:  # the command's own sub-models and windows per iteration, the tiny parent's window length
         sampling.update(masks_per_iter=PruneOptions.masks_per_iter, calib_samples=PruneOptions.calib_samples)
-    suffix = "-command-sampling" if args.command_sampling else ""
+    suffix = ("-command-sampling" if args.command_sampling else "") + ("" if args.dtype == "auto" else f"-{args.dtype}")
     out = OUT / f"tiny-{args.sparsity}-{args.mode}-seed{args.seed}{tokens}{suffix}"
     config = PruneOptions(
         sparsity=args.sparsity,
@@ -190,6 +192,7 @@ def one(args) -> None:
         reconstruct=args.mode,
         reconstruct_samples=args.samples,
         reconstruct_tokens_per_input=args.tokens_per_input,
+        dtype=args.dtype,
     )
     start = time.perf_counter()
     summary = run_prune(model, train, str(out), config)
@@ -204,6 +207,7 @@ def one(args) -> None:
         "reconstruct": args.mode,
         "seed": args.seed,
         "tokens_per_input": args.tokens_per_input,
+        "dtype_option": args.dtype,
         "masks_per_iter": config.masks_per_iter,
         "calib_samples": config.calib_samples,
         "perplexity": ppl(summary["model"], heldout, Store(OUT / "perplexity")),
@@ -267,6 +271,7 @@ def main() -> None:
     r.add_argument("--samples", type=int, default=128)
     r.add_argument("--tokens-per-input", type=float, default=0.0, help="--reconstruct-tokens-per-input")
     r.add_argument("--modes", nargs="+", choices=["none", "lsq-final", "lsq"], default=["none", "lsq-final", "lsq"])
+    r.add_argument("--dtype", default="auto", help="bonsai prune --dtype (auto: bfloat16 evaluation on a bf16 CPU)")
     r.set_defaults(handler=runs)
     o = sub.add_parser("one")
     o.add_argument("--sparsity", type=float, required=True)
@@ -274,6 +279,7 @@ def main() -> None:
     o.add_argument("--seed", type=int, required=True)
     o.add_argument("--samples", type=int, default=128)
     o.add_argument("--tokens-per-input", type=float, default=0.0)
+    o.add_argument("--dtype", default="auto")
     o.add_argument(
         "--command-sampling",
         action="store_true",
