@@ -80,17 +80,6 @@ def grid(args) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     rows_file = OUT / "rows.json"
     rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
-    done = {(r["masks"], r["windows"], r["seed"]) for r in rows}
-    settings = [(m, 8) for m in args.masks] + [(128, w) for w in args.windows if w != 8 or 128 not in args.masks]
-    for seed in args.seeds:
-        for masks, per in settings:
-            if (masks, per, seed) in done:
-                continue
-            run = OUT / f"masks{masks}-windows{per}-seed{seed}"
-            measured = timed_prune(command(model, train, run, 0.2, masks, per, seed), run)
-            rows.append({"masks": masks, "windows": per, "seed": seed, **measured})
-            rows_file.write_text(json.dumps(rows, indent=1))
-            print(rows[-1], flush=True)
     # the paired runs' 0.2.0 side is this grid's 128 x 8 point (same command, same defaults)
     paired_file = OUT / "paired.json"
     for r in json.loads(paired_file.read_text()) if paired_file.is_file() else []:
@@ -107,6 +96,17 @@ def grid(args) -> None:
                     "perplexity": r["perplexity"],
                 }
             )
+    done = {(r["masks"], r["windows"], r["seed"]) for r in rows}
+    settings = [(m, 8) for m in args.masks] + [(128, w) for w in args.windows if w != 8 or 128 not in args.masks]
+    for seed in args.seeds:
+        for masks, per in settings:
+            if (masks, per, seed) in done:
+                continue
+            run = OUT / f"masks{masks}-windows{per}-seed{seed}"
+            measured = timed_prune(command(model, train, run, 0.2, masks, per, seed), run)
+            rows.append({"masks": masks, "windows": per, "seed": seed, **measured})
+            rows_file.write_text(json.dumps(rows, indent=1))
+            print(rows[-1], flush=True)
     frame = pl.DataFrame(rows).with_columns(tokens=pl.col("masks") * pl.col("windows") * 128)
     summary = (
         frame.group_by("masks", "windows", "tokens")
