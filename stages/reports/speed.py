@@ -118,11 +118,7 @@ def measure_models(models: dict[str, nn.Module], cfg: SpeedConfig, device: torch
         progress.advance()
     prompt = min(cfg.prompt_tokens, limit - cfg.decode_tokens)
     seconds = interleaved(decode_jobs(models, prompt, cfg.decode_tokens, device), device, cfg.repeats, cfg.warmup)
-    for name in models:
-        per_token = 1000.0 * max(seconds[(name, "generate")] - seconds[(name, "prompt")], 0.0) / cfg.decode_tokens
-        rows[name].append(
-            {"metric": "decode", "batch": 1, "tokens": cfg.decode_tokens, "value": per_token, "unit": "ms/token"}
-        )
+    add_decode_rows(rows, seconds, cfg.decode_tokens)
     progress.advance()
     return rows
 
@@ -202,13 +198,19 @@ def measure_llama_cpp(files: dict[str, str], cfg: SpeedConfig, threads: int | No
     first, generate = llama_cpp_jobs(engines, ids, cfg.decode_tokens)
     jobs = {(n, "prompt"): j for n, j in first.items()} | {(n, "generate"): j for n, j in generate.items()}
     seconds = interleaved(jobs, cpu, cfg.repeats, cfg.warmup)
-    for name in files:
-        per_token = 1000.0 * max(seconds[(name, "generate")] - seconds[(name, "prompt")], 0.0) / cfg.decode_tokens
-        rows[name].append(
-            {"metric": "decode", "batch": 1, "tokens": cfg.decode_tokens, "value": per_token, "unit": "ms/token"}
-        )
+    add_decode_rows(rows, seconds, cfg.decode_tokens)
     progress.advance()
     return rows
+
+
+def add_decode_rows(rows: dict[str, list[dict]], seconds: dict, decode_tokens: int) -> None:
+    """Decode ms/token per model from interleaved timings of its prompt alone and of the prompt
+    plus ``decode_tokens`` generated tokens (torch and llama.cpp time decode the same way)."""
+    for name in rows:
+        per_token = 1000.0 * max(seconds[(name, "generate")] - seconds[(name, "prompt")], 0.0) / decode_tokens
+        rows[name].append(
+            {"metric": "decode", "batch": 1, "tokens": decode_tokens, "value": per_token, "unit": "ms/token"}
+        )
 
 
 def _gguf_context(path: str) -> int:
