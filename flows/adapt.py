@@ -81,7 +81,9 @@ def adapt_stages(p: AdaptPlan, options: AdaptOptions, execute: Executor = Inline
         calibration.run,
         p.parent,
         p.data,
-        calibration.CalibrationConfig(seq_len=p.seq_len, pool=options.sequences, min_windows=options.batch_size),
+        calibration.CalibrationConfig(
+            seq_len=p.seq_len, calib_pool=options.sequences, calib_samples=options.batch_size
+        ),
         store,
     )
     teacher: list[ArtifactRef] = []

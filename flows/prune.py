@@ -34,7 +34,7 @@ from bonsai.stages import (
     select,
 )
 from bonsai.stages.core.errors import UserError
-from bonsai.stages.core.options import PruneOptions
+from bonsai.stages.core.options import PruneOptions, stage_config
 from bonsai.stages.core.plan import PrunePlan
 from bonsai.stages.reports import eta
 from bonsai.stages.reports.status import manifests
@@ -52,7 +52,7 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
         calibration.run,
         parent,
         p.data,
-        calibration.CalibrationConfig(seq_len=cfg.seq_len, pool=cfg.calib_pool, min_windows=cfg.calib_samples),
+        stage_config(calibration.CalibrationConfig, cfg),
         store,
     )
     previous: ArtifactRef | None = None
@@ -69,16 +69,12 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
                 calib,
                 previous,
                 repairs,
-                saliency.SaliencyConfig(
+                stage_config(
+                    saliency.SaliencyConfig,
+                    cfg,
                     iteration=it,
-                    seed=cfg.seed,
-                    samples=cfg.reconstruct_samples,
-                    calib_samples=cfg.calib_samples,
-                    damping=cfg.reconstruct_damping,
                     candidate_frac=plan.candidate_frac,
-                    centred=cfg.reconstruct_fit != "weights",
-                    batch_size=cfg.batch_size,
-                    dtype=p.model_dtype,
+                    model_dtype=p.model_dtype,
                 ),
                 store,
                 device,
@@ -90,13 +86,7 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
             calib,
             previous,
             repairs,
-            priors.PriorsConfig(
-                iteration=it,
-                seed=cfg.seed,
-                calib_samples=cfg.calib_samples,
-                batch_size=cfg.batch_size,
-                dtype=p.model_dtype,
-            ),
+            stage_config(priors.PriorsConfig, cfg, iteration=it, model_dtype=p.model_dtype),
             store,
             device,
             salient,
@@ -108,7 +98,7 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
             pri,
             imp,
             previous,
-            select.SelectConfig(iteration=it, sparsity=cfg.sparsity, prune_frac=cfg.prune_frac),
+            stage_config(select.SelectConfig, cfg, iteration=it),
             store,
         )
         row = {**chosen.info(), **_fit_summary(imp), "sub_models": evaluated}
@@ -122,18 +112,7 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
                 previous,
                 chosen,
                 repairs,
-                reconstruct.ReconstructConfig(
-                    iteration=it,
-                    seed=cfg.seed,
-                    samples=cfg.reconstruct_samples,
-                    tokens_per_input=cfg.reconstruct_tokens_per_input,
-                    seq_len=cfg.seq_len,
-                    calib_samples=cfg.calib_samples,
-                    damping=cfg.reconstruct_damping,
-                    batch_size=cfg.batch_size,
-                    dtype=p.model_dtype,
-                    fit=cfg.reconstruct_fit,
-                ),
+                stage_config(reconstruct.ReconstructConfig, cfg, iteration=it, model_dtype=p.model_dtype),
                 store,
                 device,
             )
@@ -177,12 +156,12 @@ def sample_and_fit(p: Prepared, plan: PrunePlan, it: int, pri, previous, repairs
         f"masks-{tag}",
         masks.run,
         pri,
-        masks.MasksConfig(
+        stage_config(
+            masks.MasksConfig,
+            cfg,
             iteration=it,
-            prune_frac=plan.candidate_frac,
-            count=plan.sub_models,
-            prior=cfg.prior,
-            seed=cfg.seed,
+            candidate_frac=plan.candidate_frac,
+            sub_models=plan.sub_models,
             design=plan.estimator.design,
         ),
         store,
@@ -197,28 +176,17 @@ def sample_and_fit(p: Prepared, plan: PrunePlan, it: int, pri, previous, repairs
             previous,
             repairs,
             msk,
-            compensate.CompensateConfig(
-                iteration=it,
-                seed=cfg.seed,
-                samples=cfg.reconstruct_samples,
-                calib_samples=cfg.calib_samples,
-                damping=cfg.reconstruct_damping,
-                fit=cfg.reconstruct_fit,
-                batch_size=cfg.batch_size,
-                dtype=p.model_dtype,
-            ),
+            stage_config(compensate.CompensateConfig, cfg, iteration=it, model_dtype=p.model_dtype),
             store,
             device,
         )
     shard_cfgs = [
-        evaluate.EvaluateConfig(
+        # dtype is the evaluation's: bfloat16 where the CPU has it (devices.pruning_dtype)
+        stage_config(
+            evaluate.EvaluateConfig,
+            cfg,
             iteration=it,
             shard=shard,
-            shard_size=plan.shard_size,
-            seed=cfg.seed,
-            calib_samples=cfg.calib_samples,
-            batch_size=cfg.batch_size,
-            dtype=cfg.dtype,  # the evaluation's: bfloat16 where the CPU has it (devices.pruning_dtype)
             perturbed_prior=cfg.prior if plan.estimator.perturbed_prior else None,
         )
         for shard in range(plan.shards)
@@ -234,14 +202,7 @@ def sample_and_fit(p: Prepared, plan: PrunePlan, it: int, pri, previous, repairs
         importance.run,
         msk,
         evaluations,
-        importance.ImportanceConfig(
-            iteration=it,
-            estimator=cfg.estimator,
-            penalty=cfg.penalty,
-            alphas=cfg.alpha_grid,
-            cv_folds=cfg.cv_folds,
-            seed=cfg.seed,
-        ),
+        stage_config(importance.ImportanceConfig, cfg, iteration=it),
         store,
     )
     return imp, plan.sub_models

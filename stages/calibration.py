@@ -28,19 +28,19 @@ FILE = "windows.parquet"
 @dataclass(frozen=True, kw_only=True)
 class CalibrationConfig:
     seq_len: int
-    pool: int
-    min_windows: int
+    calib_pool: int  # windows cut from the start of the text
+    calib_samples: int  # the fewest windows that will do
 
 
 def run(parent: ArtifactRef, data: ArtifactRef, cfg: CalibrationConfig, store: Store) -> ArtifactRef:
     def build(out: Path) -> dict:
         tokenizer = load_tokenizer(parent.path)
-        windows, tokens_read = cut_windows(tokenizer, data.path, cfg.seq_len, cfg.pool)
-        if len(windows) < cfg.min_windows:
-            need = cfg.min_windows * cfg.seq_len
+        windows, tokens_read = cut_windows(tokenizer, data.path, cfg.seq_len, cfg.calib_pool)
+        if len(windows) < cfg.calib_samples:
+            need = cfg.calib_samples * cfg.seq_len
             raise UserError(
                 f"--data {data.path}: {tokens_read} tokens make {len(windows)} windows of {cfg.seq_len}; "
-                f"at least {cfg.min_windows} windows ({need} tokens) are needed: give more text, or ask for "
+                f"at least {cfg.calib_samples} windows ({need} tokens) are needed: give more text, or ask for "
                 f"fewer or shorter windows"
             )
         table = pl.DataFrame(

@@ -32,12 +32,13 @@ FILE = "statistics.safetensors"
 class CompensateConfig:
     iteration: int
     seed: int
-    samples: int  # the repair's windows (--reconstruct-samples)
+    reconstruct_samples: int  # the repair's windows
     calib_samples: int  # the iteration's evaluation windows (excluded)
-    damping: float  # --reconstruct-damping
-    fit: str  # --reconstruct-fit: weights (H^-1 rows), weights+bias (of the covariance, and the mean), bias (the mean)
+    reconstruct_damping: float
+    # weights (H^-1 rows), weights+bias (of the covariance, and the mean), bias (the mean)
+    reconstruct_fit: str
     batch_size: int
-    dtype: str
+    model_dtype: str
 
 
 def candidate_units(masks: ArtifactRef) -> dict[tuple[int, str], list[int]]:
@@ -60,8 +61,8 @@ def run(
     device: str = "auto",
 ) -> ArtifactRef:
     def build(out: Path) -> dict:
-        model, family, _ = current_model(parent, previous, cfg.dtype, device, repairs)
-        windows = windows_for(calibration, cfg.seed, cfg.iteration, cfg.calib_samples, cfg.samples)
+        model, family, _ = current_model(parent, previous, cfg.model_dtype, device, repairs)
+        windows = windows_for(calibration, cfg.seed, cfg.iteration, cfg.calib_samples, cfg.reconstruct_samples)
         wanted = candidate_units(masks)
         tensors = {}
         label = f"compensate (iteration {cfg.iteration})"
@@ -76,11 +77,12 @@ def run(
                 stats = LayerStatistics(units, width, None, None)
                 name = f"{index}.{kind}"
                 tensors[f"{name}.units"] = units
-                if cfg.fit != "weights":
+                if cfg.reconstruct_fit != "weights":
                     tensors[f"{name}.mean"] = (acc.total / max(acc.tokens, 1)).float()
-                if cfg.fit != "bias":
-                    gram = acc.gram_matrix(centred=cfg.fit == "weights+bias")
-                    tensors[f"{name}.rows"] = inverse_rows(gram, cfg.damping, stats.columns(units)).float().cpu()
+                if cfg.reconstruct_fit != "bias":
+                    gram = acc.gram_matrix(centred=cfg.reconstruct_fit == "weights+bias")
+                    rows = inverse_rows(gram, cfg.reconstruct_damping, stats.columns(units))
+                    tensors[f"{name}.rows"] = rows.float().cpu()
             kill_point("compensate")
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out / FILE))
         return {"windows": int(windows.shape[0]), "projections": sum(k.endswith(".units") for k in tensors)}

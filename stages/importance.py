@@ -75,7 +75,7 @@ class ImportanceConfig:
     iteration: int
     estimator: str
     penalty: str
-    alphas: tuple[float, ...]
+    alpha_grid: tuple[float, ...]
     cv_folds: int
     seed: int
 
@@ -132,9 +132,8 @@ def _usable(table: pl.DataFrame, evaluations: list[ArtifactRef], iteration: int,
 def _paper_regression(cands, table, evaluations, cfg, out, info) -> np.ndarray:
     usable = _usable(table, evaluations, cfg.iteration, info)
     keep = masks_stage.keep_matrix(usable)
-    fit = fit_importance(
-        keep, usable["utility"].to_numpy(), usable["pair"].to_numpy(), cfg.penalty, cfg.alphas, cfg.cv_folds, cfg.seed
-    )
+    utility, pair = usable["utility"].to_numpy(), usable["pair"].to_numpy()
+    fit = fit_importance(keep, utility, pair, cfg.penalty, cfg.alpha_grid, cfg.cv_folds, cfg.seed)
     info.update(
         penalty=cfg.penalty,
         alpha=fit.alpha,

@@ -50,8 +50,8 @@ log = logging.getLogger("bonsai.masks")
 @dataclass(frozen=True, kw_only=True)
 class MasksConfig:
     iteration: int
-    prune_frac: float
-    count: int  # sub-models to sample (0 for estimators that evaluate none)
+    candidate_frac: float  # candidates are the bottom 2 candidate_frac of each (layer, kind) group
+    sub_models: int  # to sample (0 for estimators that evaluate none)
     prior: str
     seed: int
     design: str = "half"  # "half" (the paper's) or "split" (varied fractions, channel-only pairs)
@@ -60,14 +60,14 @@ class MasksConfig:
 def run(priors: ArtifactRef, cfg: MasksConfig, store: Store) -> ArtifactRef:
     def build(out: Path) -> dict:
         table = priors_stage.read(priors)
-        cands = candidates(table, cfg.prune_frac, cfg.prior)
+        cands = candidates(table, cfg.candidate_frac, cfg.prior)
         cands.write_parquet(out / CANDIDATES)
         gen = generator(cfg.seed, "masks", cfg.iteration)
         if cfg.design == "half":
-            keep, pair, complement = sample(cands, cfg.count, gen)
+            keep, pair, complement = sample(cands, cfg.sub_models, gen)
             table = masks_table(cfg.iteration, keep, pair, complement)
         else:
-            keep, pair, complement, perturbs = sample_split(cands, cfg.count, gen)
+            keep, pair, complement, perturbs = sample_split(cands, cfg.sub_models, gen)
             table = masks_table(cfg.iteration, keep, pair, complement)
             table = table.with_columns(pl.Series("perturbs", perturbs, dtype=pl.Utf8))
         table.write_parquet(out / MASKS)

@@ -37,7 +37,7 @@ class PriorsConfig:
     seed: int
     calib_samples: int
     batch_size: int
-    dtype: str
+    model_dtype: str
 
 
 def run(
@@ -54,7 +54,7 @@ def run(
     (null without it)."""
 
     def build(out: Path) -> dict:
-        model, family, dev = current_model(parent, previous, cfg.dtype, device, repairs)
+        model, family, dev = current_model(parent, previous, cfg.model_dtype, device, repairs)
         windows = iteration_windows(calibration, cfg.seed, cfg.iteration, cfg.calib_samples)
         progress = Progress(f"priors (iteration {cfg.iteration})", windows.shape[0], "windows")
         nll, tokens = 0.0, 0

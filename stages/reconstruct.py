@@ -53,14 +53,15 @@ SCHEMA = {
 class ReconstructConfig:
     iteration: int
     seed: int
-    samples: int  # most windows, drawn from the pool minus the iteration's evaluation windows
-    tokens_per_input: float  # fit tokens per input column of the widest changed projection (0: ``samples``)
+    reconstruct_samples: int  # most windows, drawn from the pool minus the iteration's evaluation windows
+    # fit tokens per input column of the widest changed projection (0: ``reconstruct_samples``)
+    reconstruct_tokens_per_input: float
     seq_len: int  # tokens per window
     calib_samples: int  # the iteration's evaluation windows (excluded)
-    damping: float
+    reconstruct_damping: float
     batch_size: int
-    dtype: str
-    fit: str = "weights"  # core/reconstruction.py FITS: the kept columns, and an output bias or not
+    model_dtype: str
+    reconstruct_fit: str  # core/reconstruction.py FITS: the kept columns, and an output bias or not
 
 
 def windows_for(calibration: ArtifactRef, seed: int, iteration: int, calib_samples: int, count: int) -> torch.Tensor:
@@ -80,14 +81,14 @@ def check_windows(samples: int) -> int:
 def windows_needed(widest: int, cfg: ReconstructConfig) -> int:
     """How many windows the repair uses: enough that the fit windows (all but ``check_windows``)
     hold ``tokens_per_input`` tokens per input column of the widest projection it changes, and
-    at most ``samples``.  Least squares needs tokens in proportion to its inputs, not a fixed
+    at most ``reconstruct_samples``.  Least squares needs tokens in proportion to its inputs, not a fixed
     count.  But on the tiny parent 12 fit tokens per column cost 40 % less time than 128
     windows and 0.7 perplexity (mean of three seeds), while SmolLM2's 1,536-wide MLP gained
     from every window up to 256 of 128 tokens (BENCHMARKS.md): an option, not the default."""
-    if cfg.tokens_per_input <= 0:
-        return cfg.samples
-    fit = math.ceil(cfg.tokens_per_input * widest / cfg.seq_len)
-    return max(2, min(cfg.samples, fit + max(1, fit // 7)))
+    if cfg.reconstruct_tokens_per_input <= 0:
+        return cfg.reconstruct_samples
+    fit = math.ceil(cfg.reconstruct_tokens_per_input * widest / cfg.seq_len)
+    return max(2, min(cfg.reconstruct_samples, fit + max(1, fit // 7)))
 
 
 def run(
@@ -105,7 +106,7 @@ def run(
     done: dict = {}
 
     def build(out: Path) -> dict:
-        model, family, dev = current_model(parent, before, cfg.dtype, device, repairs)
+        model, family, dev = current_model(parent, before, cfg.model_dtype, device, repairs)
         shared_models().invalidate()  # the weights change in place below
         target = read_keep_state(after)
         current = read_keep_state(before) if before is not None else KeepState.full(layer_shapes(model, family))
@@ -120,9 +121,9 @@ def run(
             windows_for(calibration, cfg.seed, cfg.iteration, cfg.calib_samples, count),
             check_windows(count),
             keep,
-            cfg.damping,
+            cfg.reconstruct_damping,
             cfg.batch_size,
-            fit=cfg.fit,
+            fit=cfg.reconstruct_fit,
         )
         kill_point("reconstruct")
         save_file(repair_tensors(updated, target), str(out / REPAIRS_FILE))
@@ -142,7 +143,7 @@ def run(
     ref = store.produce("reconstruct", VERSION, cfg, inputs, build)
     if done:  # built here: the cached model already is the repaired one
         dev = done["device"]
-        shared_models().adopt(parent, resolve_dtype(cfg.dtype, dev), dev, done["state"], [*repairs, ref])
+        shared_models().adopt(parent, resolve_dtype(cfg.model_dtype, dev), dev, done["state"], [*repairs, ref])
     return ref
 
 

@@ -30,13 +30,13 @@ METRIC = "obs"  # the priors table's column
 class SaliencyConfig:
     iteration: int
     seed: int
-    samples: int  # the repair's windows (--reconstruct-samples)
+    reconstruct_samples: int  # the repair's windows
     calib_samples: int  # the iteration's evaluation windows (excluded)
-    damping: float  # --reconstruct-damping
+    reconstruct_damping: float
+    reconstruct_fit: str  # with a bias (weights+bias, bias), the intercept carries the inputs' mean
     candidate_frac: float  # the masks stage's p_iter: its candidates are removed greedily
-    centred: bool  # the repair fits a bias: the intercept carries the inputs' mean
     batch_size: int
-    dtype: str
+    model_dtype: str
 
 
 def run(
@@ -49,14 +49,14 @@ def run(
     device: str = "auto",
 ) -> ArtifactRef:
     def build(out: Path) -> dict:
-        model, family, _ = current_model(parent, previous, cfg.dtype, device, repairs)
-        windows = windows_for(calibration, cfg.seed, cfg.iteration, cfg.calib_samples, cfg.samples)
+        model, family, _ = current_model(parent, previous, cfg.model_dtype, device, repairs)
+        windows = windows_for(calibration, cfg.seed, cfg.iteration, cfg.calib_samples, cfg.reconstruct_samples)
         values = repair_aware_priors(
             model,
             family,
             windows,
-            cfg.damping,
-            cfg.centred,
+            cfg.reconstruct_damping,
+            cfg.reconstruct_fit != "weights",  # centred
             cfg.batch_size,
             steps=lambda units: candidate_count(units, cfg.candidate_frac),
         )

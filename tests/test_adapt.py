@@ -106,7 +106,7 @@ def test_lora_trains_through_layers_with_no_heads_or_channels(zoo, corpus, tmp_p
     windows = calibration.run(
         parent,
         external_ref("data", corpus, "d" * 64),
-        calibration.CalibrationConfig(seq_len=32, pool=8, min_windows=4),
+        calibration.CalibrationConfig(seq_len=32, calib_pool=8, calib_samples=4),
         store,
     )
     cfg = adapt.AdaptConfig(
@@ -224,7 +224,7 @@ def test_a_teacher_of_another_vocabulary_is_refused(zoo, corpus, tmp_path):
     windows = calibration.run(
         teacher_ref,
         external_ref("data", corpus, "d" * 64),
-        calibration.CalibrationConfig(seq_len=16, pool=8, min_windows=4),
+        calibration.CalibrationConfig(seq_len=16, calib_pool=8, calib_samples=4),
         store,
     )
     cache = [

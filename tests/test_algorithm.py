@@ -236,7 +236,7 @@ def test_non_finite_utilities_are_dropped_with_a_warning(tmp_path, caplog):
 
     eref = store.produce("evaluate", "t", {"v": 1}, [parent], utilities(utility))
     cfg = importance.ImportanceConfig(
-        iteration=0, estimator="regression", penalty="l1", alphas=(1e-3, 1e-2), cv_folds=3, seed=0
+        iteration=0, estimator="regression", penalty="l1", alpha_grid=(1e-3, 1e-2), cv_folds=3, seed=0
     )
     with caplog.at_level(logging.WARNING, logger="bonsai.importance"):
         ref = importance.run(mref, [eref], cfg, store)

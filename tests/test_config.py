@@ -162,14 +162,49 @@ def test_the_readme_option_table_agrees_with_the_schema():
         assert documented[name] == ("per penalty" if default is None else str(default)), name
 
 
-def test_a_run_made_by_0_1_is_refused_in_one_line_naming_that_version():
-    """0.1.0 recorded adaptive sampling's options, and its masks' keys hashed the rounds'
-    fields: resuming here would redo its evaluations, so it is refused instead."""
+def test_a_run_made_before_0_2_0_is_refused_in_one_line_naming_that_version():
+    """0.1.0 recorded adaptive sampling's options, earlier runs had format 1 or fewer options: their
+    priors and masks were computed or keyed differently, so resuming here would silently redo
+    every evaluation; each is refused instead, and a run 0.2.0 made is taken as it is."""
     from bonsai.stages.core.options import recorded_identity
 
-    for sampling, how in (("fixed", "fixed sampling"), ("adaptive", "adaptive sampling, which 0.2.0 removed")):
-        made = {"format": 2, "identity": {"config": {"sampling": sampling, "round_size": 16, "sparsity": 0.5}}}
-        with pytest.raises(UserError, match=rf"made by bonsai 0\.1\.0 \({how}\).*finish it with bonsai 0\.1\.0"):
-            recorded_identity(made)
-    earlier = {"format": 2, "identity": {"config": {"sparsity": 0.5}}}  # before 0.1.0's sampling options
-    assert recorded_identity(earlier)["config"]["sparsity"] == 0.5
+    now = PruneOptions().identity()
+    made_by = {
+        "adaptive sampling, which 0.2.0 removed": {**now, "sampling": "adaptive", "round_size": 16},
+        "it records 0.1.0's sampling options": {**now, "sampling": "fixed", "round_size": 16},
+        "it has no --reconstruct, --reconstruct-fit": {
+            k: v for k, v in now.items() if k not in ("reconstruct", "reconstruct_fit")
+        },
+    }
+    for how, config in made_by.items():
+        with pytest.raises(UserError, match=rf"made by bonsai 0\.1\.0 or earlier \({how}\).*git checkout 160127d"):
+            recorded_identity({"format": 2, "identity": {"config": config}})
+    with pytest.raises(UserError, match="made by bonsai 0.1.0 or earlier"):
+        recorded_identity({"format": 1, "identity": {"config": now}})
+    assert recorded_identity({"format": 2, "identity": {"config": now}})["config"] == now
+
+
+def test_a_stage_config_takes_the_options_it_names_and_nothing_renamed():
+    """stage_config fills a field named like an option (or an options property) from the options;
+    the rest must be given, and a given value may not shadow an option."""
+    import dataclasses
+
+    from bonsai.stages import reconstruct
+    from bonsai.stages.core.options import stage_config
+
+    options = PruneOptions(reconstruct_samples=40, reconstruct_damping=0.3, seq_len=64, calib_pool=80)
+    cfg = stage_config(reconstruct.ReconstructConfig, options, iteration=2, model_dtype="float32")
+    assert (cfg.reconstruct_samples, cfg.reconstruct_damping, cfg.seq_len, cfg.iteration) == (40, 0.3, 64, 2)
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Fits:
+        alpha_grid: tuple[float, ...]
+        penalty: str
+
+    assert stage_config(Fits, PruneOptions(penalty="l2")).alpha_grid == PruneOptions(penalty="l2").alpha_grid
+    with pytest.raises(TypeError, match="shadow"):
+        stage_config(Fits, options, penalty="l2")
+    with pytest.raises(TypeError, match="shadow"):
+        stage_config(Fits, options, not_a_field=1)
+    with pytest.raises(TypeError):
+        stage_config(reconstruct.ReconstructConfig, options, iteration=2)  # model_dtype is not an option

@@ -9,7 +9,7 @@ writer's version may change how the same values are laid out in the file, and a 
 fails must mean the project's output changed.
 
 The run is made in a child process with torch's, MKL's and OpenBLAS's kernels fixed
-(``KERNELS``): each picks vectorised kernels by CPU (AVX-512 on one machine of this kind, AVX2
+(``tiny.KERNELS``): each picks vectorised kernels by CPU (AVX-512 on one machine of this kind, AVX2
 on another), their last-bit differences move priors by about 1e-11 and regression importances
 by about 3e-8, and that is enough to flip which of two near-tied units is removed at the
 budget's edge.  OpenBLAS is scipy's, which factors the repair's Gram matrices: left to choose,
@@ -32,16 +32,9 @@ import pytest
 import torch
 from polars.testing import assert_frame_equal
 
+import tiny
+
 GOLDEN = Path(__file__).parent / "golden"
-# the same kernels on every x86-64 CPU with AVX2: torch's own (ATen), MKL's and scipy's OpenBLAS, one thread
-KERNELS = {
-    "ATEN_CPU_CAPABILITY": "avx2",
-    "MKL_CBWR": "AVX2,STRICT",
-    "OPENBLAS_CORETYPE": "Haswell",
-    "OMP_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-}
 # float32 evaluation: bfloat16 matrix products differ by CPU (AMX, AVX512-BF16 or emulated), and a
 # golden must hold on every machine
 SETTINGS = {
@@ -84,7 +77,7 @@ def test_stage_outputs_match_the_goldens(zoo, corpus, tmp_path, setting):
     script = f"import tiny; tiny.prune({arguments})"
     child = subprocess.run(
         [sys.executable, "-c", script],
-        env={**os.environ, **KERNELS},
+        env={**os.environ, **tiny.KERNELS},
         cwd=Path(__file__).parent,
         capture_output=True,
         text=True,

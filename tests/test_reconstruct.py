@@ -27,8 +27,11 @@ from tiny import awkward_state, ids_for, reload_elsewhere
 
 def config(**changes) -> reconstruct.ReconstructConfig:
     """The stage's settings for the tests: windows of 32 tokens, 4 evaluation windows."""
-    base = dict(iteration=0, seed=0, samples=16, tokens_per_input=0.0, seq_len=32, calib_samples=4)
-    return reconstruct.ReconstructConfig(**{**base, **changes}, damping=0.1, batch_size=8, dtype="float32")
+    base = dict(iteration=0, seed=0, reconstruct_samples=16, reconstruct_tokens_per_input=0.0, seq_len=32)
+    base |= dict(calib_samples=4, reconstruct_fit="weights")
+    return reconstruct.ReconstructConfig(
+        **{**base, **changes}, reconstruct_damping=0.1, batch_size=8, model_dtype="float32"
+    )
 
 
 def correlated(tokens=400, width=12, out=5, seed=0):
@@ -206,10 +209,10 @@ def test_repaired_model_exports_and_reloads_for_every_family(zoo, corpus, tmp_pa
     calib = calibration.run(
         parent,
         external_ref("data", corpus, "d" * 64),
-        calibration.CalibrationConfig(seq_len=32, pool=24, min_windows=4),
+        calibration.CalibrationConfig(seq_len=32, calib_pool=24, calib_samples=4),
         store,
     )
-    cfg = config(samples=16, tokens_per_input=16.0, fit=fit)
+    cfg = config(reconstruct_samples=16, reconstruct_tokens_per_input=16.0, reconstruct_fit=fit)
     rec = reconstruct.run(parent, calib, None, after, [], cfg, store, "cpu")
     table = reconstruct.read(rec)
     assert set(table["projection"]) == {"attention_out", "mlp_out"}
@@ -242,10 +245,10 @@ def test_the_repair_fits_on_windows_the_iteration_never_scores(zoo, corpus, tmp_
     calib = calibration.run(
         parent,
         external_ref("data", corpus, "d" * 64),
-        calibration.CalibrationConfig(seq_len=32, pool=24, min_windows=4),
+        calibration.CalibrationConfig(seq_len=32, calib_pool=24, calib_samples=4),
         store,
     )
-    cfg = config(iteration=3, seed=1, samples=20)
+    cfg = config(iteration=3, seed=1, reconstruct_samples=20)
     scored = calibration.iteration_windows(calib, 1, 3, 4)
     used = reconstruct.windows_for(calib, cfg.seed, cfg.iteration, cfg.calib_samples, 20)
     assert used.shape[0] == 20
@@ -254,9 +257,9 @@ def test_the_repair_fits_on_windows_the_iteration_never_scores(zoo, corpus, tmp_
 
 
 def test_the_repair_takes_enough_windows_for_its_widest_input_and_no_more():
-    cfg = config(samples=128, tokens_per_input=12.0, seq_len=128, calib_samples=8)
+    cfg = config(reconstruct_samples=128, reconstruct_tokens_per_input=12.0, seq_len=128, calib_samples=8)
     count = reconstruct.windows_needed(688, cfg)  # the tiny parent's MLP: 65 fit windows, and a check eighth
     assert count - reconstruct.check_windows(count) == 65 and count == 74
     assert reconstruct.windows_needed(1536, cfg) == 128  # SmolLM2's MLP would need 144 fit windows: the cap
     assert reconstruct.windows_needed(4, cfg) == 2  # one to fit, one to check
-    assert reconstruct.windows_needed(688, dataclasses.replace(cfg, tokens_per_input=0.0)) == 128
+    assert reconstruct.windows_needed(688, dataclasses.replace(cfg, reconstruct_tokens_per_input=0.0)) == 128

@@ -13,7 +13,6 @@ import pytest
 
 from bonsai.artifacts import file_digest
 from bonsai.flows.prune import run_prune
-from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.options import PruneOptions, build
 
 from tiny import PRUNE_SMALL, bonsai, env, popen, prune_args
@@ -126,34 +125,38 @@ def test_a_killed_run_takes_its_temporary_prefect_server_with_it(zoo, corpus, tm
         time.sleep(0.1)
 
 
-def test_a_run_made_by_an_earlier_version_resumes(tmp_path):
-    """tests/fixtures/legacy-run: a run killed inside its second iteration by an earlier
-    version (see its README).  Artifact keys hash stage names, versions and configs, not
-    module paths, so this version finds the finished work and ends with the same model."""
+def test_a_run_killed_by_0_2_0_resumes_redoing_nothing_it_finished(tmp_path):
+    """tests/fixtures/run-0.2.0: a run 0.2.0 left inside its second iteration (see its README).
+    Stages whose configs this version names differently make their artifacts again, the same
+    bytes, so every evaluation 0.2.0 finished is found: only the two missing shards are computed,
+    and the model is the one 0.2.0's uninterrupted run made.  In a child process with the
+    kernels pinned, as the fixture was made, so that the same bits come out on any x86-64 CPU."""
     import json
+    import os
     import shutil
 
-    fixture = Path(__file__).parent / "fixtures" / "legacy-run"
-    root = tmp_path / "legacy"
+    import tiny
+
+    fixture = Path(__file__).parent / "fixtures" / "run-0.2.0"
+    root = tmp_path / "fixture"
     shutil.copytree(fixture, root)
     expected = json.loads((root / "expected.json").read_text())
     before = manifests(root / "run")
-    args = (str(root / "model"), str(root / "train.txt"), str(root / "run"))
-    # the estimator it used was then called "regression", a name that now means another one; it
-    # sampled a fixed number of sub-models (today's default) and made no repair (--reconstruct did not
-    # exist): resuming needs the other two said explicitly, and the refusal names each difference
-    with pytest.raises(UserError) as refused:
-        run_prune(*args, build(PruneOptions, expected["flags"], {"reconstruct_samples": 16, "dtype": "float32"}))
-    for difference in (
-        "--estimator: 'paper-regression' there, 'regression' now",
-        "--reconstruct: 'none' there, 'lsq' now",
-    ):
-        assert difference in str(refused.value)
-    legacy = {"estimator": "paper-regression", "reconstruct": "none", "dtype": "float32"}
-    summary = run_prune(*args, build(PruneOptions, expected["flags"], legacy))
-    assert all(p.stat().st_mtime_ns == t for p, t in before.items()), "finished work was redone"
-    assert len(manifests(root / "run")) > len(before)
-    assert file_digest(Path(summary["model"]) / "model.safetensors") == expected["model_safetensors_sha256"]
+    evaluations = len(list((root / "run" / "evaluate").iterdir()))
+    script = (
+        "import json, sys; from bonsai.flows.prune import run_prune; "
+        "from bonsai.stages.core.options import PruneOptions, build; "
+        f"summary = run_prune('model', 'train.txt', 'run', build(PruneOptions, {expected['flags']!r})); "
+        "print(json.dumps(summary))"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, **tiny.KERNELS}, cwd=root, capture_output=True, text=True
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    summary = json.loads(child.stdout.strip().splitlines()[-1])
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items()), "finished work was rewritten"
+    assert len(list((root / "run" / "evaluate").iterdir())) == evaluations + 2, "finished evaluations were redone"
+    assert file_digest(root / "run" / "model" / "model.safetensors") == expected["model_safetensors_sha256"]
     assert summary["iterations"][-1]["sparsity"] == pytest.approx(expected["sparsity"])
 
 

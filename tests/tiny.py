@@ -41,6 +41,17 @@ SMALL = dict(
     reconstruct_samples=16,
 )
 
+# The same kernels on every x86-64 CPU with AVX2: torch's own (ATen), MKL's and scipy's OpenBLAS, one
+# thread.  A child process run under them computes the same bits here and on CI (tests/test_golden.py).
+KERNELS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "AVX2,STRICT",
+    "OPENBLAS_CORETYPE": "Haswell",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+}
+
 # (family, transformers config class, extra config)
 SPECS = {
     "llama": ("LlamaConfig", {}),

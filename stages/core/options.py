@@ -41,25 +41,16 @@ SUB_MODEL_REPAIRS = ("none", "lsq")
 DEFAULT_ALPHAS = {"l1": (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), "l2": (0.1, 1.0, 10.0, 100.0, 1000.0)}
 
 
-_NONE = object()
-
-
 def option(
     default: Any,
     help: str,
     choices: tuple | None = None,
     identity: bool = True,
     path: bool = False,
-    legacy: Any = _NONE,
 ):
     """A field of an options class.  ``identity``: a run refuses to continue under another
-    value; ``path``: a file or folder, relative to the run file when it comes from one;
-    ``legacy``: for an option added after runs were made, the value that reproduces what
-    those runs did (see ``recorded_identity``)."""
-    metadata = {"help": help, "choices": choices, "identity": identity, "path": path}
-    if legacy is not _NONE:
-        metadata["legacy"] = legacy
-    return field(default=default, metadata=metadata)
+    value; ``path``: a file or folder, relative to the run file when it comes from one."""
+    return field(default=default, metadata={"help": help, "choices": choices, "identity": identity, "path": path})
 
 
 def _check(ok: bool, message: str) -> None:
@@ -125,19 +116,15 @@ class PruneOptions(Options):
         "repair the kept columns of each layer's output projections by least squares after every "
         "iteration (lsq), once after the last (lsq-final), or not at all (none: the paper's method)",
         RECONSTRUCT,
-        legacy="none",
     )
     reconstruct_samples: int = option(
-        128,
-        "most calibration windows the repair is fitted and checked on (never an iteration's evaluation windows)",
-        legacy=128,
+        128, "most calibration windows the repair is fitted and checked on (never an iteration's evaluation windows)"
     )
     reconstruct_tokens_per_input: float = option(
         0.0,
         "use only as many of those windows as give this many fit tokens per input column of the widest "
         "projection the repair changes (0: always --reconstruct-samples; 12 cuts the stage's time by 40 % on "
         "the tiny parent for 0.7 perplexity, see BENCHMARKS.md)",
-        legacy=0.0,
     )
     reconstruct_fit: str = option(
         "weights",
@@ -145,12 +132,9 @@ class PruneOptions(Options):
         "(weights+bias: least squares with an intercept, so a removed unit's mean output is kept), or the bias "
         "alone (bias: FLAP's bias compensation); a bias where the parent had none is written into the export",
         RECONSTRUCT_FITS,
-        legacy="weights",
     )
     reconstruct_damping: float = option(
-        0.1,
-        "shrinks the repaired weights toward their current values: a multiple of G's mean diagonal",
-        legacy=0.1,
+        0.1, "shrinks the repaired weights toward their current values: a multiple of G's mean diagonal"
     )
     sub_model_repair: str = option(
         "none",
@@ -158,7 +142,6 @@ class PruneOptions(Options):
         "repair would leave it (lsq: their inputs imputed from the kept ones by the repair's least squares, "
         "from the repair's windows), so the regression measures what a removal costs after repair",
         SUB_MODEL_REPAIRS,
-        legacy="none",
     )
 
     def __post_init__(self) -> None:
@@ -302,6 +285,20 @@ COMMANDS: dict[str, type[Options]] = {
 }
 
 
+def stage_config(cls: type, options: Options, **derived: Any):
+    """A stage's config, built one way for every stage: a field named like an option (or like a
+    property of the options, such as ``alpha_grid``) takes its value, so a stage that needs an
+    option names it and nothing between copies it; the others (the iteration, what the plan
+    derives) are given by name and must not shadow an option."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    options_names = {f.name for f in dataclasses.fields(options)}
+    options_names |= {n for n, v in vars(type(options)).items() if isinstance(v, property)}
+    shadowing, unknown = sorted(set(derived) & options_names), sorted(set(derived) - names)
+    if shadowing or unknown:
+        raise TypeError(f"{cls.__name__}: {shadowing or unknown} shadow options or are not fields")
+    return cls(**{n: getattr(options, n) for n in names & options_names}, **derived)
+
+
 # --- reading options from flags, presets and run files ------------------------------------
 
 
@@ -388,29 +385,26 @@ def load_preset(path: str | Path) -> dict[str, Any]:
 RUN_FORMAT = 2  # of run.json; format 1 called the paper's estimator "regression"
 
 
-# options bonsai 0.1.0 recorded that 0.2.0 removed (adaptive sampling's): a run that records
-# them was made by 0.1.0, whose sub-model masks are keyed differently (their config had the
-# rounds' fields), so resuming it here would silently redo its evaluations; it is refused
-# in one line instead, naming the version that finishes it
+# options bonsai 0.1.0 recorded that 0.2.0 removed (adaptive sampling's)
 MADE_BY_0_1 = ("sampling", "round_size", "settle_tolerance", "settle_regret")
 
 
 def recorded_identity(recorded: dict) -> dict:
-    """A run.json's identity in this version's terms: a run of format 1 made with the paper's
-    estimator (then "regression") reads as ``paper-regression``, options added since the run
-    was made take the value that reproduces what it did (their ``legacy`` value), and a run
-    made by 0.1.0 is refused (MADE_BY_0_1)."""
+    """A run.json's identity, once it is known to be one this version continues.  A run made
+    before 0.2.0 (run.json format 1, 0.1.0's sampling options, or options it did not have) is
+    refused in one line naming that version: its priors and masks were computed or keyed
+    differently, so resuming it here would silently redo its evaluations, the run's whole cost."""
     identity = dict(recorded.get("identity", {}))
-    config = dict(identity.get("config", {}))
-    if any(name in config for name in MADE_BY_0_1):
-        how = "adaptive sampling, which 0.2.0 removed" if config.get("sampling") == "adaptive" else "fixed sampling"
+    config = identity.get("config", {})
+    old = [name for name in MADE_BY_0_1 if name in config]
+    missing = [flag(f.name) for f in fields_of(PruneOptions) if f.metadata["identity"] and f.name not in config]
+    if recorded.get("format", 1) < RUN_FORMAT or old or missing:
+        if config.get("sampling") == "adaptive":
+            how = "adaptive sampling, which 0.2.0 removed"
+        else:
+            how = "it records 0.1.0's sampling options" if old else f"it has no {', '.join(missing[:3])}"
         raise UserError(
-            f"this run was made by bonsai 0.1.0 ({how}); 0.2.0 keys its sub-model masks differently and would redo "
-            "its evaluations: finish it with bonsai 0.1.0 (git checkout 160127d), or start a new --out"
+            f"this run was made by bonsai 0.1.0 or earlier ({how}); this version would redo its evaluations: "
+            "finish it with bonsai 0.1.0 (git checkout 160127d), or start a new --out"
         )
-    if recorded.get("format", 1) < 2 and config.get("estimator") == "regression":
-        config["estimator"] = "paper-regression"
-    for f in fields_of(PruneOptions):
-        if f.name not in config and "legacy" in f.metadata:
-            config[f.name] = f.metadata["legacy"]
-    return {**identity, "config": config}
+    return identity
