@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +47,20 @@ class DigestCache:
         return self._entries
 
     def digest(self, path: str | os.PathLike) -> str:
-        stat = os.stat(path)
-        stamp, entries = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}", self._load()
+        return self.remember([path], lambda: file_digest(path))
+
+    def remember(self, paths: Sequence[str | os.PathLike], compute: Callable[[], str], kind: str = "") -> str:
+        """``compute()``, a digest of the files ``paths`` (``kind`` says which), remembered by
+        their (path, size, mtime)."""
+        stats = [(Path(p).resolve(), os.stat(p)) for p in paths]
+        stamp = kind + ";".join(f"{p}|{s.st_size}|{s.st_mtime_ns}" for p, s in stats)
+        entries = self._load()
         if not self.fresh and stamp in entries:
             return entries[stamp]
-        digest = file_digest(path)
+        digest = compute()
         # A file modified within the filesystem's timestamp granularity of being hashed could
         # change again under the same stamp ("racy git"): only older files are remembered.
-        if time.time_ns() - stat.st_mtime_ns > _RACY_NS:
+        if time.time_ns() - max((s.st_mtime_ns for _, s in stats), default=0) > _RACY_NS:
             entries[stamp], self._changed = digest, True
         return digest
 

@@ -88,6 +88,26 @@ def test_content_changes_the_digest(tmp_path):
     assert source_digest(str(path)) != first
 
 
+def test_a_text_is_read_once_then_known_by_its_size_and_time(tmp_path, monkeypatch):
+    """The digest is what it always was (runs record it); a second call reads no byte: a file whose
+    bytes changed under the same size and time gives the remembered digest."""
+    import hashlib
+    import os
+    import time
+
+    monkeypatch.setenv("BONSAI_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "a.txt"
+    path.write_text("one two three\n")
+    past = time.time_ns() - 10**10  # older than the racy window, so it is remembered
+    os.utime(path, ns=(past, past))
+    assert source_digest(str(path)) == hashlib.sha256(b"a.txt\0one two three\n").hexdigest()
+    path.write_text("one two three\n".upper())
+    os.utime(path, ns=(past, past))
+    assert source_digest(str(path)) == hashlib.sha256(b"a.txt\0one two three\n").hexdigest()
+    os.utime(path, ns=(past + 1, past + 1))
+    assert source_digest(str(path)) == hashlib.sha256(b"a.txt\0ONE TWO THREE\n").hexdigest()
+
+
 def test_windows_are_contiguous_and_documents_are_delimited(zoo, tmp_path):
     tok = load_tokenizer(zoo["llama"])
     path = tmp_path / "d.jsonl"

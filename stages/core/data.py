@@ -10,7 +10,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from bonsai.artifacts.digest import DigestCache
 from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.paths import cache_dir
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 HF_PREFIX = "hf:"
@@ -73,13 +75,23 @@ def source_digest(spec: str, flag: str = "--data") -> str:
             )
         h.update(f"{spec}|{data._fingerprint}".encode())
         return h.hexdigest()
-    root = Path(spec)
-    for path in _files(spec, flag):
-        h.update(str(path.relative_to(root) if root.is_dir() else path.name).encode() + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(8 << 20):
-                h.update(chunk)
-    return h.hexdigest()
+    root, files = Path(spec), list(_files(spec, flag))
+
+    def read_all() -> str:
+        for path in files:
+            h.update(str(path.relative_to(root) if root.is_dir() else path.name).encode() + b"\0")
+            with open(path, "rb") as f:
+                while chunk := f.read(8 << 20):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    # remembered by the files' (path, size, mtime), as the model's are: the command checks its
+    # inputs before Prefect starts and the flow prepares them again, and a resume reads them a
+    # third time; a large text is read once
+    cache = DigestCache(cache_dir() / "file-digests.json")
+    digest = cache.remember(files, read_all, kind="text|")
+    cache.save()
+    return digest
 
 
 def documents(spec: str, flag: str = "--data") -> Iterator[tuple[str, bool, bool]]:
