@@ -30,7 +30,7 @@ from bonsai.artifacts import Store, external_ref
 from bonsai.flows.export import gguf_families, tokenizer_source
 from bonsai.stages import export, gguf
 from bonsai.stages.core.model_dirs import model_digest
-from bonsai.stages.core.model_io import load_model
+from bonsai.stages.core.model_io import PrunedModel, load_model
 from bonsai.stages.core.model_source import resolve as resolve_model
 from bonsai.stages.core.nll import mean_nll
 from bonsai.stages.reports.render import pyplot, save
@@ -47,7 +47,7 @@ def model_dirs(run: Path) -> dict[str, Path]:
     out = {"parent": Path(parent.path)}
     for sparsity, select, repairs in real_model.states(run):
         label = f"pruned {round(100 * sparsity)} %"
-        ref = export.run(parent_ref, select, export.ExportConfig(), store, repairs)
+        ref = export.run(PrunedModel(parent_ref, select, tuple(repairs)), export.ExportConfig(), store)
         out[label] = Path(ref.file(export.MODEL))
     return {k: v for k, v in out.items() if k in ("parent", "pruned 20 %", "pruned 30 %")}
 

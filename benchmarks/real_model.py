@@ -160,11 +160,12 @@ class Scorer:
 
     def _measure(self, keep, select, repairs) -> float:
         from bonsai.stages.core.model_dirs import inspect_model_dir
-        from bonsai.stages.core.model_io import current_model, shared_models
+        from bonsai.stages.core.model_io import PrunedModel, shared_models
 
         if select is not None:  # a run's own state, repairs included, as the pipeline builds it
             shared_models().clear()
-            lm, _, _ = current_model(external_ref("parent", self.parent, "bench"), select, "float32", "cpu", repairs)
+            pruned = PrunedModel(external_ref("parent", self.parent, "bench"), select, tuple(repairs))
+            lm, _, _ = pruned.load("float32", "cpu")
         else:
             lm = load_model(self.parent, torch.float32, torch.device("cpu"))
             if keep is not None:

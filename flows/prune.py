@@ -34,6 +34,7 @@ from bonsai.stages import (
     select,
 )
 from bonsai.stages.core.errors import UserError
+from bonsai.stages.core.model_io import PrunedModel
 from bonsai.stages.core.options import PruneOptions, stage_config
 from bonsai.stages.core.plan import PrunePlan
 from bonsai.stages.reports import eta
@@ -55,8 +56,7 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
         stage_config(calibration.CalibrationConfig, cfg),
         store,
     )
-    previous: ArtifactRef | None = None
-    repairs: list[ArtifactRef] = []  # reconstruct artifacts so far, applied in order
+    model = PrunedModel(parent)  # the parent, then after each iteration its selection and repair
     iterations = []
     for it in range(plan.iteration_limit):
         tag = f"it{it:02d}"
@@ -65,10 +65,8 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
             salient = execute(
                 f"saliency-{tag}",
                 saliency.run,
-                parent,
+                model,
                 calib,
-                previous,
-                repairs,
                 stage_config(
                     saliency.SaliencyConfig,
                     cfg,
@@ -82,43 +80,39 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
         pri = execute(
             f"priors-{tag}",
             priors.run,
-            parent,
+            model,
             calib,
-            previous,
-            repairs,
             stage_config(priors.PriorsConfig, cfg, iteration=it, model_dtype=p.model_dtype),
             store,
             device,
             salient,
         )
-        imp, evaluated = sample_and_fit(p, plan, it, pri, previous, repairs, calib, execute)
+        imp, evaluated = sample_and_fit(p, plan, it, pri, model, calib, execute)
         chosen = execute(
             f"select-{tag}",
             select.run,
             pri,
             imp,
-            previous,
+            model.selection,
             stage_config(select.SelectConfig, cfg, iteration=it),
             store,
         )
         row = {**chosen.info(), **_fit_summary(imp), "sub_models": evaluated}
         last = plan.reached(row["sparsity"]) or row["candidates"] == 0
+        rec = None
         if plan.repairs_after(it, last):
             rec = execute(
                 f"reconstruct-{tag}",
                 reconstruct.run,
-                parent,
+                model,
                 calib,
-                previous,
                 chosen,
-                repairs,
                 stage_config(reconstruct.ReconstructConfig, cfg, iteration=it, model_dtype=p.model_dtype),
                 store,
                 device,
             )
-            repairs = [*repairs, rec]
             row["repaired"] = rec.info()["applied"]
-        previous = chosen
+        model = model.then(chosen, rec)
         iterations.append(row)
         log.info(
             "iteration %d: sparsity %.3f (target %.3f), %d heads and %d channels left",
@@ -134,7 +128,7 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
         if row["candidates"] == 0:
             log.warning("no units left to prune; stopping at sparsity %.3f", row["sparsity"])
             break
-    exported = execute("export", export.run, parent, previous, export.ExportConfig(), store, repairs)
+    exported = execute("export", export.run, model, export.ExportConfig(), store)
     model_dir = execute("publish", export.publish, exported, p.run.path / "model")
     summary = {
         "model": model_dir,
@@ -147,10 +141,10 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
     return summary
 
 
-def sample_and_fit(p: Prepared, plan: PrunePlan, it: int, pri, previous, repairs, calib, execute: Executor):
+def sample_and_fit(p: Prepared, plan: PrunePlan, it: int, pri, model: PrunedModel, calib, execute: Executor):
     """Masks, their evaluation and the importance fit of iteration ``it``.  Returns (the
     importance artifact select uses, sub-models evaluated)."""
-    cfg, store, parent, device = p.config, p.run.store, p.parent, p.config.device
+    cfg, store, device = p.config, p.run.store, p.config.device
     tag = f"it{it:02d}"
     msk = execute(
         f"masks-{tag}",
@@ -171,10 +165,8 @@ def sample_and_fit(p: Prepared, plan: PrunePlan, it: int, pri, previous, repairs
         compensation = execute(
             f"compensate-{tag}",
             compensate.run,
-            parent,
+            model,
             calib,
-            previous,
-            repairs,
             msk,
             stage_config(compensate.CompensateConfig, cfg, iteration=it, model_dtype=p.model_dtype),
             store,
@@ -194,7 +186,7 @@ def sample_and_fit(p: Prepared, plan: PrunePlan, it: int, pri, previous, repairs
     evaluations = execute.map(
         f"evaluate-{tag}",
         evaluate.run,
-        [(parent, calib, previous, repairs, msk, c, store, device, compensation) for c in shard_cfgs],
+        [(model, calib, msk, c, store, device, compensation) for c in shard_cfgs],
         after=lambda: report_progress(p, plan),
     )
     imp = execute(
@@ -225,9 +217,7 @@ def _fit_summary(imp: ArtifactRef) -> dict:
 def warm_up(p: Prepared) -> None:
     """What the flow's first stages need, done while a temporary Prefect server starts: the
     parent, loaded into this process's model cache, where the first stage finds it."""
-    from bonsai.stages.core.model_io import current_model
-
-    current_model(p.parent, None, p.model_dtype, p.config.device)
+    PrunedModel(p.parent).load(p.model_dtype, p.config.device)
 
 
 def warn_library_changes(p: Prepared, before: dict[str, dict], changes: dict[str, list[str]]) -> None:

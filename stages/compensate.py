@@ -9,7 +9,6 @@ bias).  Only candidates' rows are kept: 2 p_iter of each layer's width, not its 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from bonsai.artifacts import ArtifactRef, Store, kill_point
 from bonsai.stages import masks as masks_stage
 from bonsai.stages.core.compensation import LayerStatistics, inverse_rows
 from bonsai.stages.core.least_squares import layer_grams
-from bonsai.stages.core.model_io import current_model
+from bonsai.stages.core.model_io import PrunedModel
 from bonsai.stages.core.units import HEAD
 from bonsai.stages.reconstruct import windows_for
 
@@ -51,17 +50,15 @@ def candidate_units(masks: ArtifactRef) -> dict[tuple[int, str], list[int]]:
 
 
 def run(
-    parent: ArtifactRef,
+    pruned: PrunedModel,
     calibration: ArtifactRef,
-    previous: ArtifactRef | None,
-    repairs: Sequence[ArtifactRef],
     masks: ArtifactRef,
     cfg: CompensateConfig,
     store: Store,
     device: str = "auto",
 ) -> ArtifactRef:
     def build(out: Path) -> dict:
-        model, family, _ = current_model(parent, previous, cfg.model_dtype, device, repairs)
+        model, family, _ = pruned.load(cfg.model_dtype, device)
         windows = windows_for(calibration, cfg.seed, cfg.iteration, cfg.calib_samples, cfg.reconstruct_samples)
         wanted = candidate_units(masks)
         tensors = {}
@@ -87,7 +84,7 @@ def run(
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out / FILE))
         return {"windows": int(windows.shape[0]), "projections": sum(k.endswith(".units") for k in tensors)}
 
-    inputs = [parent, calibration, masks] + ([previous] if previous is not None else []) + list(repairs)
+    inputs = [pruned.parent, calibration, masks, *pruned.changes]
     return store.produce("compensate", VERSION, cfg, inputs, build)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from bonsai.stages import compensate as compensate_stage
 from bonsai.stages import masks as masks_stage
 from bonsai.stages.calibration import iteration_windows
 from bonsai.stages.core.compensation import imputation
-from bonsai.stages.core.model_io import current_model
+from bonsai.stages.core.model_io import PrunedModel
 from bonsai.stages.core.nll import batches, row_nll
 from bonsai.stages.core.progress import Progress
 from bonsai.stages.core.taps import Taps, unit_priors, weight_terms
@@ -54,10 +53,8 @@ class EvaluateConfig:
 
 
 def run(
-    parent: ArtifactRef,
+    pruned: PrunedModel,
     calibration: ArtifactRef,
-    previous: ArtifactRef | None,
-    repairs: Sequence[ArtifactRef],
     masks: ArtifactRef,
     cfg: EvaluateConfig,
     store: Store,
@@ -67,7 +64,7 @@ def run(
     """``compensation``: the iteration's compensate artifact, to score sub-models as repaired."""
 
     def build(out: Path) -> dict:
-        model, family, dev = current_model(parent, previous, cfg.dtype, device, repairs)
+        model, family, dev = pruned.load(cfg.dtype, device)
         cands, table = masks_stage.read(masks)
         first = cfg.shard * cfg.shard_size
         table = table.slice(first, cfg.shard_size)
@@ -118,7 +115,7 @@ def run(
             ).write_parquet(out / PERTURBED_PRIORS)
         return {"masks": len(nll), "non_finite": int((~np.isfinite(utility)).sum())}
 
-    inputs = [parent, calibration, masks] + ([previous] if previous is not None else []) + list(repairs)
+    inputs = [pruned.parent, calibration, masks, *pruned.changes]
     return store.produce("evaluate", VERSION, cfg, inputs + ([compensation] if compensation else []), build)
 
 

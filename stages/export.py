@@ -23,7 +23,14 @@ from bonsai.stages.core.devices import dtype_name, stored_dtype
 from bonsai.stages.core.families import EXPORT_PREFIX, Family
 from bonsai.stages.core.families.remote_code import get_module
 from bonsai.stages.core.model_dirs import inspect_model_dir
-from bonsai.stages.core.model_io import apply_repair, load_model, load_tokenizer, no_progress_bars, shared_models
+from bonsai.stages.core.model_io import (
+    PrunedModel,
+    apply_repair,
+    load_model,
+    load_tokenizer,
+    no_progress_bars,
+    shared_models,
+)
 from bonsai.stages.core.reconstruction import add_bias
 from bonsai.stages.core.slicing import slice_model
 from bonsai.stages.core.units import HEAD, KINDS, KeepState, layer_shapes, output_projection, read_keep_state
@@ -40,21 +47,20 @@ class ExportConfig:
     max_shard_size: str = "5GB"
 
 
-def run(
-    parent: ArtifactRef, select: ArtifactRef, cfg: ExportConfig, store: Store, repairs: Sequence[ArtifactRef] = ()
-) -> ArtifactRef:
-    """The parent sliced to ``select``'s keep-state, with ``repairs`` (reconstruct artifacts,
-    in order) written into its kept columns, in the parent's own dtype."""
+def run(pruned: PrunedModel, cfg: ExportConfig, store: Store) -> ArtifactRef:
+    """``pruned`` as a model directory: the parent sliced to its selection's keep-state, its
+    repairs written into the kept columns, in the parent's own dtype."""
+    parent = pruned.parent
 
     def build(out: Path) -> dict:
         shared_models().clear()  # the pruning model is no longer needed; free its memory first
         info = inspect_model_dir(parent.path)
         dtype = stored_dtype(parent.path)
         model = load_model(parent.path, dtype, torch.device("cpu"))
-        keep = read_keep_state(select)
+        keep = read_keep_state(pruned.selection)
         slice_model(model, info.family, keep.positions(KeepState.full(layer_shapes(model, info.family))))
         before = output_biases(model, info.family)
-        for repair in repairs:
+        for repair in pruned.repairs:
             apply_repair(model, info.family, keep, repair)
         biased = uniform_output_biases(model, info.family, before)
         target = out / MODEL
@@ -77,7 +83,7 @@ def run(
         (target / "bonsai.json").write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
         return {"parameters": params, "dtype": dtype_name(dtype)}
 
-    return store.produce("export", VERSION, cfg, [parent, select, *repairs], build)
+    return store.produce("export", VERSION, cfg, [parent, *pruned.changes], build)
 
 
 def output_biases(model, family: Family) -> dict[str, bool]:

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from bonsai.artifacts import ArtifactRef, Store, kill_point
 from bonsai.stages.calibration import load_windows
-from bonsai.stages.core.model_io import current_model
+from bonsai.stages.core.model_io import PrunedModel
 from bonsai.stages.core.nll import batches
 from bonsai.stages.core.progress import Progress
 
@@ -57,7 +57,7 @@ def run(
     parent: ArtifactRef, windows: ArtifactRef, cfg: LogitsConfig, store: Store, device: str = "auto"
 ) -> ArtifactRef:
     def build(out: Path) -> dict:
-        model, _, dev = current_model(parent, None, cfg.dtype, device)
+        model, _, dev = PrunedModel(parent).load(cfg.dtype, device)
         total = int(windows.info()["windows"])
         first = cfg.shard * cfg.shard_size
         ids = list(range(first, min(first + cfg.shard_size, total)))

@@ -11,7 +11,6 @@ on this iteration's windows is recorded too, as the baseline sub-models are comp
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import polars as pl
 from bonsai.artifacts import ArtifactRef, Store, kill_point
 from bonsai.stages import saliency as saliency_stage
 from bonsai.stages.calibration import iteration_windows
-from bonsai.stages.core.model_io import current_model
+from bonsai.stages.core.model_io import PrunedModel
 from bonsai.stages.core.nll import batches, row_nll
 from bonsai.stages.core.progress import Progress
 from bonsai.stages.core.taps import Taps, unit_priors
@@ -41,10 +40,8 @@ class PriorsConfig:
 
 
 def run(
-    parent: ArtifactRef,
+    pruned: PrunedModel,
     calibration: ArtifactRef,
-    previous: ArtifactRef | None,
-    repairs: Sequence[ArtifactRef],
     cfg: PriorsConfig,
     store: Store,
     device: str = "auto",
@@ -54,7 +51,7 @@ def run(
     (null without it)."""
 
     def build(out: Path) -> dict:
-        model, family, dev = current_model(parent, previous, cfg.model_dtype, device, repairs)
+        model, family, dev = pruned.load(cfg.model_dtype, device)
         windows = iteration_windows(calibration, cfg.seed, cfg.iteration, cfg.calib_samples)
         progress = Progress(f"priors (iteration {cfg.iteration})", windows.shape[0], "windows")
         nll, tokens = 0.0, 0
@@ -66,7 +63,7 @@ def run(
                 progress.advance(stop - start)
                 kill_point("priors")
         values = unit_priors(taps)
-        keep = read_keep_state(previous) if previous is not None else KeepState.full(taps.shapes)
+        keep = read_keep_state(pruned.selection) if pruned.selection is not None else KeepState.full(taps.shapes)
         rows: dict[str, list] = {k: [] for k in ("layer", "kind", "unit", "position", "params", *METRICS)}
         for layer, shape in enumerate(taps.shapes):
             for kind in KINDS:
@@ -94,7 +91,7 @@ def run(
             "tokens": tokens,
         }
 
-    inputs = [parent, calibration] + ([previous] if previous is not None else []) + list(repairs)
+    inputs = [pruned.parent, calibration, *pruned.changes]
     return store.produce("priors", VERSION, cfg, inputs + ([saliency] if saliency is not None else []), build)
 
 

@@ -23,12 +23,10 @@ from safetensors.torch import save_file
 
 from bonsai.artifacts import ArtifactRef, Store, kill_point
 from bonsai.stages.calibration import draw, load_windows
-from bonsai.stages.core.devices import resolve_dtype
 from bonsai.stages.core.families.remote_code import get_module
-from bonsai.stages.core.model_io import REPAIRS_FILE, current_model, repair_tensors, shared_models
+from bonsai.stages.core.model_io import REPAIRS_FILE, PrunedModel, repair_tensors, shared_models
 from bonsai.stages.core.reconstruction import changed, repair
 from bonsai.stages.core.rng import generator
-from bonsai.stages.core.slicing import slice_model
 from bonsai.stages.core.units import KINDS, KeepState, layer_shapes, output_projection, read_keep_state
 
 # 2: the layer outputs come from the MLP pass; 3: held-out errors from inputs; 4: the attention
@@ -92,23 +90,21 @@ def windows_needed(widest: int, cfg: ReconstructConfig) -> int:
 
 
 def run(
-    parent: ArtifactRef,
+    pruned: PrunedModel,
     calibration: ArtifactRef,
-    before: ArtifactRef | None,
     after: ArtifactRef,
-    repairs: list[ArtifactRef],
     cfg: ReconstructConfig,
     store: Store,
     device: str = "auto",
 ) -> ArtifactRef:
-    """Repair the model of ``before`` (a select artifact, None for the parent) with
-    ``repairs`` applied, for the removal that ``after`` (this iteration's select) made."""
-    done: dict = {}
+    """Repair ``pruned`` for the removal that ``after`` (this iteration's select) made: the
+    kept columns of its output projections refitted to the outputs it gave before."""
 
     def build(out: Path) -> dict:
-        model, family, dev = current_model(parent, before, cfg.model_dtype, device, repairs)
-        shared_models().invalidate()  # the weights change in place below
+        model, family, _ = pruned.load(cfg.model_dtype, device)
+        shared_models().invalidate()  # its weights change in place below: the next stage loads afresh
         target = read_keep_state(after)
+        before = pruned.selection
         current = read_keep_state(before) if before is not None else KeepState.full(layer_shapes(model, family))
         kept = target.positions(current)
         keep = {(layer, kind): kept.units(kind)[layer] for layer in range(len(kept.groups)) for kind in KINDS}
@@ -129,9 +125,6 @@ def run(
         save_file(repair_tensors(updated, target), str(out / REPAIRS_FILE))
         rows = [{"iteration": cfg.iteration, **vars(o)} for o in outcomes]
         pl.DataFrame(rows, schema=SCHEMA).write_parquet(out / TABLE)
-        slice_model(model, family, kept)  # the removed columns are zero: slicing changes no output
-        kill_point("slice")
-        done.update(state=target, device=dev)
         applied = [o for o in outcomes if o.applied]
         return {
             "projections": len(outcomes),
@@ -139,12 +132,9 @@ def run(
             "tokens": max((o.tokens for o in outcomes), default=0),
         }
 
-    inputs = [parent, calibration, after, *repairs] + ([before] if before is not None else [])
-    ref = store.produce("reconstruct", VERSION, cfg, inputs, build)
-    if done:  # built here: the cached model already is the repaired one
-        dev = done["device"]
-        shared_models().adopt(parent, resolve_dtype(cfg.model_dtype, dev), dev, done["state"], [*repairs, ref])
-    return ref
+    selection = [pruned.selection] if pruned.selection is not None else []
+    inputs = [pruned.parent, calibration, after, *pruned.repairs, *selection]
+    return store.produce("reconstruct", VERSION, cfg, inputs, build)
 
 
 def read(reconstruct: ArtifactRef) -> pl.DataFrame:

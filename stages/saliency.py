@@ -9,14 +9,13 @@ every other run's priors keep their keys.  The priors stage adds its column ``ob
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from bonsai.artifacts import ArtifactRef, Store, kill_point
-from bonsai.stages.core.model_io import current_model
+from bonsai.stages.core.model_io import PrunedModel
 from bonsai.stages.core.plan import candidate_count
 from bonsai.stages.core.saliency import repair_aware_priors
 from bonsai.stages.reconstruct import windows_for
@@ -40,16 +39,14 @@ class SaliencyConfig:
 
 
 def run(
-    parent: ArtifactRef,
+    pruned: PrunedModel,
     calibration: ArtifactRef,
-    previous: ArtifactRef | None,
-    repairs: Sequence[ArtifactRef],
     cfg: SaliencyConfig,
     store: Store,
     device: str = "auto",
 ) -> ArtifactRef:
     def build(out: Path) -> dict:
-        model, family, _ = current_model(parent, previous, cfg.model_dtype, device, repairs)
+        model, family, _ = pruned.load(cfg.model_dtype, device)
         windows = windows_for(calibration, cfg.seed, cfg.iteration, cfg.calib_samples, cfg.reconstruct_samples)
         values = repair_aware_priors(
             model,
@@ -70,7 +67,7 @@ def run(
         pl.DataFrame(rows, schema=schema).write_parquet(out / FILE)
         return {"windows": int(windows.shape[0]), "units": len(rows)}
 
-    inputs = [parent, calibration] + ([previous] if previous is not None else []) + list(repairs)
+    inputs = [pruned.parent, calibration, *pruned.changes]
     return store.produce("saliency", VERSION, cfg, inputs, build)
 
 

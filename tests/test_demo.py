@@ -38,7 +38,7 @@ def test_smollm2_from_gguf_pruned_exported_and_chatting(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from bonsai.artifacts import Store, external_ref
-    from bonsai.stages.core.model_io import current_model, shared_models
+    from bonsai.stages.core.model_io import PrunedModel, shared_models
 
     monkeypatch.setenv("BONSAI_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
@@ -48,7 +48,8 @@ def test_smollm2_from_gguf_pruned_exported_and_chatting(tmp_path, monkeypatch):
     select = store.lookup("select", next(run.glob("select/*")).name)
     repairs = [store.lookup("reconstruct", next(run.glob("reconstruct/*")).name)]
     shared_models().clear()  # the model as a resumed run would rebuild it: parent sliced, repairs applied
-    model, _, _ = current_model(external_ref("parent", summary["parent"], "smollm2"), select, "float32", "cpu", repairs)
+    pruned = PrunedModel(external_ref("parent", summary["parent"], "smollm2"), select, tuple(repairs))
+    model, _, _ = pruned.load("float32", "cpu")
     ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(input_ids=ids).logits

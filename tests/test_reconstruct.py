@@ -17,7 +17,7 @@ from bonsai.artifacts import Store, external_ref
 from bonsai.stages import calibration, export, reconstruct
 from bonsai.stages.core import least_squares, reconstruction
 from bonsai.stages.core.families import family_for_model_type
-from bonsai.stages.core.model_io import current_model, load_model, shared_models
+from bonsai.stages.core.model_io import PrunedModel, load_model, shared_models
 from bonsai.stages.core.reconstruction import Moments, repair, solve
 from bonsai.stages.core.units import CHANNEL, HEAD, KEEP_FILE, KeepState, layer_shapes, units_table
 
@@ -213,7 +213,7 @@ def test_repaired_model_exports_and_reloads_for_every_family(zoo, corpus, tmp_pa
         store,
     )
     cfg = config(reconstruct_samples=16, reconstruct_tokens_per_input=16.0, reconstruct_fit=fit)
-    rec = reconstruct.run(parent, calib, None, after, [], cfg, store, "cpu")
+    rec = reconstruct.run(PrunedModel(parent), calib, after, cfg, store, "cpu")
     table = reconstruct.read(rec)
     assert set(table["projection"]) == {"attention_out", "mlp_out"}
     applied = table.filter(pl.col("applied"))
@@ -223,11 +223,13 @@ def test_repaired_model_exports_and_reloads_for_every_family(zoo, corpus, tmp_pa
     assert emptied.height == 2 and emptied["applied"].any() == (fit != "weights")
     ids = ids_for(model)
     with torch.no_grad():
-        in_place = current_model(parent, after, "float32", "cpu", [rec])[0](input_ids=ids).logits  # adopted model
+        repaired = PrunedModel(parent, after, (rec,))
+        # the cache held the model the repair wrote into: what it serves next is the repaired model
+        served = repaired.load("float32", "cpu")[0](input_ids=ids).logits
         shared_models().clear()
-        fresh = current_model(parent, after, "float32", "cpu", [rec])[0](input_ids=ids).logits  # slice, then apply
-    assert torch.equal(in_place, fresh)
-    exported = export.run(parent, after, export.ExportConfig(), store, [rec])
+        fresh = repaired.load("float32", "cpu")[0](input_ids=ids).logits  # loaded, sliced, repair applied
+    assert torch.equal(served, fresh)
+    exported = export.run(repaired, export.ExportConfig(), store)
     torch.save(ids, tmp_path / "ids.pt")
     reload_elsewhere(tmp_path, [(exported.file(export.MODEL), tmp_path / "ids.pt", tmp_path / "out.pt")])
     reloaded = torch.load(tmp_path / "out.pt")
@@ -235,7 +237,7 @@ def test_repaired_model_exports_and_reloads_for_every_family(zoo, corpus, tmp_pa
     written = json.loads((Path(exported.file(export.MODEL)) / "config.json").read_text())
     added = written.get("bonsai_output_biases", [])
     assert added == ([] if fit == "weights" or spec == "phi" else [family.attention_out, family.mlp_out])
-    unrepaired = export.run(parent, after, export.ExportConfig(), store)
+    unrepaired = export.run(PrunedModel(parent, after), export.ExportConfig(), store)
     assert unrepaired.digest != exported.digest
 
 

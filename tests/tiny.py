@@ -274,6 +274,7 @@ def reload_elsewhere(tmp_path, jobs: list[tuple]) -> None:
 def export_state(tmp_path, model_dir, state: KeepState, family, model):
     """Run the export stage on a hand-made keep-state; returns the exported directory."""
     from bonsai.stages import export
+    from bonsai.stages.core.model_io import PrunedModel
 
     store = Store(tmp_path / "run")
     parent = external_ref("parent", model_dir, "0" * 64)
@@ -281,7 +282,7 @@ def export_state(tmp_path, model_dir, state: KeepState, family, model):
     kept = [unit in state.units(kind)[layer] for layer, kind, unit in table.select("layer", "kind", "unit").iter_rows()]
     table = table.with_columns(pl.Series("kept", kept), pl.lit(None, pl.Int32).alias("removed_iteration"))
     select = store.produce("select", "test", {}, [parent], lambda out: table.write_parquet(out / KEEP_FILE))
-    ref = export.run(parent, select, export.ExportConfig(), store)
+    ref = export.run(PrunedModel(parent, select), export.ExportConfig(), store)
     return ref.file(export.MODEL)
 
 

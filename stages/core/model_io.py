@@ -7,6 +7,7 @@ import copy
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -124,21 +125,8 @@ class ModelCache:
         return self._copy[1]
 
     def invalidate(self) -> None:
-        """The model is about to change in place: until ``adopt``, the next ``get`` reloads."""
+        """The model is about to change in place (the repair writes into it): the next ``get`` reloads."""
         self._key = None
-
-    def adopt(
-        self,
-        parent: ArtifactRef,
-        dtype: torch.dtype,
-        device: torch.device,
-        state: KeepState,
-        repairs: Sequence[ArtifactRef],
-    ) -> None:
-        """Take the model changed in place as (state, repairs): the caller has sliced it to
-        ``state`` and written the weights the last repair records."""
-        self._key, self._state = (parent.digest, dtype, str(device)), state
-        self._repairs = tuple(r.digest for r in repairs)
 
     def clear(self) -> None:
         self._key = self._model = self._state = self._full = self._copy = None
@@ -191,16 +179,33 @@ def apply_repair(model: nn.Module, family, state: KeepState, repair: ArtifactRef
             target.bias.data.copy_(bias.to(device=target.bias.device, dtype=target.bias.dtype))
 
 
-def current_model(
-    parent: ArtifactRef, previous: ArtifactRef | None, dtype: str, device: str, repairs: Sequence[ArtifactRef] = ()
-):
-    """(model, family, device) of an iteration: the parent sliced to the keep-state that the
-    previous iteration's select stage wrote (the parent itself when there is none), with the
-    weight repairs of the iterations before applied in order."""
-    dev = resolve_device(device)
-    state = read_keep_state(previous) if previous is not None else None
-    model, family = shared_models().get(parent, state, resolve_dtype(dtype, dev), dev, repairs)
-    return model, family, dev
+@dataclass(frozen=True)
+class PrunedModel:
+    """The model a stage works on, as a value: the parent, the selection so far (the last select
+    artifact; None: the whole parent) and the repairs made since, applied in order.  Stages list
+    them among their inputs, so an artifact's key names the model it was computed on."""
+
+    parent: ArtifactRef
+    selection: ArtifactRef | None = None
+    repairs: tuple[ArtifactRef, ...] = ()
+
+    @property
+    def changes(self) -> list[ArtifactRef]:
+        """What makes it differ from the parent: the selection (when there is one), then the repairs."""
+        return ([self.selection] if self.selection is not None else []) + list(self.repairs)
+
+    def then(self, selection: ArtifactRef, repair: ArtifactRef | None = None) -> PrunedModel:
+        """This model after a select stage, and the repair that followed it if one did."""
+        return PrunedModel(self.parent, selection, self.repairs + ((repair,) if repair is not None else ()))
+
+    def load(self, dtype: str, device: str):
+        """(model, family, device): the parent sliced to the selection's keep-state, the repairs
+        written in order.  The process's ModelCache serves it when the stage before worked on
+        the same model or a larger one (the next iteration only slices further)."""
+        dev = resolve_device(device)
+        state = read_keep_state(self.selection) if self.selection is not None else None
+        model, family = shared_models().get(self.parent, state, resolve_dtype(dtype, dev), dev, self.repairs)
+        return model, family, dev
 
 
 _shared: ModelCache | None = None
