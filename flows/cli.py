@@ -79,8 +79,9 @@ def add_option_flags(parser: argparse.ArgumentParser, cls) -> None:
     for f in fields_of(cls):
         kind, name = field_kinds[f.name], "--" + f.name.replace("_", "-")
         shown = f" (default: {f.default})" if f.default not in (None, (), False) else ""
+        text = f.metadata["help"].replace("%", "%%")  # argparse formats help with %: "40 %" is text here
         if kind.type is bool:
-            parser.add_argument(name, dest=f.name, action="store_true", default=None, help=f.metadata["help"])
+            parser.add_argument(name, dest=f.name, action="store_true", default=None, help=text)
         elif kind.many:
             parser.add_argument(
                 name,
@@ -88,7 +89,7 @@ def add_option_flags(parser: argparse.ArgumentParser, cls) -> None:
                 nargs="+",
                 default=None,
                 metavar="VALUE",
-                help=f.metadata["help"] + shown + "; several values, or comma-separated",
+                help=text + shown + "; several values, or comma-separated",
             )
         else:
             parser.add_argument(
@@ -97,7 +98,7 @@ def add_option_flags(parser: argparse.ArgumentParser, cls) -> None:
                 default=None,
                 choices=f.metadata["choices"],
                 metavar=None if f.metadata["choices"] else f.name.upper().replace("_", "-"),
-                help=f.metadata["help"] + shown,
+                help=text + shown,
             )
 
 

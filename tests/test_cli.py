@@ -31,6 +31,30 @@ def test_bad_options(zoo, corpus, tmp_path, change, fragment):
     assert not (tmp_path / "run").exists()
 
 
+def test_every_command_prints_its_help():
+    """Each command's --help, built from the options' schema (a help text with a "%" once broke it)."""
+    import contextlib
+    import io
+
+    from bonsai.flows.cli import build_parser
+    from bonsai.stages.core.options import COMMANDS
+
+    for command in COMMANDS:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exited:
+            build_parser().parse_args([command, "--help"])
+        assert exited.value.code == 0 and "--" in out.getvalue(), command
+    assert "40 % on the tiny parent" in _help("prune")
+
+
+def _help(command: str) -> str:
+    from bonsai.flows.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return " ".join(sub.format_help().split())
+
+
 def test_missing_required_flag(tmp_path):
     assert_one_line_error(bonsai(["prune", "--data", "x", "--out", "y"], tmp_path), "--model")
 
