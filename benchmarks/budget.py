@@ -2,6 +2,7 @@
 
     python benchmarks/budget.py grid [--seeds 0 1 2] [--masks 32 64 128 256] [--windows 2 4 8 16]
     python benchmarks/budget.py paired [--seeds 0 1 2]
+    python benchmarks/budget.py repair [--seeds 0 1 2] [--samples 128 512]
     python benchmarks/budget.py overhead [--repeats 5] [--code DIR]
 
 ``grid`` prunes SmolLM2-135M-Instruct to 20 % (p_iter 0.1, windows of 128 tokens, the repair
@@ -12,7 +13,9 @@ benchmark's protocol) and the command's wall time per setting, mean and spread o
 with a plot.  ``paired`` runs the same setting (128 sub-models x 8 windows) with 0.1.0's
 defaults (``--dtype float32``: what ``auto`` resolved to on a CPU then) and then with this
 version's (``--dtype auto``), back to back per seed, and compares whole-command wall time and
-held-out perplexity.  ``overhead`` is the command's wall time minus the time its stages record, with
+held-out perplexity.  ``repair`` runs the CPU defaults (options.BUDGETS["cpu"]) with each
+``--reconstruct-samples`` (the repair's windows per iteration), the repair's own share of the
+time beside quality.  ``overhead`` is the command's wall time minus the time its stages record, with
 the temporary server, beside the time a fresh interpreter takes only to import what the
 command needs before its first stage (a floor no change to the command itself can go under).
 """
@@ -35,6 +38,7 @@ import torch
 
 from bonsai.stages.core.model_io import load_model
 from bonsai.stages.core.nll import mean_nll
+from bonsai.stages.core.options import BUDGETS
 from bonsai.stages.reports.render import pyplot, save
 
 OUT = common.RESULTS / "budget"
@@ -152,24 +156,85 @@ def paired(args) -> None:
     print(f"wall-time ratio per seed: {', '.join(f'{r:.2f}' for r in ratios)}; mean {ratios.mean():.2f}")
 
 
+def repair(args) -> None:
+    common.setup_logging()
+    model, (train, _) = real_model.model(), common.texts()
+    budget = BUDGETS["cpu"]
+    OUT.mkdir(parents=True, exist_ok=True)
+    rows_file = OUT / "repair.json"
+    rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
+    # the paired runs' 0.2.0 side is this comparison's 128-window point when the CPU budget is theirs
+    paired_file = OUT / "paired.json"
+    if (budget["masks_per_iter"], budget["calib_samples"]) == (128, 8) and paired_file.is_file():
+        for r in json.loads(paired_file.read_text()):
+            if r["defaults"].startswith("0.2.0") and (128, r["seed"]) not in {(x["samples"], x["seed"]) for x in rows}:
+                run = OUT / f"paired-auto-seed{r['seed']}"
+                repair_s = sum(json.loads(m.read_text())["wall_s"] for m in run.glob("reconstruct/*/manifest.json"))
+                keep = ("wall_s", "stage_s", "perplexity")
+                rows.append({"samples": 128, "seed": r["seed"], **{k: r[k] for k in keep}, "reconstruct_s": repair_s})
+    done = {(r["samples"], r["seed"]) for r in rows}
+    for seed in args.seeds:
+        for samples in args.samples:
+            if (samples, seed) in done:
+                continue
+            run = OUT / f"repair{samples}-seed{seed}"
+            flags = ("--reconstruct-samples", str(samples))
+            cmd = command(model, train, run, 0.2, budget["masks_per_iter"], budget["calib_samples"], seed, *flags)
+            measured = timed_prune(cmd, run)
+            repair_s = sum(json.loads(m.read_text())["wall_s"] for m in run.glob("reconstruct/*/manifest.json"))
+            rows.append({"samples": samples, "seed": seed, **measured, "reconstruct_s": repair_s})
+            rows_file.write_text(json.dumps(rows, indent=1))
+            print(rows[-1], flush=True)
+    frame = pl.DataFrame(rows)
+    print(common.markdown(list(frame.columns), frame.sort("samples", "seed").rows()))
+    summary = frame.group_by("samples").agg(
+        pl.col("perplexity").mean().alias("perplexity"),
+        (pl.col("perplexity").max() - pl.col("perplexity").min()).alias("seed spread"),
+        pl.col("wall_s").mean(),
+        pl.col("reconstruct_s").mean(),
+    )
+    print(common.markdown(list(summary.columns), summary.sort("samples").rows()))
+
+
 def plot(frame: pl.DataFrame, path: Path) -> None:
     plt = pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     panels = (
         (left, "windows", "masks", "sub-models per iteration (8 windows each)"),
         (right, "masks", "windows", "windows per sub-model (128 sub-models)"),
     )
+    top = 23.0  # runs above it (a collapsed selection) are marked at the edge with their value
+    cpu = BUDGETS["cpu"]
     for ax, fixed, varied, label in panels:
         part = frame.filter(pl.col(fixed) == (8 if fixed == "windows" else 128))
         mean = (
             part.group_by(varied).agg(pl.col("perplexity").mean(), pl.col("perplexity").std().alias("sd")).sort(varied)
         )
-        ax.errorbar(mean[varied], mean["perplexity"], yerr=mean["sd"].fill_null(0.0), marker="o", capsize=3)
-        ax.scatter(part[varied], part["perplexity"], s=8, alpha=0.5)
+        off = (mean["perplexity"] > top).to_list()
+        sd = [0.0 if o else (v or 0.0) for o, v in zip(off, mean["sd"].to_list(), strict=True)]
+        ax.errorbar(
+            mean[varied],
+            mean["perplexity"].clip(upper_bound=top),
+            yerr=sd,
+            marker="o",
+            capsize=3,
+            label="mean and sd of seeds",
+        )
+        inside = part.filter(pl.col("perplexity") <= top)
+        ax.scatter(inside[varied], inside["perplexity"], s=10, alpha=0.6, label="one seed")
+        for x, values in part.filter(pl.col("perplexity") > top).group_by(varied).agg("perplexity").iter_rows():
+            average = mean.filter(pl.col(varied) == x)["perplexity"][0]
+            text = f"off scale: mean {average:.1f}; seeds at {', '.join(f'{v:.1f}' for v in sorted(values))}"
+            ax.annotate(text, (x, top), xytext=(6, -14), textcoords="offset points", fontsize=8, color="tab:red")
+            ax.scatter([x], [top], marker="^", color="tab:red", s=30, zorder=3)
+        default = cpu["masks_per_iter"] if varied == "masks" else cpu["calib_samples"]
+        ax.axvline(default, color="grey", linestyle=":", label="CPU default")
         ax.set_xscale("log", base=2)
+        ax.set_ylim(19.0, top + 0.3)
         ax.set_xlabel(label)
     left.set_ylabel("held-out perplexity at 20 %")
-    fig.suptitle("SmolLM2-135M-Instruct: held-out perplexity against the evaluation budget (mean and sd of seeds)")
+    left.legend(fontsize=8, loc="upper right")
+    fig.suptitle("SmolLM2-135M-Instruct pruned to 20 %: held-out perplexity against the evaluation budget (3 seeds)")
     save(fig, path)
 
 
@@ -212,6 +277,10 @@ def main() -> None:
     pr = sub.add_parser("paired")
     pr.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     pr.set_defaults(handler=paired)
+    r = sub.add_parser("repair")
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--samples", type=int, nargs="+", default=[128, 512])
+    r.set_defaults(handler=repair)
     o = sub.add_parser("overhead")
     o.add_argument("--repeats", type=int, default=5)
     o.add_argument("--code", default=None, help="a folder holding another version's bonsai package")

@@ -173,14 +173,15 @@ def one(args) -> None:
 
     from bonsai.artifacts import Store
     from bonsai.flows.prune import run_prune
-    from bonsai.stages.core.options import PruneOptions
+    from bonsai.stages.core.options import BUDGETS, PruneOptions
 
     common.setup_logging()
     model, train, heldout = common.parent()
     tokens = f"-tpi{args.tokens_per_input:g}" if args.tokens_per_input and args.mode != "none" else ""
     sampling = dict(common.TINY_PRUNE)
-    if args.command_sampling:  # the command's own sub-models and windows per iteration, the tiny parent's window length
-        sampling.update(masks_per_iter=PruneOptions.masks_per_iter, calib_samples=PruneOptions.calib_samples)
+    if args.command_sampling:  # the paper's sub-models and windows per iteration, the tiny parent's window length
+        paper = BUDGETS["cuda"]
+        sampling.update(masks_per_iter=paper["masks_per_iter"], calib_samples=paper["calib_samples"])
     suffix = ("-command-sampling" if args.command_sampling else "") + ("" if args.dtype == "auto" else f"-{args.dtype}")
     out = OUT / f"tiny-{args.sparsity}-{args.mode}-seed{args.seed}{tokens}{suffix}"
     config = PruneOptions(
@@ -283,7 +284,7 @@ def main() -> None:
     o.add_argument(
         "--command-sampling",
         action="store_true",
-        help="bonsai prune's own --masks-per-iter and --calib-samples instead of the tiny setting's 120 and 8",
+        help="the paper's 200 sub-models x 32 windows per iteration (bonsai prune's GPU default) instead of 120 x 8",
     )
     o.set_defaults(handler=one)
     g = sub.add_parser("gram")

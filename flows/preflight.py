@@ -27,7 +27,7 @@ class Prepared:
     parent: ArtifactRef  # the local model directory (a GGUF file's conversion, a hub snapshot)
     source: ModelSource  # what --model named
     data: ArtifactRef
-    config: PruneOptions  # dtype resolved: "auto" becomes what this device evaluates sub-models in
+    config: PruneOptions  # resolved for the device: dtype "auto" and the budget left out (options.BUDGETS)
     model_dtype: str  # what every other stage works in (devices.model_dtype), and a GGUF file's conversion
 
 
@@ -56,13 +56,14 @@ def prepare(model: str, data: str, out: str, config: PruneOptions) -> Prepared:
 
 
 def _resolved(config: PruneOptions) -> tuple[PruneOptions, str]:
-    """(the options with ``dtype`` resolved for the device, the dtype of the model every stage but
-    the evaluation works in) (imports torch)."""
+    """(the options with ``dtype`` and the budget left out resolved for the device, the dtype of
+    the model every stage but the evaluation works in) (imports torch)."""
     from bonsai.stages.core.devices import dtype_name, model_dtype, pruning_dtype, resolve_device
 
     device = resolve_device(config.device)
     evaluation = pruning_dtype(config.dtype, device)
-    return replace(config, dtype=dtype_name(evaluation)), dtype_name(model_dtype(evaluation, device))
+    config = replace(config.for_device(device.type), dtype=dtype_name(evaluation))
+    return config, dtype_name(model_dtype(evaluation, device))
 
 
 def identity(p: Prepared) -> dict:

@@ -45,6 +45,7 @@ def test_every_command_prints_its_help():
             build_parser().parse_args([command, "--help"])
         assert exited.value.code == 0 and "--" in out.getvalue(), command
     assert "40 % on the tiny parent" in _help("prune")
+    assert "per device: 128 on a CPU, 200 on a GPU" in _help("prune")
 
 
 def _help(command: str) -> str:

@@ -20,7 +20,8 @@ def test_every_preset_is_valid(preset):
     values = load_preset(preset)
     config = build(PruneOptions, values)
     assert values and all(getattr(config, key) == value for key, value in values.items())
-    assert PrunePlan.of(config).iterations >= 1
+    for device in ("cpu", "cuda"):
+        assert PrunePlan.of(config.for_device(device)).iterations >= 1
 
 
 def test_there_are_presets():
@@ -60,9 +61,9 @@ def test_flags_override_preset_and_dashes_work(tmp_path):
 
 
 def test_iteration_count_is_robust_to_float_noise():
-    assert PrunePlan.of(PruneOptions(sparsity=0.5, prune_frac=0.05)).iterations == 10
-    assert PrunePlan.of(PruneOptions(sparsity=0.3, prune_frac=0.1)).iterations == 3
-    assert PrunePlan.of(PruneOptions(sparsity=0.5, prune_frac=0.3)).iterations == 2
+    assert PrunePlan.of(PruneOptions(sparsity=0.5, prune_frac=0.05).for_device("cpu")).iterations == 10
+    assert PrunePlan.of(PruneOptions(sparsity=0.3, prune_frac=0.1).for_device("cpu")).iterations == 3
+    assert PrunePlan.of(PruneOptions(sparsity=0.5, prune_frac=0.3).for_device("cpu")).iterations == 2
 
 
 def test_device_is_not_part_of_the_run_identity():
@@ -159,7 +160,8 @@ def test_the_readme_option_table_agrees_with_the_schema():
     fields = {f.name: f.default for f in fields_of(PruneOptions)}
     assert set(documented) == set(fields)
     for name, default in fields.items():
-        assert documented[name] == ("per penalty" if default is None else str(default)), name
+        per = "per penalty" if name == "alphas" else "per device"  # options.BUDGETS
+        assert documented[name] == (per if default is None else str(default)), name
 
 
 def test_a_run_made_before_0_2_0_is_refused_in_one_line_naming_that_version():
@@ -208,3 +210,34 @@ def test_a_stage_config_takes_the_options_it_names_and_nothing_renamed():
         stage_config(Fits, options, not_a_field=1)
     with pytest.raises(TypeError):
         stage_config(reconstruct.ReconstructConfig, options, iteration=2)  # model_dtype is not an option
+
+
+def test_the_budget_left_out_is_the_devices_and_given_values_stay():
+    """masks_per_iter, calib_samples and seq_len left out take the device's budget (options.BUDGETS);
+    given ones are kept; the values the run will use are checked again."""
+    from bonsai.stages.core.options import BUDGETS
+
+    for device in ("cpu", "cuda"):
+        resolved = PruneOptions().for_device(device)
+        assert {k: getattr(resolved, k) for k in BUDGETS[device]} == BUDGETS[device]
+    assert PruneOptions(masks_per_iter=16, seq_len=64).for_device("cuda").masks_per_iter == 16
+    assert PruneOptions(masks_per_iter=16, seq_len=64).for_device("cuda").calib_samples == 32
+    with pytest.raises(UserError, match=r"--calib-pool \(100\) must hold .* \(8 \+ 128\)"):
+        PruneOptions(calib_pool=100).for_device("cpu")  # 8 + 128 windows do not fit in 100
+    with pytest.raises(ValueError, match="per device"):
+        PrunePlan.of(PruneOptions())
+
+
+def test_prepare_resolves_the_budget_and_the_dtype_for_the_device(zoo, corpus, tmp_path):
+    """What a run records is what it ran with: the CPU's budget and evaluation dtype, read from
+    this CPU's flags, and the float32 model every other stage works in."""
+    from bonsai.flows.preflight import prepare
+    from bonsai.stages.core.devices import native_bf16
+    from bonsai.stages.core.options import BUDGETS
+
+    p = prepare(str(zoo["llama"]), str(corpus), str(tmp_path / "run"), PruneOptions(calib_pool=200, device="cpu"))
+    assert {k: getattr(p.config, k) for k in BUDGETS["cpu"]} == BUDGETS["cpu"]
+    assert p.config.dtype == ("bfloat16" if native_bf16() else "float32") and p.model_dtype == "float32"
+    given = prepare(str(zoo["llama"]), str(corpus), str(tmp_path / "run"), PruneOptions(seq_len=32, device="cpu"))
+    assert given.config.seq_len == 32 and given.config.masks_per_iter == BUDGETS["cpu"]["masks_per_iter"]
+    assert not (tmp_path / "run").exists()  # preparing claims nothing

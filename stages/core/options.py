@@ -36,6 +36,20 @@ RECONSTRUCT_FITS = ("weights", "weights+bias", "bias")
 # imputed as the repair's one-shot least-squares update would (stages/compensate.py)
 SUB_MODEL_REPAIRS = ("none", "lsq")
 
+# The evaluation budget per iteration when the command line leaves it out, per kind of device:
+# on a GPU the paper's setting (not measured here); on a CPU the knee of BENCHMARKS.md's budget
+# curve (SmolLM2 at 20 %, three seeds): 256 sub-models were no better, 32 broke the selection in
+# two seeds of three, and 16 windows bought 0.24 perplexity for 1.6x the time.
+BUDGETS: dict[str, dict[str, int]] = {
+    "cpu": {"masks_per_iter": 128, "calib_samples": 8, "seq_len": 128},
+    "cuda": {"masks_per_iter": 200, "calib_samples": 32, "seq_len": 2048},
+}
+
+
+def _per_device(name: str) -> str:
+    return "per device: " + ", ".join(f"{b[name]} on {'a CPU' if k == 'cpu' else 'a GPU'}" for k, b in BUDGETS.items())
+
+
 # Regularisation grids searched by cross-validation (Appendix A.1 searches a grid too).
 # Utilities are standardised before fitting, so the same grid serves every model size.
 DEFAULT_ALPHAS = {"l1": (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), "l2": (0.1, 1.0, 10.0, 100.0, 1000.0)}
@@ -84,10 +98,14 @@ class Options:
 @dataclass(frozen=True, kw_only=True)
 class PruneOptions(Options):
     sparsity: float = option(0.5, "target fraction of attention+MLP parameters to remove, in (0, 1)")
-    masks_per_iter: int = option(200, "sub-models evaluated per iteration (pairs of mask and complement)")
+    masks_per_iter: int | None = option(
+        None, f"sub-models evaluated per iteration (pairs of mask and complement; {_per_device('masks_per_iter')})"
+    )
     prune_frac: float = option(0.05, "p_iter: fraction of parameters removed per iteration")
-    calib_samples: int = option(32, "calibration windows per iteration (each sub-model is scored on all)")
-    seq_len: int = option(2048, "tokens per calibration window")
+    calib_samples: int | None = option(
+        None, f"calibration windows per iteration (each sub-model is scored on all; {_per_device('calib_samples')})"
+    )
+    seq_len: int | None = option(None, f"tokens per calibration window ({_per_device('seq_len')})")
     prior: str = option("wanda", "prior that guides sampling", PRIORS)
     estimator: str = option(
         "regression",
@@ -151,11 +169,13 @@ class PruneOptions(Options):
         self._check_at_least(1, "masks_per_iter", "calib_samples", "seq_len", "batch_size", "shard_size", "calib_pool")
         self._check_choices()
         _check(self.cv_folds >= 2, "--cv-folds must be at least 2")
+        # a budget left out (None) is the device's, checked when for_device fills it in
+        masks, windows = self.masks_per_iter, self.calib_samples
         _check(
-            self.masks_per_iter >= 2 * self.cv_folds or not ESTIMATORS[self.estimator].regression,
+            masks is None or masks >= 2 * self.cv_folds or not ESTIMATORS[self.estimator].regression,
             f"--masks-per-iter must be at least 2 x cv-folds ({2 * self.cv_folds}) for the regression",
         )
-        _check(self.calib_pool >= self.calib_samples, "--calib-pool must be at least --calib-samples")
+        _check(windows is None or self.calib_pool >= windows, "--calib-pool must be at least --calib-samples")
         _check(
             (self.estimator == "flap") == (self.prior == "flap"),
             "--estimator flap and --prior flap (FLAP's standardised fluctuation, which can be negative, so it "
@@ -170,10 +190,11 @@ class PruneOptions(Options):
         )
         _check(self.reconstruct_samples >= 2, "--reconstruct-samples must be at least 2 (windows to fit and to check)")
         _check(
-            (self.reconstruct == "none" and self.prior != "obs" and self.sub_model_repair == "none")
-            or self.calib_pool >= self.calib_samples + self.reconstruct_samples,
+            windows is None
+            or (self.reconstruct == "none" and self.prior != "obs" and self.sub_model_repair == "none")
+            or self.calib_pool >= windows + self.reconstruct_samples,
             f"--calib-pool ({self.calib_pool}) must hold --calib-samples and --reconstruct-samples "
-            f"({self.calib_samples} + {self.reconstruct_samples}) windows",
+            f"({windows} + {self.reconstruct_samples}) windows",
         )
         _check(
             self.sub_model_repair == "none" or self.reconstruct != "none",
@@ -183,6 +204,12 @@ class PruneOptions(Options):
         if self.alphas is not None:
             object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
             _check(len(self.alphas) > 0 and all(a >= 0 for a in self.alphas), "--alphas must be non-negative")
+
+    def for_device(self, kind: str) -> PruneOptions:
+        """The options with the budget left out filled in for a device of ``kind`` ("cpu", or
+        "cuda" for any accelerator), checked again with the values it will run with."""
+        budget = BUDGETS["cpu" if kind == "cpu" else "cuda"]
+        return dataclasses.replace(self, **{k: v for k, v in budget.items() if getattr(self, k) is None})
 
     @property
     def alpha_grid(self) -> tuple[float, ...]:
