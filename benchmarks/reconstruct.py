@@ -149,14 +149,15 @@ def runs(args) -> None:
     done = {
         (r["sparsity"], r["reconstruct"], r["seed"])
         for r in rows
-        if (r["reconstruct"] == "none" or r.get("tokens_per_input", 0.0) == args.tokens_per_input)
+        # rows with tokens_per_input were made by 0.2.0's --reconstruct-tokens-per-input (BENCHMARKS.md)
+        if (r["reconstruct"] == "none" or r.get("tokens_per_input", 0.0) == 0.0)
         and r.get("dtype_option", "auto") == args.dtype
     }
     for sparsity, mode, seed in itertools.product(args.sparsities, args.modes, args.seeds):
         if (sparsity, mode, seed) in done:
             continue
         command = [sys.executable, __file__, "one", "--sparsity", str(sparsity), "--mode", mode, "--seed", str(seed)]
-        command += ["--samples", str(args.samples), "--tokens-per-input", str(args.tokens_per_input)]
+        command += ["--samples", str(args.samples)]
         command += ["--dtype", args.dtype]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
@@ -177,13 +178,12 @@ def one(args) -> None:
 
     common.setup_logging()
     model, train, heldout = common.parent()
-    tokens = f"-tpi{args.tokens_per_input:g}" if args.tokens_per_input and args.mode != "none" else ""
     sampling = dict(common.TINY_PRUNE)
     if args.command_sampling:  # the paper's sub-models and windows per iteration, the tiny parent's window length
         paper = BUDGETS["cuda"]
         sampling.update(masks_per_iter=paper["masks_per_iter"], calib_samples=paper["calib_samples"])
     suffix = ("-command-sampling" if args.command_sampling else "") + ("" if args.dtype == "auto" else f"-{args.dtype}")
-    out = OUT / f"tiny-{args.sparsity}-{args.mode}-seed{args.seed}{tokens}{suffix}"
+    out = OUT / f"tiny-{args.sparsity}-{args.mode}-seed{args.seed}{suffix}"
     config = PruneOptions(
         sparsity=args.sparsity,
         prune_frac=0.05,
@@ -192,7 +192,6 @@ def one(args) -> None:
         device="cpu",
         reconstruct=args.mode,
         reconstruct_samples=args.samples,
-        reconstruct_tokens_per_input=args.tokens_per_input,
         dtype=args.dtype,
     )
     start = time.perf_counter()
@@ -207,7 +206,6 @@ def one(args) -> None:
         "sparsity": args.sparsity,
         "reconstruct": args.mode,
         "seed": args.seed,
-        "tokens_per_input": args.tokens_per_input,
         "dtype_option": args.dtype,
         "masks_per_iter": config.masks_per_iter,
         "calib_samples": config.calib_samples,
@@ -270,7 +268,6 @@ def main() -> None:
     r.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5])
     r.add_argument("--seeds", type=int, nargs="+", default=[0])
     r.add_argument("--samples", type=int, default=128)
-    r.add_argument("--tokens-per-input", type=float, default=0.0, help="--reconstruct-tokens-per-input")
     r.add_argument("--modes", nargs="+", choices=["none", "lsq-final", "lsq"], default=["none", "lsq-final", "lsq"])
     r.add_argument("--dtype", default="auto", help="bonsai prune --dtype (auto: bfloat16 evaluation on a bf16 CPU)")
     r.set_defaults(handler=runs)
@@ -279,7 +276,6 @@ def main() -> None:
     o.add_argument("--mode", choices=["none", "lsq-final", "lsq"], required=True)
     o.add_argument("--seed", type=int, required=True)
     o.add_argument("--samples", type=int, default=128)
-    o.add_argument("--tokens-per-input", type=float, default=0.0)
     o.add_argument("--dtype", default="auto")
     o.add_argument(
         "--command-sampling",

@@ -13,7 +13,6 @@ keep-state with every earlier repair applied in order (core/model_io.py).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +22,10 @@ from safetensors.torch import save_file
 
 from bonsai.artifacts import ArtifactRef, Store, kill_point
 from bonsai.stages.calibration import draw, load_windows
-from bonsai.stages.core.families.remote_code import get_module
 from bonsai.stages.core.model_io import REPAIRS_FILE, PrunedModel, repair_tensors, shared_models
-from bonsai.stages.core.reconstruction import changed, repair
+from bonsai.stages.core.reconstruction import repair
 from bonsai.stages.core.rng import generator
-from bonsai.stages.core.units import KINDS, KeepState, layer_shapes, output_projection, read_keep_state
+from bonsai.stages.core.units import KINDS, KeepState, layer_shapes, read_keep_state
 
 # 2: the layer outputs come from the MLP pass; 3: held-out errors from inputs; 4: the attention
 # output completed from its pass, the windows from the widest changed projection
@@ -51,10 +49,7 @@ SCHEMA = {
 class ReconstructConfig:
     iteration: int
     seed: int
-    reconstruct_samples: int  # most windows, drawn from the pool minus the iteration's evaluation windows
-    # fit tokens per input column of the widest changed projection (0: ``reconstruct_samples``)
-    reconstruct_tokens_per_input: float
-    seq_len: int  # tokens per window
+    reconstruct_samples: int  # windows, drawn from the pool minus the iteration's evaluation windows
     calib_samples: int  # the iteration's evaluation windows (excluded)
     reconstruct_damping: float
     batch_size: int
@@ -76,19 +71,6 @@ def check_windows(samples: int) -> int:
     return max(1, samples // 8)
 
 
-def windows_needed(widest: int, cfg: ReconstructConfig) -> int:
-    """How many windows the repair uses: enough that the fit windows (all but ``check_windows``)
-    hold ``tokens_per_input`` tokens per input column of the widest projection it changes, and
-    at most ``reconstruct_samples``.  Least squares needs tokens in proportion to its inputs, not a fixed
-    count.  But on the tiny parent 12 fit tokens per column cost 40 % less time than 128
-    windows and 0.7 perplexity (mean of three seeds), while SmolLM2's 1,536-wide MLP gained
-    from every window up to 256 of 128 tokens (BENCHMARKS.md): an option, not the default."""
-    if cfg.reconstruct_tokens_per_input <= 0:
-        return cfg.reconstruct_samples
-    fit = math.ceil(cfg.reconstruct_tokens_per_input * widest / cfg.seq_len)
-    return max(2, min(cfg.reconstruct_samples, fit + max(1, fit // 7)))
-
-
 def run(
     pruned: PrunedModel,
     calibration: ArtifactRef,
@@ -108,9 +90,7 @@ def run(
         current = read_keep_state(before) if before is not None else KeepState.full(layer_shapes(model, family))
         kept = target.positions(current)
         keep = {(layer, kind): kept.units(kind)[layer] for layer in range(len(kept.groups)) for kind in KINDS}
-        layers, shapes = get_module(model, family.layers), layer_shapes(model, family)
-        widest = max((output_projection(layers[i], family, k).in_features for i, k in changed(keep, shapes)), default=0)
-        count = windows_needed(widest, cfg)
+        count = cfg.reconstruct_samples
         updated, outcomes = repair(
             model,
             family,

@@ -184,6 +184,12 @@ def test_a_run_made_before_0_2_0_is_refused_in_one_line_naming_that_version():
     with pytest.raises(UserError, match="made by bonsai 0.1.0 or earlier"):
         recorded_identity({"format": 1, "identity": {"config": now}})
     assert recorded_identity({"format": 2, "identity": {"config": now}})["config"] == now
+    # 0.2.0 recorded --reconstruct-tokens-per-input, which 0.3.0 removed: at 0 the run is this version's
+    made_by_0_2 = {"format": 2, "identity": {"config": {**now, "reconstruct_tokens_per_input": 0.0}}}
+    assert recorded_identity(made_by_0_2)["config"] == now
+    made_by_0_2["identity"]["config"]["reconstruct_tokens_per_input"] = 12.0
+    with pytest.raises(UserError, match=r"made by bonsai 0\.2\.0 with --reconstruct-tokens-per-input.*d8cbe03"):
+        recorded_identity(made_by_0_2)
 
 
 def test_a_stage_config_takes_the_options_it_names_and_nothing_renamed():
@@ -194,9 +200,9 @@ def test_a_stage_config_takes_the_options_it_names_and_nothing_renamed():
     from bonsai.stages import reconstruct
     from bonsai.stages.core.options import stage_config
 
-    options = PruneOptions(reconstruct_samples=40, reconstruct_damping=0.3, seq_len=64, calib_pool=80)
+    options = PruneOptions(reconstruct_samples=40, reconstruct_damping=0.3, calib_samples=8, calib_pool=80)
     cfg = stage_config(reconstruct.ReconstructConfig, options, iteration=2, model_dtype="float32")
-    assert (cfg.reconstruct_samples, cfg.reconstruct_damping, cfg.seq_len, cfg.iteration) == (40, 0.3, 64, 2)
+    assert (cfg.reconstruct_samples, cfg.reconstruct_damping, cfg.calib_samples, cfg.iteration) == (40, 0.3, 8, 2)
 
     @dataclasses.dataclass(frozen=True, kw_only=True)
     class Fits:

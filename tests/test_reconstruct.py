@@ -26,9 +26,8 @@ from tiny import awkward_state, ids_for, reload_elsewhere
 
 
 def config(**changes) -> reconstruct.ReconstructConfig:
-    """The stage's settings for the tests: windows of 32 tokens, 4 evaluation windows."""
-    base = dict(iteration=0, seed=0, reconstruct_samples=16, reconstruct_tokens_per_input=0.0, seq_len=32)
-    base |= dict(calib_samples=4, reconstruct_fit="weights")
+    """The stage's settings for the tests: 16 repair windows, 4 evaluation windows."""
+    base = dict(iteration=0, seed=0, reconstruct_samples=16, calib_samples=4, reconstruct_fit="weights")
     return reconstruct.ReconstructConfig(
         **{**base, **changes}, reconstruct_damping=0.1, batch_size=8, model_dtype="float32"
     )
@@ -212,7 +211,7 @@ def test_repaired_model_exports_and_reloads_for_every_family(zoo, corpus, tmp_pa
         calibration.CalibrationConfig(seq_len=32, calib_pool=24, calib_samples=4),
         store,
     )
-    cfg = config(reconstruct_samples=16, reconstruct_tokens_per_input=16.0, reconstruct_fit=fit)
+    cfg = config(reconstruct_samples=16, reconstruct_fit=fit)
     rec = reconstruct.run(PrunedModel(parent), calib, after, cfg, store, "cpu")
     table = reconstruct.read(rec)
     assert set(table["projection"]) == {"attention_out", "mlp_out"}
@@ -256,12 +255,3 @@ def test_the_repair_fits_on_windows_the_iteration_never_scores(zoo, corpus, tmp_
     assert used.shape[0] == 20
     assert not any(torch.equal(a, b) for a in used for b in scored)
     assert np.unique(used.numpy(), axis=0).shape[0] == 20
-
-
-def test_the_repair_takes_enough_windows_for_its_widest_input_and_no_more():
-    cfg = config(reconstruct_samples=128, reconstruct_tokens_per_input=12.0, seq_len=128, calib_samples=8)
-    count = reconstruct.windows_needed(688, cfg)  # the tiny parent's MLP: 65 fit windows, and a check eighth
-    assert count - reconstruct.check_windows(count) == 65 and count == 74
-    assert reconstruct.windows_needed(1536, cfg) == 128  # SmolLM2's MLP would need 144 fit windows: the cap
-    assert reconstruct.windows_needed(4, cfg) == 2  # one to fit, one to check
-    assert reconstruct.windows_needed(688, dataclasses.replace(cfg, reconstruct_tokens_per_input=0.0)) == 128

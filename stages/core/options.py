@@ -138,12 +138,6 @@ class PruneOptions(Options):
     reconstruct_samples: int = option(
         128, "most calibration windows the repair is fitted and checked on (never an iteration's evaluation windows)"
     )
-    reconstruct_tokens_per_input: float = option(
-        0.0,
-        "use only as many of those windows as give this many fit tokens per input column of the widest "
-        "projection the repair changes (0: always --reconstruct-samples; 12 cuts the stage's time by 40 % on "
-        "the tiny parent for 0.7 perplexity, see BENCHMARKS.md)",
-    )
     reconstruct_fit: str = option(
         "weights",
         "what the repair fits: the kept columns (weights), those and each projection's output bias "
@@ -183,10 +177,6 @@ class PruneOptions(Options):
         )
         _check(
             self.reconstruct_damping >= 0, f"--reconstruct-damping must not be negative, got {self.reconstruct_damping}"
-        )
-        _check(
-            self.reconstruct_tokens_per_input >= 0,
-            f"--reconstruct-tokens-per-input must not be negative, got {self.reconstruct_tokens_per_input}",
         )
         _check(self.reconstruct_samples >= 2, "--reconstruct-samples must be at least 2 (windows to fit and to check)")
         _check(
@@ -414,6 +404,9 @@ RUN_FORMAT = 2  # of run.json; format 1 called the paper's estimator "regression
 
 # options bonsai 0.1.0 recorded that 0.2.0 removed (adaptive sampling's)
 MADE_BY_0_1 = ("sampling", "round_size", "settle_tolerance", "settle_regret")
+# options 0.2.0 recorded that 0.3.0 removed, with the value under which a run did what this
+# version does (--reconstruct-tokens-per-input: --reconstruct-samples buys the same, BENCHMARKS.md)
+REMOVED_IN_0_3 = {"reconstruct_tokens_per_input": 0.0}
 
 
 def recorded_identity(recorded: dict) -> dict:
@@ -422,7 +415,13 @@ def recorded_identity(recorded: dict) -> dict:
     refused in one line naming that version: its priors and masks were computed or keyed
     differently, so resuming it here would silently redo its evaluations, the run's whole cost."""
     identity = dict(recorded.get("identity", {}))
-    config = identity.get("config", {})
+    config = dict(identity.get("config", {}))
+    for name, same in REMOVED_IN_0_3.items():
+        if name in config and config.pop(name) != same:
+            raise UserError(
+                f"this run was made by bonsai 0.2.0 with {flag(name)}, which 0.3.0 removed: finish it with bonsai "
+                "0.2.0 (git checkout d8cbe03), or start a new --out"
+            )
     old = [name for name in MADE_BY_0_1 if name in config]
     missing = [flag(f.name) for f in fields_of(PruneOptions) if f.metadata["identity"] and f.name not in config]
     if recorded.get("format", 1) < RUN_FORMAT or old or missing:
@@ -434,4 +433,4 @@ def recorded_identity(recorded: dict) -> dict:
             f"this run was made by bonsai 0.1.0 or earlier ({how}); this version would redo its evaluations: "
             "finish it with bonsai 0.1.0 (git checkout 160127d), or start a new --out"
         )
-    return identity
+    return {**identity, "config": config}
