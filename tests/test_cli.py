@@ -33,18 +33,27 @@ def test_bad_options(zoo, corpus, tmp_path, change, fragment):
 
 def test_every_command_prints_its_help():
     """Each command's --help, built from the options' schema (a help text with a "%" once broke it)."""
+    import argparse
     import contextlib
+    import dataclasses
     import io
 
-    from bonsai.flows.cli import build_parser
-    from bonsai.stages.core.options import COMMANDS
+    from bonsai.flows.cli import add_option_flags, build_parser
+    from bonsai.stages.core.options import COMMANDS, Options, option
 
     for command in COMMANDS:
         out = io.StringIO()
         with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exited:
             build_parser().parse_args([command, "--help"])
         assert exited.value.code == 0 and "--" in out.getvalue(), command
-    assert "40 % on the tiny parent" in _help("prune")
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Share(Options):
+        share: float = option(0.4, "the share kept (40 % of it)")
+
+    parser = argparse.ArgumentParser()
+    add_option_flags(parser, Share)
+    assert "(40 % of it)" in " ".join(parser.format_help().split())
     assert "per device: 128 on a CPU, 200 on a GPU" in _help("prune")
 
 
