@@ -50,7 +50,7 @@ def test_unknown_preset_key_is_named(tmp_path):
     preset.write_text("sparsity: 0.4\nmask-count: 3\n")
     with pytest.raises(UserError) as err:
         load_preset(preset)
-    assert "mask_count" in str(err.value)
+    assert "mask_count" in str(err.value) and f"--config {preset}" in str(err.value)
 
 
 def test_flags_override_preset_and_dashes_work(tmp_path):

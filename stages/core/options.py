@@ -365,16 +365,24 @@ def _scalar(kind: type, value: Any) -> Any:
     return kind(value)
 
 
+def named(cls: type[Options], layer: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
+    """A layer of option values by field name (dashes or underscores); a name the schema does not
+    know is one UserError line saying ``where`` it came from."""
+    layer = {str(k).replace("-", "_"): v for k, v in (layer or {}).items()}
+    known = kinds(cls)
+    unknown = sorted(set(layer) - set(known))
+    if unknown:
+        raise UserError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return layer
+
+
 def build(cls: type[Options], *layers: Mapping[str, Any] | None, where: str = "options") -> Options:
-    """Defaults, then each layer in turn (a preset, then flags); None values are skipped."""
+    """Defaults, then each layer in turn (a preset, then flags); None values are skipped.  The one
+    place values are parsed and checked."""
     known = kinds(cls)
     values: dict[str, Any] = {}
     for layer in layers:
-        layer = {str(k).replace("-", "_"): v for k, v in (layer or {}).items()}
-        unknown = sorted(set(layer) - set(known))
-        if unknown:
-            raise UserError(f"{where}: unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        values.update({k: coerce(k, known[k], v) for k, v in layer.items() if v is not None})
+        values.update({k: coerce(k, known[k], v) for k, v in named(cls, layer, where).items() if v is not None})
     return cls(**values)
 
 
@@ -393,10 +401,9 @@ def read_yaml(path: str | Path, expected: str) -> dict[str, Any]:
 
 
 def load_preset(path: str | Path) -> dict[str, Any]:
-    """A YAML preset of `bonsai prune` options (dashes or underscores), checked against the schema."""
-    data = read_yaml(path, "a mapping of option: value")
-    build(PruneOptions, data, where=f"--config {path}")  # unknown keys and bad values fail now
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    """A YAML preset of `bonsai prune` options by field name; an unknown one names the file.  Its
+    values are parsed and checked with the flags', by ``build``."""
+    return named(PruneOptions, read_yaml(path, "a mapping of option: value"), f"--config {path}")
 
 
 RUN_FORMAT = 2  # of run.json; format 1 called the paper's estimator "regression"
