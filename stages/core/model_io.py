@@ -66,9 +66,11 @@ def load_tokenizer(path: str | os.PathLike):
 class ModelCache:
     """Keeps the one model a process works on, sliced and repaired to the state last asked for.
 
-    Consecutive stages of an iteration ask for the same state, and the next iteration for
-    a subset of it with the same repairs or more, so the parent is loaded once per process,
-    only ever sliced further, and each repair is applied once.  Anything else reloads it.
+    Consecutive stages of an iteration ask for the same state, and the next iteration for a
+    subset of it, so between repairs the parent is loaded once and only ever sliced further.  A
+    repair writes into the model and invalidates it; the next stage reloads the parent, slices
+    it and applies every repair in order (a fraction of a second for SmolLM2).  Anything else
+    reloads it too.
     A narrower dtype asked of a float32 model is a cast copy of it, kept beside it until the
     model changes: the evaluation's bfloat16 model on a CPU (devices.model_dtype).
     """
