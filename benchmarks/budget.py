@@ -74,8 +74,17 @@ def timed_prune(cmd: list[str], run: Path) -> dict:
     return {"wall_s": wall, "stage_s": stage_seconds(run), "perplexity": ppl}
 
 
-def stage_seconds(run: Path) -> float:
-    return sum(json.loads(m.read_text())["wall_s"] for m in run.glob("*/*/manifest.json"))
+def stage_seconds(run: Path, stage: str = "*") -> float:
+    return sum(json.loads(m.read_text())["wall_s"] for m in run.glob(f"{stage}/*/manifest.json"))
+
+
+def paired_auto() -> list[dict]:
+    """The paired runs' 0.2.0 side (128 x 8, the CPU default since): the grid's 128 x 8 point and
+    the repair comparison's 128-window point, so neither runs it again."""
+    paired_file = OUT / "paired.json"
+    rows = json.loads(paired_file.read_text()) if paired_file.is_file() else []
+    keep = ("seed", "wall_s", "stage_s", "perplexity")
+    return [{k: r[k] for k in keep} for r in rows if r["defaults"].startswith("0.2.0")]
 
 
 def grid(args) -> None:
@@ -84,22 +93,9 @@ def grid(args) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     rows_file = OUT / "rows.json"
     rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
-    # the paired runs' 0.2.0 side is this grid's 128 x 8 point (same command, same defaults)
-    paired_file = OUT / "paired.json"
-    for r in json.loads(paired_file.read_text()) if paired_file.is_file() else []:
-        if r["defaults"].startswith("0.2.0") and (128, 8, r["seed"]) not in {
-            (x["masks"], x["windows"], x["seed"]) for x in rows
-        }:
-            rows.append(
-                {
-                    "masks": 128,
-                    "windows": 8,
-                    "seed": r["seed"],
-                    "wall_s": r["wall_s"],
-                    "stage_s": r["stage_s"],
-                    "perplexity": r["perplexity"],
-                }
-            )
+    for r in paired_auto():
+        if (128, 8, r["seed"]) not in {(x["masks"], x["windows"], x["seed"]) for x in rows}:
+            rows.append({"masks": 128, "windows": 8, **r})
     done = {(r["masks"], r["windows"], r["seed"]) for r in rows}
     settings = [(m, 8) for m in args.masks] + [(128, w) for w in args.windows if w != 8 or 128 not in args.masks]
     for seed in args.seeds:
@@ -163,15 +159,11 @@ def repair(args) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     rows_file = OUT / "repair.json"
     rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
-    # the paired runs' 0.2.0 side is this comparison's 128-window point when the CPU budget is theirs
-    paired_file = OUT / "paired.json"
-    if (budget["masks_per_iter"], budget["calib_samples"]) == (128, 8) and paired_file.is_file():
-        for r in json.loads(paired_file.read_text()):
-            if r["defaults"].startswith("0.2.0") and (128, r["seed"]) not in {(x["samples"], x["seed"]) for x in rows}:
-                run = OUT / f"paired-auto-seed{r['seed']}"
-                repair_s = sum(json.loads(m.read_text())["wall_s"] for m in run.glob("reconstruct/*/manifest.json"))
-                keep = ("wall_s", "stage_s", "perplexity")
-                rows.append({"samples": 128, "seed": r["seed"], **{k: r[k] for k in keep}, "reconstruct_s": repair_s})
+    if (budget["masks_per_iter"], budget["calib_samples"]) == (128, 8):
+        for r in paired_auto():
+            if (128, r["seed"]) not in {(x["samples"], x["seed"]) for x in rows}:
+                repair_s = stage_seconds(OUT / f"paired-auto-seed{r['seed']}", "reconstruct")
+                rows.append({"samples": 128, **r, "reconstruct_s": repair_s})
     done = {(r["samples"], r["seed"]) for r in rows}
     for seed in args.seeds:
         for samples in args.samples:
@@ -181,7 +173,7 @@ def repair(args) -> None:
             flags = ("--reconstruct-samples", str(samples))
             cmd = command(model, train, run, 0.2, budget["masks_per_iter"], budget["calib_samples"], seed, *flags)
             measured = timed_prune(cmd, run)
-            repair_s = sum(json.loads(m.read_text())["wall_s"] for m in run.glob("reconstruct/*/manifest.json"))
+            repair_s = stage_seconds(run, "reconstruct")
             rows.append({"samples": samples, "seed": seed, **measured, "reconstruct_s": repair_s})
             rows_file.write_text(json.dumps(rows, indent=1))
             print(rows[-1], flush=True)
