@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bonsai.flows.executors import Executor, Inline
+from bonsai.flows.preflight import Prepared, prepare
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.model_source import is_hub_id
 from bonsai.stages.core.options import (
@@ -110,13 +111,15 @@ def load_spec(path: str | Path) -> ChainSpec:
     return ChainSpec(where["model"], where["data"], where["out"], config, adapt, evaluate, export)
 
 
-def run_chain(spec: ChainSpec, execute: Executor = Inline()) -> dict:
+def run_chain(spec: ChainSpec, execute: Executor = Inline(), prepared: Prepared | None = None) -> dict:
+    """``prepared``: the prune step's inputs as the CLI prepared them (flows/preflight.py)."""
     from bonsai.flows.adapt import run_adapt
     from bonsai.flows.eval import run_eval
     from bonsai.flows.export import run_export
-    from bonsai.flows.prune import run_prune
+    from bonsai.flows.prune import run_prepared
 
-    result: dict[str, Any] = {"prune": run_prune(spec.model, spec.data, spec.out, spec.prune, execute)}
+    prepared = prepared or prepare(spec.model, spec.data, spec.out, spec.prune)
+    result: dict[str, Any] = {"prune": run_prepared(prepared, execute)}
     if spec.adapt is not None:
         result["adapt"] = run_adapt(spec.out, spec.adapt, execute)
     if spec.export is not None:  # after adaptation: the adapted model is exported too

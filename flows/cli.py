@@ -272,7 +272,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     flow = prune_flow.with_options(task_runner=dask_runner(address)) if address else prune_flow
     with quiet_user_errors():
-        summary = flow(args.model, args.data, args.out, dataclasses.asdict(config), parallel=bool(address))
+        summary = flow(args.model, args.data, args.out, dataclasses.asdict(config), bool(address), prepared.as_params())
     print(iteration_table(summary))
     return 0
 
@@ -285,13 +285,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_inputs(spec.model, spec.data)
     address = _runner(args)
     ready = start_prefect(background=True)
-    open_run(prepare(spec.model, spec.data, spec.out, spec.prune), probe=True)
+    prepared = prepare(spec.model, spec.data, spec.out, spec.prune)
+    open_run(prepared, probe=True)
     ready()
     from bonsai.flows.pipelines import chain_flow
     from bonsai.stages.reports.terminal import iteration_table
 
     with quiet_user_errors():
-        result = chain_flow(spec.to_dict(), dask_address=address)
+        result = chain_flow(spec.to_dict(), address, prepared.as_params())
     print(iteration_table(result["prune"]))
     if "adapt" in result:
         print(f"\nadapted model: {result['adapt']['adapted']} (final loss {result['adapt']['final_loss']:.4f})")

@@ -12,7 +12,8 @@ import logging
 from prefect import flow
 
 from bonsai.flows.executors import PrefectTasks
-from bonsai.flows.prune import run_prune
+from bonsai.flows.preflight import Prepared
+from bonsai.flows.prune import run_prepared, run_prune
 from bonsai.stages.core.options import PruneOptions
 
 
@@ -23,11 +24,18 @@ def _progress_logs() -> None:
 
 
 @flow(name="bonsai-prune", persist_result=False, validate_parameters=False)
-def prune_flow(model: str, data: str, out: str, config: dict, parallel: bool = False) -> dict:
+def prune_flow(
+    model: str, data: str, out: str, config: dict, parallel: bool = False, prepared: dict | None = None
+) -> dict:
     """Prune MODEL on DATA to the configured sparsity, into OUT (resumes what OUT holds).
-    ``parallel`` submits evaluation shards to the flow's task runner (see dask_runner)."""
+    ``parallel`` submits evaluation shards to the flow's task runner (see dask_runner).
+    ``prepared``: the same inputs as the CLI already prepared them (``Prepared.as_params``); a
+    run started from a schedule or the UI leaves it out and is checked and prepared here."""
     _progress_logs()
-    return run_prune(model, data, out, PruneOptions(**config), PrefectTasks(parallel))
+    execute = PrefectTasks(parallel)
+    if prepared is not None:
+        return run_prepared(Prepared.from_params(prepared), execute)
+    return run_prune(model, data, out, PruneOptions(**config), execute)
 
 
 def dask_runner(address: str):
@@ -98,19 +106,19 @@ def eval_flow(target: str, options: dict) -> dict:
 
 
 @flow(name="bonsai-run", persist_result=False, validate_parameters=False)
-def chain_flow(spec: dict, dask_address: str | None = None) -> dict:
+def chain_flow(spec: dict, dask_address: str | None = None, prepared: dict | None = None) -> dict:
     """prune -> adapt -> eval, as a run file describes them (see flows/chain.py).  With a
     Dask address, pruning runs first as a subflow whose evaluation shards go to Dask; the
-    chain then finds it done in the store."""
+    chain then finds it done in the store.  ``prepared``: as prune_flow's."""
     _progress_logs()
     from bonsai.flows.chain import ChainSpec, run_chain
 
     chain = ChainSpec.from_dict(spec)
     if dask_address:
         prune_flow.with_options(task_runner=dask_runner(dask_address))(
-            chain.model, chain.data, chain.out, dataclasses.asdict(chain.prune), parallel=True
+            chain.model, chain.data, chain.out, dataclasses.asdict(chain.prune), parallel=True, prepared=prepared
         )
-    return run_chain(chain, PrefectTasks())
+    return run_chain(chain, PrefectTasks(), None if prepared is None else Prepared.from_params(prepared))
 
 
 @flow(name="bonsai-audit", persist_result=False, validate_parameters=False)

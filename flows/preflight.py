@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bonsai.artifacts import ArtifactRef, RunDir, RunLocked, RunMismatch, external_ref
@@ -29,6 +29,30 @@ class Prepared:
     data: ArtifactRef
     config: PruneOptions  # resolved for the device: dtype "auto" and the budget left out (options.BUDGETS)
     model_dtype: str  # what every other stage works in (devices.model_dtype), and a GGUF file's conversion
+
+    def as_params(self) -> dict:
+        """Plain values, for a flow parameter: the CLI prepares before Prefect starts and hands
+        the flow this, so nothing is checked, resolved or hashed twice."""
+        return {
+            "out": str(self.run.path),
+            "parent": asdict(self.parent),
+            "source": asdict(self.source),
+            "data": asdict(self.data),
+            "config": asdict(self.config),
+            "model_dtype": self.model_dtype,
+        }
+
+    @classmethod
+    def from_params(cls, params: dict) -> Prepared:
+        """What ``as_params`` gave, as it was prepared (the options are the resolved ones)."""
+        return cls(
+            _run_dir(params["out"]),
+            ArtifactRef(**params["parent"]),
+            ModelSource(**params["source"]),
+            ArtifactRef(**params["data"]),
+            PruneOptions(**params["config"]),
+            params["model_dtype"],
+        )
 
 
 def check_inputs(model: str, data: str) -> None:
@@ -51,8 +75,11 @@ def prepare(model: str, data: str, out: str, config: PruneOptions) -> Prepared:
     if limit and config.seq_len > limit:
         raise UserError(f"--seq-len {config.seq_len} exceeds the model's context ({limit} tokens)")
     parent = external_ref("parent", info.path, model_digest(info.path))
-    run = RunDir(out, format=RUN_FORMAT, upgrade=recorded_identity)
-    return Prepared(run, parent, source, data_ref, config, working)
+    return Prepared(_run_dir(out), parent, source, data_ref, config, working)
+
+
+def _run_dir(out: str) -> RunDir:
+    return RunDir(out, format=RUN_FORMAT, upgrade=recorded_identity)
 
 
 def _resolved(config: PruneOptions) -> tuple[PruneOptions, str]:

@@ -238,7 +238,11 @@ def warn_library_changes(p: Prepared, before: dict[str, dict], changes: dict[str
 
 def run_prune(model: str, data: str, out: str, config: PruneOptions, execute: Executor = Inline()) -> dict:
     """Prepare, lock, run, unlock: the whole of `bonsai prune` without Prefect."""
-    prepared = prepare(model, data, out, config)
+    return run_prepared(prepare(model, data, out, config), execute)
+
+
+def run_prepared(prepared: Prepared, execute: Executor = Inline()) -> dict:
+    """Lock, run, unlock, on inputs that ``prepare`` checked and fingerprinted."""
     resuming = open_run(prepared)
     before = prepared.run.store.library_versions() if resuming else {}
     changes = library_changes(before, library_versions())

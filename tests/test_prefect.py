@@ -56,3 +56,22 @@ def test_a_run_on_its_own_temporary_server_finishes(zoo, corpus, tmp_path):
     result = tiny.bonsai(args, tmp_path, PREFECT_API_URL="")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model" / "config.json").is_file()
+
+
+def test_the_command_prepares_its_inputs_once(prefect_api, zoo, corpus, tmp_path, monkeypatch):
+    """`bonsai prune` checks, resolves and fingerprints its inputs before Prefect starts (so a
+    wrong one is refused at once) and hands them to the flow, which must not prepare them again."""
+    from bonsai.flows import cli, preflight, prune
+
+    calls, real = [], preflight.prepare
+
+    def counting(*args, **kwargs):
+        calls.append(args[:3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(preflight, "prepare", counting)
+    monkeypatch.setattr(prune, "prepare", counting)
+    out = tmp_path / "run"
+    assert cli.main(tiny.prune_args(zoo["llama"], corpus, out, *tiny.PRUNE_SMALL)) == 0
+    assert (out / "model" / "config.json").is_file()
+    assert calls == [(str(zoo["llama"]), str(corpus), str(out))]
