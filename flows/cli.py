@@ -272,7 +272,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     flow = prune_flow.with_options(task_runner=dask_runner(address)) if address else prune_flow
     with quiet_user_errors():
-        summary = flow(args.model, args.data, args.out, dataclasses.asdict(config), bool(address), prepared.as_params())
+        summary = flow(
+            args.model,
+            args.data,
+            args.out,
+            dataclasses.asdict(config),
+            parallel=bool(address),
+            prepared=prepared.as_params(),
+        )
     print(iteration_table(summary))
     return 0
 
@@ -292,7 +299,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bonsai.stages.reports.terminal import iteration_table
 
     with quiet_user_errors():
-        result = chain_flow(spec.to_dict(), address, prepared.as_params())
+        result = chain_flow(spec.to_dict(), dask_address=address, prepared=prepared.as_params())
     print(iteration_table(result["prune"]))
     if "adapt" in result:
         print(f"\nadapted model: {result['adapt']['adapted']} (final loss {result['adapt']['final_loss']:.4f})")
