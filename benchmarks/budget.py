@@ -3,6 +3,7 @@
     python benchmarks/budget.py grid [--seeds 0 1 2] [--masks 32 64 128 256] [--windows 2 4 8 16]
     python benchmarks/budget.py paired [--seeds 0 1 2]
     python benchmarks/budget.py repair [--seeds 0 1 2] [--samples 128 512]
+    python benchmarks/budget.py variant NAME [--seeds 0 1 2] -- FLAGS...
     python benchmarks/budget.py overhead [--repeats 5] [--code DIR]
 
 ``grid`` prunes SmolLM2-135M-Instruct to 20 % (p_iter 0.1, windows of 128 tokens, the repair
@@ -15,9 +16,10 @@ defaults (``--dtype float32``: what ``auto`` resolved to on a CPU then) and then
 version's (``--dtype auto``), back to back per seed, and compares whole-command wall time and
 held-out perplexity.  ``repair`` runs the CPU defaults (options.BUDGETS["cpu"]) with each
 ``--reconstruct-samples`` (the repair's windows per iteration), the repair's own share of the
-time beside quality.  ``overhead`` is the command's wall time minus the time its stages record, with
-the temporary server, beside the time a fresh interpreter takes only to import what the
-command needs before its first stage (a floor no change to the command itself can go under).
+time beside quality.  ``variant`` runs the CPU defaults with other flags, beside them.
+``overhead`` is the command's wall time minus the time its stages record, with the temporary
+server, beside the time a fresh interpreter takes only to import what the command needs before
+its first stage (a floor no change to the command itself can go under).
 """
 
 from __future__ import annotations
@@ -188,6 +190,41 @@ def repair(args) -> None:
     print(common.markdown(list(summary.columns), summary.sort("samples").rows()))
 
 
+def variant(args) -> None:
+    """The CPU defaults with other flags, as ``NAME``, beside the defaults' own runs (the paired
+    runs' 0.2.0 side: the same command without the flags, on the same seeds)."""
+    common.setup_logging()
+    model, (train, _) = real_model.model(), common.texts()
+    budget = BUDGETS["cpu"]
+    OUT.mkdir(parents=True, exist_ok=True)
+    rows_file = OUT / "variants.json"
+    rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
+    done = {(r["name"], r["seed"]) for r in rows}
+    flags = [f for f in args.flags if f != "--"]
+    for seed in args.seeds:
+        if (args.name, seed) in done:
+            continue
+        run = OUT / f"variant-{args.name}-seed{seed}"
+        cmd = command(model, train, run, 0.2, budget["masks_per_iter"], budget["calib_samples"], seed, *flags)
+        measured = timed_prune(cmd, run)
+        rows.append({"name": args.name, "flags": " ".join(flags), "seed": seed, **measured})
+        rows_file.write_text(json.dumps(rows, indent=1))
+        print(rows[-1], flush=True)
+    defaults = [{"name": "defaults", "flags": "", **r} for r in paired_auto()]
+    frame = pl.DataFrame(defaults + rows).select("name", "flags", "seed", "wall_s", "perplexity")
+    summary = (
+        frame.group_by("name", "flags")
+        .agg(
+            pl.col("perplexity").mean().alias("perplexity"),
+            pl.col("perplexity").std().alias("sd"),
+            pl.len().alias("seeds"),
+            pl.col("wall_s").mean(),
+        )
+        .sort("perplexity")
+    )
+    print(common.markdown(list(summary.columns), summary.rows()))
+
+
 def plot(frame: pl.DataFrame, path: Path) -> None:
     plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
@@ -273,6 +310,11 @@ def main() -> None:
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     r.add_argument("--samples", type=int, nargs="+", default=[128, 512])
     r.set_defaults(handler=repair)
+    v = sub.add_parser("variant")
+    v.add_argument("name", help="the variant's name in results/budget/variants.json")
+    v.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    v.add_argument("flags", nargs=argparse.REMAINDER, help="-- then the bonsai prune flags that differ")
+    v.set_defaults(handler=variant)
     o = sub.add_parser("overhead")
     o.add_argument("--repeats", type=int, default=5)
     o.add_argument("--code", default=None, help="a folder holding another version's bonsai package")
