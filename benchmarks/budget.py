@@ -200,7 +200,7 @@ def variant(args) -> None:
     rows_file = OUT / "variants.json"
     rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
     done = {(r["name"], r["seed"]) for r in rows}
-    flags = [f for f in args.flags if f != "--"]
+    flags = args.flags
     for seed in args.seeds:
         if (args.name, seed) in done:
             continue
@@ -313,13 +313,16 @@ def main() -> None:
     v = sub.add_parser("variant")
     v.add_argument("name", help="the variant's name in results/budget/variants.json")
     v.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    v.add_argument("flags", nargs=argparse.REMAINDER, help="-- then the bonsai prune flags that differ")
+    v.set_defaults(flags=[])  # what follows "--": the bonsai prune flags that differ
     v.set_defaults(handler=variant)
     o = sub.add_parser("overhead")
     o.add_argument("--repeats", type=int, default=5)
     o.add_argument("--code", default=None, help="a folder holding another version's bonsai package")
     o.set_defaults(handler=overhead)
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.flags = argv[split + 1 :]
     args.handler(args)
 
 
