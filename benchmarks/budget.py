@@ -89,12 +89,17 @@ def paired_auto() -> list[dict]:
     return [{k: r[k] for k in keep} for r in rows if r["defaults"].startswith("0.2.0")]
 
 
-def grid(args) -> None:
+def begin(file: str) -> tuple[str, str, Path, list[dict]]:
+    """(the model, the calibration text, a subcommand's results file, its rows so far)."""
     common.setup_logging()
-    model, (train, _) = real_model.model(), common.texts()
     OUT.mkdir(parents=True, exist_ok=True)
-    rows_file = OUT / "rows.json"
+    rows_file = OUT / file
     rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
+    return real_model.model(), common.texts()[0], rows_file, rows
+
+
+def grid(args) -> None:
+    model, train, rows_file, rows = begin("rows.json")
     for r in paired_auto():
         if (128, 8, r["seed"]) not in {(x["masks"], x["windows"], x["seed"]) for x in rows}:
             rows.append({"masks": 128, "windows": 8, **r})
@@ -125,11 +130,7 @@ def grid(args) -> None:
 
 
 def paired(args) -> None:
-    common.setup_logging()
-    model, (train, _) = real_model.model(), common.texts()
-    OUT.mkdir(parents=True, exist_ok=True)
-    rows_file = OUT / "paired.json"
-    rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
+    model, train, rows_file, rows = begin("paired.json")
     done = {(r["defaults"], r["seed"]) for r in rows}
     for seed in args.seeds:
         for defaults, flags in (("0.1.0 (float32)", ("--dtype", "float32")), ("0.2.0 (auto)", ())):
@@ -155,12 +156,8 @@ def paired(args) -> None:
 
 
 def repair(args) -> None:
-    common.setup_logging()
-    model, (train, _) = real_model.model(), common.texts()
+    model, train, rows_file, rows = begin("repair.json")
     budget = BUDGETS["cpu"]
-    OUT.mkdir(parents=True, exist_ok=True)
-    rows_file = OUT / "repair.json"
-    rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
     if (budget["masks_per_iter"], budget["calib_samples"]) == (128, 8):
         for r in paired_auto():
             if (128, r["seed"]) not in {(x["samples"], x["seed"]) for x in rows}:
@@ -193,12 +190,8 @@ def repair(args) -> None:
 def variant(args) -> None:
     """The CPU defaults with other flags, as ``NAME``, beside the defaults' own runs (the paired
     runs' 0.2.0 side: the same command without the flags, on the same seeds)."""
-    common.setup_logging()
-    model, (train, _) = real_model.model(), common.texts()
+    model, train, rows_file, rows = begin("variants.json")
     budget = BUDGETS["cpu"]
-    OUT.mkdir(parents=True, exist_ok=True)
-    rows_file = OUT / "variants.json"
-    rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
     done = {(r["name"], r["seed"]) for r in rows}
     flags = args.flags
     for seed in args.seeds:
