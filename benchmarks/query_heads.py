@@ -136,7 +136,8 @@ def add_margins(result: dict, fresh: bool = False) -> None:
     all), as the regression's 20 % runs, which remove only MLP channels, go that deep.  With
     ``fresh``, that and the head set chosen on the first windows, both on the next windows:
     the head set's own figure is biased low, its heads being each group's lowest of three
-    measurements on the same tokens."""
+    measurements on the same tokens (the channels' order comes from those windows' activations:
+    a statistic, not a choice by loss)."""
     model, windows = load(result["windows"], fresh)
     priors = channel_prior(model, windows)
     base = loss(model, windows)
