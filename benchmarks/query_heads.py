@@ -25,9 +25,12 @@ import real_model
 import torch
 
 from bonsai.stages.calibration import cut_windows
+from bonsai.stages.core.model_dirs import inspect_model_dir
 from bonsai.stages.core.model_io import load_model, load_tokenizer
 from bonsai.stages.core.model_source import resolve as resolve_model
 from bonsai.stages.core.nll import mean_nll
+from bonsai.stages.core.taps import Taps, unit_priors
+from bonsai.stages.core.units import CHANNEL
 from bonsai.stages.reports.render import pyplot, save
 
 OUT = common.RESULTS / "query-heads"
@@ -51,26 +54,13 @@ def zeroed(model, windows, weight: torch.Tensor, columns: torch.Tensor) -> float
         weight[:, columns] = kept
 
 
-@torch.no_grad()
 def channel_prior(model, windows) -> list[torch.Tensor]:
-    """Per layer, Wanda's prior of every MLP channel: RMS of down_proj's input x mean |column|."""
-    squares, handles = [], []
-    for layer in model.model.layers:
-        total = torch.zeros(layer.mlp.down_proj.in_features, dtype=torch.float64)
-        squares.append(total)
-
-        def hook(module, args, total=total):
-            total += args[0].reshape(-1, args[0].shape[-1]).double().pow(2).sum(0)
-
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(hook))
-    loss(model, windows)
-    for handle in handles:
-        handle.remove()
-    tokens = windows.numel()
-    return [
-        (total / tokens).sqrt().float() * layer.mlp.down_proj.weight.abs().mean(0)
-        for total, layer in zip(squares, model.model.layers)
-    ]
+    """Per layer, the pruner's own Wanda prior of every MLP channel (core/taps.py)."""
+    family = inspect_model_dir(model.name_or_path).family
+    with Taps(model, family, stat_groups=1) as taps:
+        loss(model, windows)
+    values = unit_priors(taps)
+    return [values[(index, CHANNEL)]["wanda"] for index in range(len(taps.shapes))]
 
 
 def load(windows_count: int, fresh: bool = False) -> tuple[torch.nn.Module, torch.Tensor]:
