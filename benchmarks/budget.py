@@ -59,6 +59,7 @@ def command(
         *("--sparsity", str(sparsity), "--prune-frac", "0.1"),
         *("--masks-per-iter", str(masks), "--calib-samples", str(windows), "--seq-len", "128"),
         *("--batch-size", "8", "--shard-size", "16", "--calib-pool", "1024", "--device", "cpu"),
+        *("--reconstruct-samples", "128"),  # every table's runs used it (the CPU default since 0.4.0 is 256)
         *("--seed", str(seed)),
         *flags,
     )
@@ -78,6 +79,21 @@ def timed_prune(cmd: list[str], run: Path) -> dict:
 
 def stage_seconds(run: Path, stage: str = "*") -> float:
     return sum(json.loads(m.read_text())["wall_s"] for m in run.glob(f"{stage}/*/manifest.json"))
+
+
+def stage_split(run: Path) -> dict:
+    """The time a run's evaluation took (the same work in every variant of the CPU defaults: a
+    check that runs compared were on an equally fast machine) and its repair's."""
+    return {"evaluate_s": stage_seconds(run, "evaluate"), "reconstruct_s": stage_seconds(run, "reconstruct")}
+
+
+def first_repair(run: Path) -> pl.DataFrame:
+    """The first iteration's repair table (stages/reconstruct.py): its removal does not depend on
+    any repair, so runs of one seed repair the same removal there."""
+    for path in run.glob("reconstruct/*/manifest.json"):
+        if json.loads(path.read_text())["config"]["iteration"] == 0:
+            return pl.read_parquet(path.parent / "repair.parquet")
+    raise SystemExit(f"{run}: no first repair")
 
 
 def paired_auto() -> list[dict]:
@@ -200,11 +216,14 @@ def variant(args) -> None:
         run = OUT / f"variant-{args.name}-seed{seed}"
         cmd = command(model, train, run, 0.2, budget["masks_per_iter"], budget["calib_samples"], seed, *flags)
         measured = timed_prune(cmd, run)
-        rows.append({"name": args.name, "flags": " ".join(flags), "seed": seed, **measured})
+        rows.append({"name": args.name, "flags": " ".join(flags), "seed": seed, **measured, **stage_split(run)})
         rows_file.write_text(json.dumps(rows, indent=1))
         print(rows[-1], flush=True)
     defaults = [{"name": "defaults", "flags": "", **r} for r in paired_auto()]
-    frame = pl.DataFrame(defaults + rows).select("name", "flags", "seed", "wall_s", "perplexity")
+    for r in defaults:
+        r.update(stage_split(OUT / f"paired-auto-seed{r['seed']}"))
+    columns = ("name", "flags", "seed", "wall_s", "evaluate_s", "reconstruct_s", "perplexity")
+    frame = pl.DataFrame([{c: r.get(c) for c in columns} for r in defaults + rows])
     summary = (
         frame.group_by("name", "flags")
         .agg(
@@ -212,10 +231,22 @@ def variant(args) -> None:
             pl.col("perplexity").std().alias("sd"),
             pl.len().alias("seeds"),
             pl.col("wall_s").mean(),
+            pl.col("evaluate_s").mean(),
+            pl.col("reconstruct_s").mean(),
         )
         .sort("perplexity")
     )
     print(common.markdown(list(summary.columns), summary.rows()))
+    print(f"first iteration's repair, {args.name} against the defaults' (relative held-out output error after it):")
+    header = ["seed", "projections", "defaults: mean", f"{args.name}: mean", "largest relative difference"]
+    table = []
+    for r in rows:
+        if r["name"] == args.name:
+            ours = first_repair(OUT / f"variant-{args.name}-seed{r['seed']}")
+            theirs = first_repair(OUT / f"paired-auto-seed{r['seed']}")
+            change = (ours["error_after"] / theirs["error_after"] - 1).abs().max()
+            table.append([r["seed"], ours.height, theirs["error_after"].mean(), ours["error_after"].mean(), change])
+    print(common.markdown(header, table))
 
 
 def plot(frame: pl.DataFrame, path: Path) -> None:

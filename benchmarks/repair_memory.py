@@ -1,6 +1,6 @@
 """Peak memory of the least-squares repair at LLaMA-2-7B's layer shapes, against plain inference.
 
-    python benchmarks/repair_memory.py [--layers 1] [--samples 128] [--processes 1]
+    python benchmarks/repair_memory.py [--layers 1] [--samples 256] [--passes bfloat16] [--processes 1]
 
 A 7B model does not fit this machine's 24 GB in float32, and the repair's extra memory is per
 layer (one projection's Gram matrix and one layer's MLP-output inputs at a time) plus the
@@ -8,7 +8,8 @@ hidden states of its windows, none of which grows with depth.  So each side runs
 process on a randomly initialised LLaMA with 7B's shapes (hidden 4,096, 32 heads, MLP 11,008,
 vocabulary 32,000) and ``--layers`` decoder layers: "inference" is a forward of one pruning
 batch (8 x 128), "repair" is the reconstruct stage's ``repair`` on ``--samples`` windows of 128
-tokens with 10 % of every layer's heads and channels removed (the default iteration).  Each
+tokens with 10 % of every layer's heads and channels removed (the default iteration), its layer
+passes in ``--passes`` (the CPU defaults: 256 windows, passes in bfloat16 where the CPU has it).  Each
 reports its peak RSS above the loaded model (VmHWM after /proc/self/clear_refs), and the table
 adds both to the 32-layer model's weights, in float32 and bfloat16, for the ratio a 7B user
 would see.
@@ -39,9 +40,10 @@ def _every_tenth_removed(count: int) -> list[int]:
     return [i for i in range(count) if i % 10 != 0]  # keeps 90 %: the default p_iter
 
 
-def child(mode: str, layers: int, samples: int) -> None:
+def child(mode: str, layers: int, samples: int, passes: str) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from bonsai.stages.core.devices import DTYPES
     from bonsai.stages.core.families import family_for_model_type
     from bonsai.stages.core.reconstruction import repair
     from bonsai.stages.core.rng import generator
@@ -64,7 +66,7 @@ def child(mode: str, layers: int, samples: int) -> None:
             for layer, shape in enumerate(shapes)
             for kind in (HEAD, CHANNEL)
         }
-        repair(model, family, windows, check_windows(samples), keep, 0.1, BATCH)
+        repair(model, family, windows, check_windows(samples), keep, 0.1, BATCH, forward_dtype=DTYPES[passes])
     params = sum(p.numel() for p in model.parameters())
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
     print(json.dumps({"loaded": loaded, "peak": status("VmHWM"), "params": params, "per_layer": per_layer}))
@@ -73,13 +75,14 @@ def child(mode: str, layers: int, samples: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=1)
-    parser.add_argument("--samples", type=int, default=128, help="repair windows (--reconstruct-samples)")
+    parser.add_argument("--samples", type=int, default=256, help="repair windows (--reconstruct-samples)")
+    parser.add_argument("--passes", choices=["float32", "bfloat16"], default="bfloat16", help="the layer passes' dtype")
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--child", choices=["inference", "repair"])
     args = parser.parse_args()
     if args.child:
-        return child(args.child, args.layers, args.samples)
-    flags = ["--layers", str(args.layers), "--samples", str(args.samples)]
+        return child(args.child, args.layers, args.samples, args.passes)
+    flags = ["--layers", str(args.layers), "--samples", str(args.samples), "--passes", args.passes]
     out = median_peaks(__file__, ("inference", "repair"), flags, args.processes)
     import common
 
@@ -101,7 +104,8 @@ def main() -> None:
                 (weights + above["repair"]) / (weights + above["inference"]),
             ]
         )
-    print(f"measured on {args.layers} layer(s), {args.samples} repair windows of {SEQ_LEN} tokens")
+    windows = f"{args.samples} repair windows of {SEQ_LEN} tokens"
+    print(f"measured on {args.layers} layer(s), {windows}, passes in {args.passes}")
     print(
         common.markdown(
             [

@@ -22,14 +22,16 @@ from safetensors.torch import save_file
 
 from bonsai.artifacts import ArtifactRef, Store, kill_point
 from bonsai.stages.calibration import draw, load_windows
+from bonsai.stages.core.devices import DTYPES
 from bonsai.stages.core.model_io import REPAIRS_FILE, PrunedModel, repair_tensors, shared_models
 from bonsai.stages.core.reconstruction import repair
 from bonsai.stages.core.rng import generator
 from bonsai.stages.core.units import KINDS, KeepState, layer_shapes, read_keep_state
 
 # 2: the layer outputs come from the MLP pass; 3: held-out errors from inputs; 4: the attention
-# output completed from its pass, the windows from the widest changed projection
-VERSION = "4"
+# output completed from its pass, the windows from the widest changed projection; 5: the passes
+# in the evaluation's dtype
+VERSION = "5"
 TABLE = "repair.parquet"
 SCHEMA = {
     "iteration": pl.Int32,
@@ -54,6 +56,7 @@ class ReconstructConfig:
     reconstruct_damping: float
     batch_size: int
     model_dtype: str
+    dtype: str  # the evaluation's: the layer passes run in it where it is narrower than model_dtype
     reconstruct_fit: str  # core/reconstruction.py FITS: the kept columns, and an output bias or not
 
 
@@ -100,6 +103,7 @@ def run(
             cfg.reconstruct_damping,
             cfg.batch_size,
             fit=cfg.reconstruct_fit,
+            forward_dtype=DTYPES[cfg.dtype],
         )
         kill_point("reconstruct")
         save_file(repair_tensors(updated, target), str(out / REPAIRS_FILE))

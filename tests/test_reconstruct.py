@@ -29,7 +29,7 @@ def config(**changes) -> reconstruct.ReconstructConfig:
     """The stage's settings for the tests: 16 repair windows, 4 evaluation windows."""
     base = dict(iteration=0, seed=0, reconstruct_samples=16, calib_samples=4, reconstruct_fit="weights")
     return reconstruct.ReconstructConfig(
-        **{**base, **changes}, reconstruct_damping=0.1, batch_size=8, model_dtype="float32"
+        **{**base, **changes}, reconstruct_damping=0.1, batch_size=8, model_dtype="float32", dtype="float32"
     )
 
 
@@ -145,6 +145,29 @@ def test_outputs_completed_for_the_update_equal_a_second_pass(zoo, spec):
     assert len(fast_outcomes) == len(slow_outcomes) > 2 * layers - 2
     for a, b in zip(fast_outcomes, slow_outcomes):
         assert a.applied == b.applied and a.error_after == pytest.approx(b.error_after, rel=1e-4)
+
+
+@pytest.mark.parametrize("spec", tiny.SPECS)
+def test_passes_in_bfloat16_fit_what_float32_fits(zoo, spec):
+    """The CPU default runs the repair's layer passes and Gram products in bfloat16 (autocast)
+    and the rest wide: the weights it writes stay float32, and every projection's held-out
+    errors are those of a float32 repair to within bfloat16's rounding, yet not bit-equal
+    (the passes did run narrower)."""
+    runs = []
+    for forward_dtype in (None, torch.bfloat16):
+        model = load_model(zoo[spec], torch.float32, torch.device("cpu"))
+        family = family_for_model_type(model.config.model_type)
+        shapes = layer_shapes(model, family)
+        keep = {(layer, kind): state for layer, s in enumerate(shapes) for kind, state in _every_other(s).items()}
+        ids = ids_for(model, rows=12, length=16)
+        runs.append(repair(model, family, ids, 4, keep, 0.1, 4, forward_dtype=forward_dtype))
+    (wide, wide_outcomes), (narrow, narrow_outcomes) = runs
+    assert all(r.weight.dtype == torch.float32 for r in narrow.values())
+    assert [(o.layer, o.projection) for o in wide_outcomes] == [(o.layer, o.projection) for o in narrow_outcomes]
+    for a, b in zip(wide_outcomes, narrow_outcomes):
+        assert b.error_before == pytest.approx(a.error_before, rel=0.05, abs=1e-3)
+        assert b.error_after == pytest.approx(a.error_after, rel=0.05, abs=1e-3)
+    assert any(a.error_after != b.error_after for a, b in zip(wide_outcomes, narrow_outcomes))
 
 
 def test_a_normalised_mlp_output_needs_the_second_pass(zoo):
