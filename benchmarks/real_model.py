@@ -53,6 +53,7 @@ SETTING = dict(
     batch_size=8,
     shard_size=16,
     calib_pool=256,
+    reconstruct_samples=128,  # what every run recorded here used (the CPU default is 256 since 0.4.0)
     device="cpu",
     dtype="float32",
 )
@@ -114,12 +115,12 @@ def prune(args) -> None:
         reconstruct_fit=args.reconstruct_fit or "weights",
         prior=args.prior,
     )
-    setting = {**SETTING, **overrides}
+    setting = {**SETTING, **ONE_SHOT.get(args.estimator, {}), **overrides}  # a one-shot method's own settings win
     if "reconstruct_samples" in overrides:  # the pool holds the evaluation's and the repair's windows
         setting["calib_pool"] = max(setting["calib_pool"], setting["calib_samples"] + overrides["reconstruct_samples"])
     if args.estimator in ONE_SHOT:  # one run per sparsity, every unit ranked once
         for at in ONE_SHOT_SPARSITIES:
-            one = {**chosen, **ONE_SHOT[args.estimator], **setting, "sparsity": at, "prune_frac": at}
+            one = {**chosen, **setting, "sparsity": at, "prune_frac": at}
             if args.reconstruct_fit is not None:  # another repair than FLAP's own compensation
                 one["reconstruct_fit"] = args.reconstruct_fit
             config = PruneOptions(**one)
