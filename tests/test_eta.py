@@ -7,6 +7,7 @@ from bonsai.stages.reports import eta
 
 def plan(**kw) -> PrunePlan:
     base = dict(sparsity=0.2, prune_frac=0.1, masks_per_iter=8, cv_folds=2, shard_size=4, calib_samples=2, seq_len=16)
+    base |= dict(reconstruct_samples=16)
     return PrunePlan.of(PruneOptions(**{**base, **kw}))
 
 

@@ -39,10 +39,12 @@ SUB_MODEL_REPAIRS = ("none", "lsq")
 # The evaluation budget per iteration when the command line leaves it out, per kind of device:
 # on a GPU the paper's setting (not measured here); on a CPU the knee of BENCHMARKS.md's budget
 # curve (SmolLM2 at 20 %, three seeds): 256 sub-models were no better, 32 broke the selection in
-# two seeds of three, and 16 windows bought 0.24 perplexity for 1.6x the time.
+# two seeds of three, and 16 windows bought 0.24 perplexity for 1.6x the time.  The repair's
+# windows: on a GPU 128 of 2,048 tokens; a CPU's windows are 16x shorter, and 256 of them (the
+# repair's passes in bfloat16) cost the time 128 did in float32, better on general English.
 BUDGETS: dict[str, dict[str, int]] = {
-    "cpu": {"masks_per_iter": 128, "calib_samples": 8, "seq_len": 128},
-    "cuda": {"masks_per_iter": 200, "calib_samples": 32, "seq_len": 2048},
+    "cpu": {"masks_per_iter": 128, "calib_samples": 8, "seq_len": 128, "reconstruct_samples": 256},
+    "cuda": {"masks_per_iter": 200, "calib_samples": 32, "seq_len": 2048, "reconstruct_samples": 128},
 }
 
 
@@ -135,8 +137,10 @@ class PruneOptions(Options):
         "iteration (lsq), once after the last (lsq-final), or not at all (none: the paper's method)",
         RECONSTRUCT,
     )
-    reconstruct_samples: int = option(
-        128, "most calibration windows the repair is fitted and checked on (never an iteration's evaluation windows)"
+    reconstruct_samples: int | None = option(
+        None,
+        "most calibration windows the repair is fitted and checked on (never an iteration's evaluation windows; "
+        f"{_per_device('reconstruct_samples')})",
     )
     reconstruct_fit: str = option(
         "weights",
@@ -178,9 +182,13 @@ class PruneOptions(Options):
         _check(
             self.reconstruct_damping >= 0, f"--reconstruct-damping must not be negative, got {self.reconstruct_damping}"
         )
-        _check(self.reconstruct_samples >= 2, "--reconstruct-samples must be at least 2 (windows to fit and to check)")
+        _check(
+            self.reconstruct_samples is None or self.reconstruct_samples >= 2,
+            "--reconstruct-samples must be at least 2 (windows to fit and to check)",
+        )
         _check(
             windows is None
+            or self.reconstruct_samples is None
             or (self.reconstruct == "none" and self.prior != "obs" and self.sub_model_repair == "none")
             or self.calib_pool >= windows + self.reconstruct_samples,
             f"--calib-pool ({self.calib_pool}) must hold --calib-samples and --reconstruct-samples "

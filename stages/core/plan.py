@@ -129,7 +129,7 @@ class PrunePlan:
     @classmethod
     def of(cls, options: PruneOptions) -> PrunePlan:
         """The plan of options resolved for a device (``PruneOptions.for_device``)."""
-        if None in (options.masks_per_iter, options.calib_samples, options.seq_len):
+        if None in (options.masks_per_iter, options.calib_samples, options.seq_len, options.reconstruct_samples):
             raise ValueError("the options' budget is per device: plan options.for_device(...)")
         estimator = ESTIMATORS[options.estimator]
         iterations = max(1, math.ceil(round(options.sparsity / options.prune_frac, 9)))
