@@ -56,7 +56,7 @@ class ReconstructConfig:
     reconstruct_damping: float
     batch_size: int
     model_dtype: str
-    dtype: str  # the evaluation's: the layer passes run in it where it is narrower than model_dtype
+    dtype: str  # the evaluation's: the layer passes run in it where it differs from model_dtype (a CPU's)
     reconstruct_fit: str  # core/reconstruction.py FITS: the kept columns, and an output bias or not
 
 

@@ -370,7 +370,7 @@ def repair(
     them).  ``fit``: what is fitted (FITS).  ``forward_dtype``: a narrower dtype than the
     model's for the layer passes and the Gram matrices' block products (autocast; the weights,
     the sums, the solve and the held-out check stay wide): bfloat16 on a CPU that multiplies it
-    natively makes the repair 1.8x faster at the same held-out error (BENCHMARKS.md).  Returns
+    natively makes the repair 1.6x faster at the same held-out error (BENCHMARKS.md).  Returns
     {(layer, kind): the kept columns' new weight and the projection's new bias} (projections
     whose update was applied) and one Outcome per projection that lost units."""
     device = next(model.parameters()).device
