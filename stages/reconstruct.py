@@ -30,8 +30,9 @@ from bonsai.stages.core.units import KINDS, KeepState, layer_shapes, read_keep_s
 
 # 2: the layer outputs come from the MLP pass; 3: held-out errors from inputs; 4: the attention
 # output completed from its pass, the windows from the widest changed projection; 5: the passes
-# in the evaluation's dtype
-VERSION = "5"
+# in the evaluation's dtype; 6: narrow passes check and complete with products of whole inputs
+# (a float32 run's artifacts are byte for byte 5's)
+VERSION = "6"
 TABLE = "repair.parquet"
 SCHEMA = {
     "iteration": pl.Int32,

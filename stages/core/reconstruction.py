@@ -208,12 +208,15 @@ def _pass(layer, family, kind, batch, call, shortcut: bool, attention=None) -> t
     return seen[0], (kept[0] if shortcut else None)
 
 
-def _complete(partial, x: torch.Tensor, weight: torch.Tensor, kept: torch.Tensor, shift=None):
-    """What a shortcut pass kept, with the projection's product added: ``partial`` + x_K W_K^T
-    (W is zero off the kept columns), and the bias change ``shift`` when the repair made one (the
-    pass added the old bias); on the first element when ``partial`` is a module's tuple."""
+def _complete(partial, x: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor | None, shift=None):
+    """What a shortcut pass kept, with the projection's product added: ``partial`` + x_K W_K^T,
+    and the bias change ``shift`` when the repair made one (the pass added the old bias); on the
+    first element when ``partial`` is a module's tuple.  ``columns``: the kept columns, and
+    ``weight`` W's kept columns; None: ``weight`` is all of W, zero off the kept columns, and x
+    is taken whole (for narrow passes, where gathering x's columns costs more than multiplying
+    the zeros)."""
     bias = shift.to(weight.dtype) if shift is not None else None
-    product = nn.functional.linear(x.index_select(-1, kept), weight.index_select(1, kept), bias)
+    product = nn.functional.linear(x if columns is None else x.index_select(-1, columns), weight, bias)
     if isinstance(partial, tuple):
         return (partial[0] + product, *partial[1:])
     return partial + product
@@ -327,7 +330,11 @@ def _relative_errors(
 ) -> tuple[float, float]:
     """sqrt(sum ||W' x + b' - W x||^2 / sum ||W x||^2) over the held-out inputs, for W' the
     kept columns unchanged (plain removal, b' = 0) and ``new_kept`` with ``shift`` (the update),
-    zero elsewhere; one pass."""
+    zero elsewhere; one pass.  Inputs narrower than float32 (the passes' dtype) go to
+    ``_narrow_errors``; float32 ones are measured as since 0.2.0, so that a float32 run's repair
+    tables keep their bytes and its resumed runs find their later work (tests/test_resume.py)."""
+    if held and held[0].dtype != torch.float32:
+        return _narrow_errors(weight, new_kept, held, kept, shift)
     w = weight.float()
     candidates = ((weight.index_select(1, kept).float(), None), (new_kept.float(), shift))
     errors, energy = [0.0, 0.0], 0.0
@@ -339,6 +346,35 @@ def _relative_errors(
             out = x_kept @ w_kept.T if b is None else x_kept @ w_kept.T + b.float()
             errors[i] += float((out - full).double().square().sum())
         energy += float(full.double().square().sum())
+    return _ratios(errors, energy)
+
+
+def _narrow_errors(weight, new_kept, held, kept, shift) -> tuple[float, float]:
+    """``_relative_errors`` in the inputs' narrow dtype, each error the product of x with a weight
+    difference (the removal's: W on the removed columns, zero on the kept; the update's: W' - W,
+    formed in float32), so that rounding touches the difference itself, not the two outputs it
+    is the difference of (three products of x whole: gathering its columns costs more).  Beside
+    the three narrow weights, one float32 temporary of the kept columns' shape."""
+    dtype = held[0].dtype
+    full = weight.to(dtype)
+    removal = full.clone()
+    removal[:, kept] = 0
+    update = -full
+    update[:, kept] = (new_kept.float() - weight.index_select(1, kept).float()).to(dtype)
+    bias = shift.to(dtype) if shift is not None else None
+    errors, energy = [0.0, 0.0], 0.0
+
+    def squared(out: torch.Tensor) -> float:
+        return float(torch.linalg.vector_norm(out, dtype=torch.float32)) ** 2
+
+    for x in held:
+        errors[0] += squared(nn.functional.linear(x, removal))
+        errors[1] += squared(nn.functional.linear(x, update, bias))
+        energy += squared(nn.functional.linear(x, full))
+    return _ratios(errors, energy)
+
+
+def _ratios(errors: list[float], energy: float) -> tuple[float, float]:
     if energy <= 0:
         return 0.0, 0.0
     before, after = (math.sqrt(e / energy) for e in errors)
@@ -454,8 +490,11 @@ def repair(
             target.weight[:, removed] = 0  # the removal itself, so that later layers see the pruned model
             outcomes.append(outcome)
             if partial:
+                # float32 passes multiply the kept columns (a float32 run's bytes stay 0.2.0's);
+                # narrow ones all of W, its removed columns zero, cast once as autocast would each call
+                weight, columns = (target.weight.to(lowered), None) if lowered else (target.weight[:, kept], kept)
                 with _forward_in(lowered, device):
-                    completed = [_complete(part, x, target.weight, kept, shift) for x, part in partial]
+                    completed = [_complete(part, x, weight, columns, shift) for x, part in partial]
                 attention, outputs = (completed, None) if kind == HEAD else (attention, completed)
             del partial
         if outputs is None:
