@@ -205,8 +205,12 @@ def test_smollm2_pruned_from_its_gguf_runs_in_llamacpp(tmp_path, monkeypatch):
             engine.reset()
             engine.eval(window)
             logits = np.array(engine.scores[: len(window)], dtype=np.float64)
-            if kind == "f32" and number == 0:  # llama.cpp's float32 kernels against torch's, logits of size ~20
-                assert np.abs(logits - expected).max() < 0.05
+            if kind == "f32" and number == 0:  # llama.cpp's float32 kernels against torch's, logits up to ~43
+                gap = np.abs(logits - expected)
+                # measured on two repairs of the same removal: mean 0.0024 and 0.0025, largest 0.020 and
+                # 0.058 (torch's own float32 against float64: largest 1e-4), every position's top token equal
+                assert gap.mean() < 0.005 and gap.max() < 2e-3 * np.abs(expected).max()
+                assert (logits.argmax(1) == expected.argmax(1)).mean() > 0.99
             top = logits.max(1, keepdims=True)
             logprobs = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
             total -= logprobs[np.arange(len(window) - 1), window[1:]].sum()
