@@ -2,6 +2,7 @@
 buys in whole pruning runs.
 
     python benchmarks/reconstruct.py settings --model smollm2 --sparsity 0.2
+    python benchmarks/reconstruct.py settings --calibration wiki --passes bfloat16 --windows 256 512 --dampings ...
     python benchmarks/reconstruct.py settings --model tiny --sparsity 0.5
     python benchmarks/reconstruct.py runs [--seeds 0 1 2]      # tiny parent, 30% and 50%
     python benchmarks/reconstruct.py gram                      # the Gram sums' time per batch
@@ -9,7 +10,8 @@ buys in whole pruning runs.
 ``settings`` removes a fixed set of units in one shot (the lowest normalised Wanda priors,
 globally, until the sparsity) and repairs the result with each combination of windows,
 damping and target (each layer's own output, or the unpruned model's), on windows of the
-training text; perplexity on held-out documents.
+training text; perplexity on held-out documents (``--calibration wiki``: calibrated on the
+general-English wiki half, scored on wiki and news as the real-model benchmark scores them).
 ``runs`` prunes the trained tiny parent with ``--reconstruct none``, ``lsq-final`` and
 ``lsq`` (the quality benchmark's setting) and reports perplexity, the stage's share of the
 wall time and the peak memory of the process.
@@ -83,36 +85,47 @@ def one_shot_keep(model, family, windows, sparsity: float) -> dict:
 def settings(args) -> None:
     common.setup_logging()
     directory = model_dir(args.model)
-    train, heldout = common.texts() if args.model != "tiny" else common.parent()[1:]
     tokenizer = load_tokenizer(directory)
-    pool, _ = cut_windows(tokenizer, train, 128, 256 + 16)
+    if args.calibration == "wiki":  # the real-model benchmark's general English: scored on wiki and news
+        import heldout
+        import real_model
+
+        train, scored = heldout.path("wiki", "calibration"), {t: real_model.Scorer(t).windows for t in ("wiki", "news")}
+    else:
+        train, text = common.texts() if args.model != "tiny" else common.parent()[1:]
+        held, _ = cut_windows(tokenizer, text, 256, args.heldout_windows, joined=True)
+        scored = {"docs": torch.tensor(held, dtype=torch.long)}
+    pool, _ = cut_windows(tokenizer, train, 128, max(256, *args.windows) + 16)
     pool = torch.tensor(pool, dtype=torch.long)
-    held, _ = cut_windows(tokenizer, heldout, 256, args.heldout_windows, joined=True)
-    held = torch.tensor(held, dtype=torch.long)
     parent = load_model(directory, torch.float32, torch.device("cpu"))
     family = inspect_model_dir(directory).family
     keep = one_shot_keep(parent, family, pool[:16], args.sparsity)
+    passes = None if args.passes == "float32" else getattr(torch, args.passes)
     rows = []
 
-    def ppl(model) -> float:
-        return math.exp(mean_nll(model, held, 16, torch.device("cpu"))[0])
+    def ppl(model) -> dict:
+        """The first text's perplexity as ``perplexity``, any other under its name."""
+        values = [math.exp(mean_nll(model, w, 16, torch.device("cpu"))[0]) for w in scored.values()]
+        return {"perplexity": values[0], **dict(zip(list(scored)[1:], values[1:]))}
 
-    rows.append({"setting": "parent", "windows": 0, "damping": None, "perplexity": ppl(parent)})
+    rows.append({"setting": "parent", "windows": 0, "damping": None, **ppl(parent)})
     pruned = copy.deepcopy(parent)
     repair(pruned, family, pool[16:20], 2, keep, damping=1e9, batch_size=2)  # damping so large nothing moves
-    rows.append({"setting": "removal only", "windows": 0, "damping": None, "perplexity": ppl(pruned)})
+    rows.append({"setting": "removal only", "windows": 0, "damping": None, **ppl(pruned)})
     print(rows[-2:], flush=True)
     for windows, damping in itertools.product(args.windows, args.dampings):
         model = copy.deepcopy(parent)
         start = time.perf_counter()
-        _, outcomes = repair(model, family, pool[16 : 16 + windows], max(1, windows // 8), keep, damping, 8)
+        check = max(1, windows // 8)
+        _, outcomes = repair(model, family, pool[16 : 16 + windows], check, keep, damping, 8, forward_dtype=passes)
+        seconds = time.perf_counter() - start
         rows.append(
             {
                 "setting": "repair",
                 "windows": windows,
                 "damping": damping,
-                "perplexity": ppl(model),
-                "seconds": time.perf_counter() - start,
+                **ppl(model),
+                "seconds": seconds,
                 "applied": sum(o.applied for o in outcomes),
                 "projections": len(outcomes),
             }
@@ -120,6 +133,8 @@ def settings(args) -> None:
         print(rows[-1], flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     name = f"settings-{args.model}-{args.sparsity}"
+    name += "" if args.calibration == "docs" else f"-cal{args.calibration}"
+    name += "" if args.passes == "float32" else f"-{args.passes}"
     (OUT / f"{name}.json").write_text(json.dumps(rows, indent=1))
     frame = pl.DataFrame(rows)
     print(frame)
@@ -135,7 +150,7 @@ def settings(args) -> None:
         )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("repair windows (128 tokens)")
-    ax.set_ylabel("held-out perplexity")
+    ax.set_ylabel(f"held-out perplexity ({next(iter(scored))})")
     ax.set_title(f"{args.model}: {args.sparsity:.0%} removed in one shot, then repaired")
     ax.legend(fontsize=8)
     save(fig, common.PLOTS / f"reconstruct-{name}.png")
@@ -263,6 +278,13 @@ def main() -> None:
     s.add_argument("--windows", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     s.add_argument("--dampings", type=float, nargs="+", default=[0.01, 0.1, 1.0])
     s.add_argument("--heldout-windows", type=int, default=64)
+    s.add_argument(
+        "--calibration",
+        choices=["docs", "wiki"],
+        default="docs",
+        help="wiki: SmolLM2 calibrated on the wiki half, scored on wiki and news (needs requirements-heldout.lock)",
+    )
+    s.add_argument("--passes", choices=["float32", "bfloat16"], default="float32", help="the repair's layer passes")
     s.set_defaults(handler=settings)
     r = sub.add_parser("runs")
     r.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5])
