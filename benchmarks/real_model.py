@@ -132,8 +132,11 @@ def prune(args) -> None:
 
 class Scorer:
     """Held-out perplexity of the parent with a keep-state applied (sliced in memory) and a
-    run's repairs, on one held-out text, remembered in results/real-model/scores[-TEXT].json by
-    what was measured."""
+    run's repairs, on one held-out text, remembered by what was measured in
+    results/real-model/scores.json (docs) or scores-FILE.json, FILE the held-out text's file name,
+    which carries heldout.py's version: a score of one version of a text is never read as
+    another's (until 0.4.1 the wiki parent's score, cached before wiki was split into a
+    calibration and a held-out half, was: BENCHMARKS.md)."""
 
     def __init__(self, text: str = "docs"):
         self.parent = resolve_model(model(), dtype=lambda: "float32").path
@@ -148,7 +151,7 @@ class Scorer:
         if spread:  # evenly over the text: many documents rather than the first few
             windows = [windows[(i * len(windows)) // count] for i in range(count)]
         self.windows = torch.tensor(windows, dtype=torch.long)
-        self.file = OUT / ("scores.json" if text == "docs" else f"scores-{text}.json")
+        self.file = OUT / ("scores.json" if text == "docs" else f"scores-{Path(source).stem}.json")
         self.cache: dict[str, float] = json.loads(self.file.read_text()) if self.file.is_file() else {}
 
     def __call__(self, keep: pl.DataFrame | None = None, select=None, repairs=()) -> float:
