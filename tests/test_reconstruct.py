@@ -15,7 +15,7 @@ import torch
 
 from bonsai.artifacts import Store, external_ref
 from bonsai.stages import calibration, export, reconstruct
-from bonsai.stages.core import least_squares, reconstruction
+from bonsai.stages.core import held_out_error, least_squares, reconstruction
 from bonsai.stages.core.families import family_for_model_type
 from bonsai.stages.core.model_io import PrunedModel, load_model, shared_models
 from bonsai.stages.core.reconstruction import Moments, repair, solve
@@ -180,8 +180,8 @@ def test_the_narrow_check_measures_what_the_float32_one_measures():
     held = [(torch.randn(64, 40, generator=gen) + 0.5).bfloat16() for _ in range(3)]
     new_kept = 0.8 * weight[:, kept]
     for shift in (None, 0.1 * torch.randn(24, generator=gen).double()):
-        narrow = reconstruction._relative_errors(weight, new_kept, held, kept, shift)
-        wide = reconstruction._relative_errors(weight, new_kept, [x.float() for x in held], kept, shift)
+        narrow = held_out_error.relative_errors(weight, new_kept, held, kept, shift)
+        wide = held_out_error.relative_errors(weight, new_kept, [x.float() for x in held], kept, shift)
         assert narrow == pytest.approx(wide, rel=0.01)
         assert narrow[0] != pytest.approx(narrow[1], rel=0.05)
 

@@ -19,7 +19,7 @@ product is computed once, with its new weight, and the attention once per layer.
 at the last layer that changes.  So an iteration costs about one forward pass over its windows
 (it keeps the projection's inputs, tokens x width, until the layer is done).
 Held-out windows check each update: one that does not lower that projection's output error
-there is not applied (the error is taken from their inputs, kept, not from a second Gram
+there is not applied (held_out_error.py; the error is taken from their inputs, kept, not from a second Gram
 matrix).  Memory beyond the model: one projection's G (float64, d x d), made into G_KK and its
 Cholesky factor in its own storage, an out x k right-hand side, the windows' hidden states and
 one layer's MLP-output inputs (BENCHMARKS.md measures it at LLaMA-2-7B's shapes).
@@ -40,6 +40,7 @@ from torch import nn
 
 from bonsai.stages.core.families.base import Family
 from bonsai.stages.core.families.remote_code import get_module
+from bonsai.stages.core.held_out_error import relative_errors
 from bonsai.stages.core.least_squares import (
     BLOCK,
     MAX_RETRIES,
@@ -325,62 +326,6 @@ def fit_projection(
     return new, shift, used
 
 
-def _relative_errors(
-    weight: torch.Tensor, new_kept: torch.Tensor, held: list, kept, shift: torch.Tensor | None = None
-) -> tuple[float, float]:
-    """sqrt(sum ||W' x + b' - W x||^2 / sum ||W x||^2) over the held-out inputs, for W' the
-    kept columns unchanged (plain removal, b' = 0) and ``new_kept`` with ``shift`` (the update),
-    zero elsewhere; one pass.  Inputs narrower than float32 (the passes' dtype) go to
-    ``_narrow_errors``; float32 ones are measured as since 0.2.0, so that a float32 run's repair
-    tables keep their bytes and its resumed runs find their later work (tests/test_resume.py)."""
-    if held and held[0].dtype != torch.float32:
-        return _narrow_errors(weight, new_kept, held, kept, shift)
-    w = weight.float()
-    candidates = ((weight.index_select(1, kept).float(), None), (new_kept.float(), shift))
-    errors, energy = [0.0, 0.0], 0.0
-    for x in held:
-        x = x.float()
-        full = x @ w.T
-        x_kept = x.index_select(1, kept)
-        for i, (w_kept, b) in enumerate(candidates):
-            out = x_kept @ w_kept.T if b is None else x_kept @ w_kept.T + b.float()
-            errors[i] += float((out - full).double().square().sum())
-        energy += float(full.double().square().sum())
-    return _ratios(errors, energy)
-
-
-def _narrow_errors(weight, new_kept, held, kept, shift) -> tuple[float, float]:
-    """``_relative_errors`` in the inputs' narrow dtype, each error the product of x with a weight
-    difference (the removal's: W on the removed columns, zero on the kept; the update's: W' - W,
-    formed in float32), so that rounding touches the difference itself, not the two outputs it
-    is the difference of (three products of x whole: gathering its columns costs more).  Beside
-    the three narrow weights, one float32 temporary of the kept columns' shape."""
-    dtype = held[0].dtype
-    full = weight.to(dtype)
-    removal = full.clone()
-    removal[:, kept] = 0
-    update = -full
-    update[:, kept] = (new_kept.float() - weight.index_select(1, kept).float()).to(dtype)
-    bias = shift.to(dtype) if shift is not None else None
-    errors, energy = [0.0, 0.0], 0.0
-
-    def squared(out: torch.Tensor) -> float:
-        return float(torch.linalg.vector_norm(out, dtype=torch.float32)) ** 2
-
-    for x in held:
-        errors[0] += squared(nn.functional.linear(x, removal))
-        errors[1] += squared(nn.functional.linear(x, update, bias))
-        energy += squared(nn.functional.linear(x, full))
-    return _ratios(errors, energy)
-
-
-def _ratios(errors: list[float], energy: float) -> tuple[float, float]:
-    if energy <= 0:
-        return 0.0, 0.0
-    before, after = (math.sqrt(e / energy) for e in errors)
-    return before, after
-
-
 def changed(keep: dict, shapes: list[LayerShape]) -> list[tuple[int, str]]:
     """(layer, kind) of the output projections that lose units under ``keep``."""
     return [(i, k) for i, shape in enumerate(shapes) for k in (HEAD, CHANNEL) if len(keep[(i, k)]) != shape.count(k)]
@@ -468,7 +413,7 @@ def repair(
                 tokens = collect.fit.tokens
                 new_kept, shift, used = fit_projection(target.weight, collect.moments(), kept, damping, fit)
                 collect.fit.gram = None  # consumed by the solve: freed before the check's products
-                before, after = _relative_errors(target.weight, new_kept, collect.held, kept, shift)
+                before, after = relative_errors(target.weight, new_kept, collect.held, kept, shift)
                 del collect  # the held-out inputs, before the next projection's
                 outcome.tokens, outcome.damping, outcome.error_before, outcome.error_after = (
                     tokens,
