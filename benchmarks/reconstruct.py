@@ -40,6 +40,7 @@ from bonsai.stages.core.nll import mean_nll
 from bonsai.stages.core.reconstruction import repair
 from bonsai.stages.core.taps import Taps, unit_priors
 from bonsai.stages.core.units import KINDS, layer_shapes
+from bonsai.stages.reconstruct import check_windows
 from bonsai.stages.reports.render import pyplot, save
 
 OUT = common.RESULTS / "reconstruct"
@@ -116,7 +117,7 @@ def settings(args) -> None:
     for windows, damping in itertools.product(args.windows, args.dampings):
         model = copy.deepcopy(parent)
         start = time.perf_counter()
-        check = max(1, windows // 8)
+        check = check_windows(windows)  # as the stage holds out
         _, outcomes = repair(model, family, pool[16 : 16 + windows], check, keep, damping, 8, forward_dtype=passes)
         seconds = time.perf_counter() - start
         rows.append(

@@ -18,9 +18,9 @@ residual sum), and that is completed once with x_K W_K'^T after the update: the 
 product is computed once, with its new weight, and the attention once per layer.  The pass ends
 at the last layer that changes.  So an iteration costs about one forward pass over its windows
 (it keeps the projection's inputs, tokens x width, until the layer is done).
-Held-out windows check each update: one that does not lower that projection's output error
-there is not applied (held_out_error.py; the error is taken from their inputs, kept, not from a second Gram
-matrix).  Memory beyond the model: one projection's G (float64, d x d), made into G_KK and its
+Held-out windows check each update (held_out_error.py): one that does not lower that
+projection's output error there is not applied (the error is taken from their inputs, kept, not
+from a second Gram matrix).  Memory beyond the model: one projection's G (float64, d x d), made into G_KK and its
 Cholesky factor in its own storage, an out x k right-hand side, the windows' hidden states and
 one layer's MLP-output inputs (BENCHMARKS.md measures it at LLaMA-2-7B's shapes).
 
