@@ -38,6 +38,7 @@ import polars as pl
 import real_model
 import torch
 
+from bonsai.artifacts import RunDir
 from bonsai.stages.core.model_io import load_model
 from bonsai.stages.core.nll import mean_nll
 from bonsai.stages.core.options import BUDGETS
@@ -89,8 +90,12 @@ def stage_split(run: Path) -> dict:
 
 def first_repair(run: Path) -> pl.DataFrame:
     """The first iteration's repair table (stages/reconstruct.py): its removal does not depend on
-    any repair, so runs of one seed repair the same removal there."""
+    any repair, so runs of one seed repair the same removal there (under --rival, the kept
+    removal's repair, which may be the rival's: another removal)."""
+    lineage = RunDir(run).lineage()
     for path in run.glob("reconstruct/*/manifest.json"):
+        if lineage and ("reconstruct", path.parent.name) not in lineage:
+            continue
         if json.loads(path.read_text())["config"]["iteration"] == 0:
             return pl.read_parquet(path.parent / "repair.parquet")
     raise SystemExit(f"{run}: no first repair")
@@ -244,6 +249,9 @@ def variant(args) -> None:
         if r["name"] == args.name:
             ours = first_repair(OUT / f"variant-{args.name}-seed{r['seed']}")
             theirs = first_repair(OUT / f"paired-auto-seed{r['seed']}")
+            if ours.select("layer", "projection", "kept").rows() != theirs.select("layer", "projection", "kept").rows():
+                print(f"seed {r['seed']}: {args.name} repaired another removal first; not compared")
+                continue
             change = (ours["error_after"] / theirs["error_after"] - 1).abs().max()
             table.append([r["seed"], ours.height, theirs["error_after"].mean(), ours["error_after"].mean(), change])
     print(common.markdown(header, table))

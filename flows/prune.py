@@ -6,6 +6,8 @@
         masks(l)  ->  [compensate(l)]  ->  evaluate(l, shard 0..k)  ->  importance(l)
                       (compensate: sub-models scored as repaired, --sub-model-repair lsq only)
         select(l)  ->  reconstruct(l)       (the repair: after every iteration, the last, or none)
+        [rival(l): priors -> masks -> importance -> select -> reconstruct; arbitrate(l)]
+                      (--rival flap only: FLAP's removal formed and repaired too, the better kept)
     export  ->  publish RUN/model
 
 Every stage reads and writes the run's artifact store, so running the same command again
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 
 from bonsai.artifacts import ArtifactRef, library_changes, library_versions, write_text_atomic
 from bonsai.artifacts.run import SUMMARY_FILE
 from bonsai.flows.executors import Executor, Inline
 from bonsai.flows.preflight import Prepared, open_run, prepare
 from bonsai.stages import (
+    arbitrate,
     calibration,
     compensate,
     evaluate,
@@ -101,16 +105,11 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
         last = plan.reached(row["sparsity"]) or row["candidates"] == 0
         rec = None
         if plan.repairs_after(it, last):
-            rec = execute(
-                f"reconstruct-{tag}",
-                reconstruct.run,
-                model,
-                calib,
-                chosen,
-                stage_config(reconstruct.ReconstructConfig, cfg, iteration=it, model_dtype=p.model_dtype),
-                store,
-                device,
-            )
+            rec = repair(p, it, tag, model, calib, chosen, execute)
+        if plan.rival != "none":
+            chosen, rec, row["rival"] = arbitrate_rival(p, plan, it, model, calib, (chosen, rec), execute)
+            row.update(chosen.info())
+        if rec is not None:
             row["repaired"] = rec.info()["applied"]
         model = model.then(chosen, rec)
         iterations.append(row)
@@ -198,6 +197,62 @@ def sample_and_fit(p: Prepared, plan: PrunePlan, it: int, pri, model: PrunedMode
         store,
     )
     return imp, plan.sub_models
+
+
+def repair(p: Prepared, it: int, tag: str, model: PrunedModel, calib, chosen, execute: Executor) -> ArtifactRef:
+    """The reconstruct stage of iteration ``it``: ``model``'s kept columns refitted after the
+    removal ``chosen`` made."""
+    cfg = stage_config(reconstruct.ReconstructConfig, p.config, iteration=it, model_dtype=p.model_dtype)
+    return execute(f"reconstruct-{tag}", reconstruct.run, model, calib, chosen, cfg, p.run.store, p.config.device)
+
+
+def arbitrate_rival(p: Prepared, plan: PrunePlan, it: int, model: PrunedModel, calib, own, execute: Executor):
+    """The rival's removal of iteration ``it`` (FLAP's ranking of ``model``, every unit a
+    candidate, the same budget), repaired as the estimator's was; then the arbitrate stage.
+    Returns the kept (select, reconstruct) pair and the arbitration's summary."""
+    cfg, store, device = p.config, p.run.store, p.config.device
+    tag = f"it{it:02d}-{plan.rival}"
+    pri = execute(
+        f"priors-{tag}",
+        priors.run,
+        model,
+        calib,
+        replace(
+            stage_config(priors.PriorsConfig, cfg, iteration=it, model_dtype=p.model_dtype),
+            calib_samples=plan.rival_windows,
+        ),
+        store,
+        device,
+    )
+    msk = execute(
+        f"masks-{tag}",
+        masks.run,
+        pri,
+        masks.MasksConfig(iteration=it, candidate_frac=0.5, sub_models=0, prior=plan.rival, seed=cfg.seed),
+        store,
+    )
+    imp = execute(
+        f"importance-{tag}",
+        importance.run,
+        msk,
+        [],
+        replace(stage_config(importance.ImportanceConfig, cfg, iteration=it), estimator=plan.rival),
+        store,
+    )
+    select_cfg = stage_config(select.SelectConfig, cfg, iteration=it)
+    chosen = execute(f"select-{tag}", select.run, pri, imp, model.selection, select_cfg, store)
+    rec = repair(p, it, tag, model, calib, chosen, execute)
+    pairs = [own, (chosen, rec)]
+    arb_cfg = stage_config(
+        arbitrate.ArbitrateConfig,
+        cfg,
+        iteration=it,
+        rankings=(cfg.estimator, plan.rival),
+        judge_windows=plan.judge_windows,
+    )
+    judged = execute(f"arbitrate-it{it:02d}", arbitrate.run, model, calib, pairs, arb_cfg, store, device)
+    kept_select, kept_repair = arbitrate.winner(judged, arb_cfg, pairs)
+    return kept_select, kept_repair, judged.info()
 
 
 def report_progress(p: Prepared, plan: PrunePlan) -> None:

@@ -190,6 +190,9 @@ def test_a_run_made_before_0_2_0_is_refused_in_one_line_naming_that_version():
     made_by_0_2["identity"]["config"]["reconstruct_tokens_per_input"] = 12.0
     with pytest.raises(UserError, match=r"made by bonsai 0\.2\.0 with --reconstruct-tokens-per-input.*d8cbe03"):
         recorded_identity(made_by_0_2)
+    # 0.4 recorded no --rival: its runs did what --rival none does, and continue under it
+    made_by_0_4 = {"format": 2, "identity": {"config": {k: v for k, v in now.items() if k != "rival"}}}
+    assert recorded_identity(made_by_0_4)["config"] == now and now["rival"] == "none"
 
 
 def test_a_stage_config_takes_the_options_it_names_and_nothing_renamed():

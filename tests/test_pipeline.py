@@ -70,12 +70,20 @@ def readme_tables() -> list[tuple[str, list[str]]]:
     return rows
 
 
-def test_readme_documents_the_audit_tables_a_run_writes(finished):
-    out, summary = finished
+@pytest.fixture(scope="module")
+def rivalled(zoo, corpus, tmp_path_factory):
+    """A run under --rival flap (float32, so its losses can be recomputed exactly)."""
+    out = tmp_path_factory.mktemp("rivalled") / "run"
+    return out, prune(zoo, corpus, out, rival="flap", dtype="float32")
+
+
+def test_readme_documents_the_audit_tables_a_run_writes(finished, rivalled):
     tables = readme_tables()
     assert len(tables) >= 9
-    iterations = list(range(len(summary["iterations"])))
     for pattern, columns in tables:
+        # the finished run writes every table but the rival's arbitration
+        out, summary = finished if list(finished[0].glob(pattern)) else rivalled
+        iterations = list(range(len(summary["iterations"])))
         frame = pl.read_parquet(str(out / pattern))
         assert columns and set(columns) <= set(frame.columns), pattern
         assert set(frame.columns) <= set(columns), f"{pattern}: undocumented columns"
@@ -211,3 +219,87 @@ def test_flap_iterated_with_the_repair_ranks_each_repaired_model_afresh(zoo, cor
     assert both.height == importance[1].height and (both["flap"] - both["flap_after"]).abs().max() > 1e-6
     config = json.loads((Path(summary["model"]) / "config.json").read_text())
     assert "bonsai_output_biases" not in config
+
+
+def test_rival_keeps_the_removal_whose_repaired_model_scores_better(rivalled):
+    """--rival flap: each iteration forms FLAP's removal beside the regression's, repairs both,
+    and goes on with the one whose repaired model has the lower held-out loss; the published
+    model is the last winner, scored on the same windows to the same loss."""
+    from bonsai.artifacts import RunDir
+    from bonsai.stages.arbitrate import ArbitrateConfig, judged_windows
+    from bonsai.stages.calibration import iteration_windows
+    from bonsai.stages.core.model_io import load_model
+    from bonsai.stages.core.nll import mean_nll
+    from bonsai.stages.core.plan import PrunePlan
+    from bonsai.stages.reconstruct import check_windows, windows_for
+    from bonsai.stages.reports.audit import iteration_table
+
+    run, summary = rivalled
+    table = pl.concat([pl.read_parquet(p) for p in run.glob("arbitrate/*/arbitrate.parquet")]).sort("iteration")
+    assert table["iteration"].unique().to_list() == list(range(len(summary["iterations"])))
+    for row, it in zip(summary["iterations"], table.partition_by("iteration", maintain_order=True)):
+        assert sorted(it["ranking"].to_list()) == ["flap", "regression"] and it["kept"].sum() == 1
+        kept = it.filter(pl.col("kept")).row(0, named=True)
+        assert kept["held_out_nll"] == it["held_out_nll"].min()
+        assert row["rival"]["kept"] == kept["ranking"]
+        assert (row["removed_heads"], row["removed_channels"]) == (kept["removed_heads"], kept["removed_channels"])
+    audited = iteration_table(run).sort("iteration")
+    assert audited["kept_ranking"].to_list() == [row["rival"]["kept"] for row in summary["iterations"]]
+    # two removals and two repairs per iteration
+    assert len(list(run.glob("select/*/keep.parquet"))) == len(list(run.glob("reconstruct/*/repair.parquet")))
+    assert len(list(run.glob("select/*/keep.parquet"))) == 2 * table["iteration"].n_unique()
+    # the published model is the last iteration's winner: the same loss on the same windows
+    runs = RunDir(run)
+    calib = runs.store.lookup(*next(a for a in runs.lineage() if a[0] == "calibration"))
+    last = table.filter((pl.col("iteration") == table["iteration"].max()) & pl.col("kept")).row(0, named=True)
+    options = tiny.options(rival="flap", dtype="float32")
+    judge = ArbitrateConfig(
+        iteration=last["iteration"],
+        seed=options.seed,
+        reconstruct_samples=options.reconstruct_samples,
+        calib_samples=options.calib_samples,
+        judge_windows=PrunePlan.of(options).judge_windows,
+        batch_size=options.batch_size,
+        dtype="float32",
+        rankings=("regression", "flap"),
+    )
+    windows = judged_windows(calib, judge)
+    # never the windows the repair was fitted on, nor the evaluation's
+    fitted = windows_for(calib, options.seed, last["iteration"], options.calib_samples, options.reconstruct_samples)
+    scored = iteration_windows(calib, options.seed, last["iteration"], options.calib_samples)
+    seen = {tuple(w) for w in fitted[: -check_windows(options.reconstruct_samples)].tolist() + scored.tolist()}
+    assert windows.shape[0] > check_windows(options.reconstruct_samples)
+    assert not seen & {tuple(w) for w in windows.tolist()}
+    model = load_model(summary["model"], torch.float32, torch.device("cpu"))
+    nll, _ = mean_nll(model, windows, options.batch_size, torch.device("cpu"))
+    assert nll == pytest.approx(last["held_out_nll"], rel=1e-4)
+
+
+def test_status_counts_a_rivalled_iteration_done_once_arbitrated(rivalled, tmp_path):
+    """Both selects of an iteration finish before its arbitration: until that has kept one,
+    `bonsai status` counts the iteration as not done."""
+    import json
+    import shutil
+
+    from bonsai.stages.reports.status import run_status
+
+    finished, summary = rivalled
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    shown = run_status(str(run))
+    assert shown["iterations_done"] == len(summary["iterations"])
+    assert shown["sparsity"] == summary["iterations"][-1]["sparsity"]
+    last = len(summary["iterations"]) - 1
+    for manifest in run.glob("arbitrate/*/manifest.json"):
+        if json.loads(manifest.read_text())["config"]["iteration"] == last:
+            shutil.rmtree(manifest.parent)
+    (run / "summary.json").unlink()
+    shown = run_status(str(run))
+    assert shown["iterations_done"] == last and shown["next"] == f"arbitrate of iteration {last}"
+
+
+def test_rival_needs_the_repair_and_another_estimator():
+    with pytest.raises(UserError, match="--reconstruct lsq"):
+        tiny.options(rival="flap", reconstruct="lsq-final")
+    with pytest.raises(UserError, match="would repeat"):
+        tiny.options(rival="flap", estimator="flap", prior="flap")

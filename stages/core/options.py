@@ -35,6 +35,9 @@ RECONSTRUCT_FITS = ("weights", "weights+bias", "bias")
 # how a sampled sub-model's dropped units are scored: zeroed (the paper's), or with their inputs
 # imputed as the repair's one-shot least-squares update would (stages/compensate.py)
 SUB_MODEL_REPAIRS = ("none", "lsq")
+# a second ranking formed beside the estimator's each iteration, repaired the same way, the
+# repaired model with the lower held-out loss kept (stages/arbitrate.py); none: the estimator's alone
+RIVALS = ("none", "flap")
 
 # The evaluation budget per iteration when the command line leaves it out, per kind of device:
 # on a GPU the paper's setting (not measured here); on a CPU the knee of BENCHMARKS.md's budget
@@ -159,6 +162,14 @@ class PruneOptions(Options):
         "from the repair's windows), so the regression measures what a removal costs after repair",
         SUB_MODEL_REPAIRS,
     )
+    rival: str = option(
+        "none",
+        "a second ranking formed each iteration beside the estimator's (flap: FLAP's standardised fluctuation "
+        "of the current model, ranked globally) and repaired the same way; of the two repaired models the one "
+        "with the lower loss on calibration windows that neither the evaluation nor the repairs were fitted on "
+        "goes on (an arbitrate stage per iteration)",
+        RIVALS,
+    )
 
     def __post_init__(self) -> None:
         _check(0.0 < self.sparsity < 1.0, f"--sparsity must be in (0, 1), got {self.sparsity}")
@@ -198,6 +209,14 @@ class PruneOptions(Options):
             self.sub_model_repair == "none" or self.reconstruct != "none",
             "--sub-model-repair lsq scores sub-models as the repair leaves them: it needs --reconstruct lsq "
             "or lsq-final",
+        )
+        _check(
+            self.rival == "none" or self.reconstruct == "lsq",
+            f"--rival {self.rival} compares the two removals as repaired: it needs --reconstruct lsq",
+        )
+        _check(
+            self.rival == "none" or self.estimator != self.rival,
+            f"--rival {self.rival} would repeat --estimator {self.estimator}: choose another estimator or --rival none",
         )
         if self.alphas is not None:
             object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
@@ -422,6 +441,8 @@ MADE_BY_0_1 = ("sampling", "round_size", "settle_tolerance", "settle_regret")
 # options 0.2.0 recorded that 0.3.0 removed, with the value under which a run did what this
 # version does (--reconstruct-tokens-per-input: --reconstruct-samples buys the same, BENCHMARKS.md)
 REMOVED_IN_0_3 = {"reconstruct_tokens_per_input": 0.0}
+# options 0.5.0 added, with the value under which a run recorded without them did what it did
+ADDED_IN_0_5 = {"rival": "none"}
 
 
 def recorded_identity(recorded: dict) -> dict:
@@ -437,6 +458,7 @@ def recorded_identity(recorded: dict) -> dict:
                 f"this run was made by bonsai 0.2.0 with {flag(name)}, which 0.3.0 removed: finish it with bonsai "
                 "0.2.0 (git checkout d8cbe03), or start a new --out"
             )
+    config = {**ADDED_IN_0_5, **config}
     old = [name for name in MADE_BY_0_1 if name in config]
     missing = [flag(f.name) for f in fields_of(PruneOptions) if f.metadata["identity"] and f.name not in config]
     if recorded.get("format", 1) < RUN_FORMAT or old or missing:

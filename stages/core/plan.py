@@ -107,7 +107,16 @@ ITERATION_STAGES = (
     "importance",
     "select",
     "reconstruct",
+    "arbitrate",
 )
+
+# tokens over which a rival ranking's statistics are taken at the least (FLAP's preset,
+# configs/flap.yaml: 64 windows of 128); more where the evaluation's windows hold more
+RIVAL_TOKENS = 8192
+# tokens the arbitration judges the two repaired models on at the least: measured on SmolLM2,
+# the repair's 32 held-out windows of 128 tokens picked the removal that held-out text scored
+# worse in two iterations of three; 256 windows agreed with it in all three (BENCHMARKS.md)
+JUDGE_TOKENS = 32768
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,9 @@ class PrunePlan:
     window_tokens: int = 0  # tokens per calibration window
     windows: int = 0  # the evaluation's windows per sub-model (and the priors' per iteration)
     repair_windows: int = 0  # the repair's (and the saliency's and compensate's) windows per iteration
+    rival: str = "none"  # --rival: a second ranking per iteration, repaired, arbitrated (stages/arbitrate.py)
+    rival_windows: int = 0  # the windows the rival's statistics are taken over
+    judge_windows: int = 0  # the windows the arbitration scores both repaired models on
 
     @classmethod
     def of(cls, options: PruneOptions) -> PrunePlan:
@@ -148,6 +160,11 @@ class PrunePlan:
             window_tokens=options.seq_len,
             windows=options.calib_samples,
             repair_windows=options.reconstruct_samples,
+            rival=options.rival,
+            rival_windows=min(
+                options.calib_pool, max(options.calib_samples, math.ceil(RIVAL_TOKENS / options.seq_len))
+            ),
+            judge_windows=math.ceil(JUDGE_TOKENS / options.seq_len),
         )
 
     @property
@@ -169,6 +186,8 @@ class PrunePlan:
             skip.add("saliency")
         if self.reconstruct != "lsq":
             skip.add("reconstruct")  # none, or only after the last iteration
+        if self.rival == "none":
+            skip.add("arbitrate")
         return tuple(s for s in ITERATION_STAGES if s not in skip)
 
     @property
@@ -176,6 +195,11 @@ class PrunePlan:
         """The masks stage's p_iter: candidates are the bottom 2 p_iter of each (layer, kind)
         group, so 0.5 makes every unit one (an estimator that ranks every unit)."""
         return 0.5 if self.estimator.every_unit else self.prune_frac
+
+    def runs_per_iteration(self, stage: str) -> int:
+        """How often ``stage`` runs in one iteration: twice where a rival's removal is formed
+        and repaired beside the estimator's."""
+        return 2 if self.rival != "none" and stage in ("priors", "masks", "importance", "select", "reconstruct") else 1
 
     def reached(self, sparsity: float) -> bool:
         return sparsity >= self.sparsity - 1e-9

@@ -101,6 +101,11 @@ def iteration_table(run: Path) -> pl.DataFrame:
             .alias("repair_error_after"),
         )
         table = table.join(summary.with_columns(pl.col("iteration").cast(pl.Int64)), on="iteration", how="left")
+    arbitrated = sorted(run.glob("arbitrate/*/arbitrate.parquet"))  # --rival: not in the result's lineage
+    if arbitrated:
+        kept = pl.concat([pl.read_parquet(f) for f in arbitrated]).filter(pl.col("kept"))
+        kept = kept.select(pl.col("iteration").cast(pl.Int64), pl.col("ranking").alias("kept_ranking"))
+        table = table.join(kept.unique("iteration", keep="last"), on="iteration", how="left")
     shift = removal_shift_table(run)
     if shift is not None:
         table = table.join(_shift_summary(shift), on="iteration", how="left")

@@ -17,14 +17,14 @@ from bonsai.stages.core.plan import PrunePlan
 
 # forward-token equivalents of one window of a stage that has not run yet, relative to the
 # evaluation's: the repair and its relatives run the layers once and solve per projection
-PER_WINDOW = {"priors": 1.0, "saliency": 3.0, "compensate": 3.0, "reconstruct": 3.0}
+PER_WINDOW = {"priors": 1.0, "saliency": 3.0, "compensate": 3.0, "reconstruct": 3.0, "arbitrate": 2.0}
 
 
 def _tokens(plan: PrunePlan, stage: str) -> float:
     """Forward tokens of one iteration's ``stage``, in evaluation-token equivalents."""
     if stage == "evaluate":
         return plan.sub_models * plan.windows * plan.window_tokens
-    windows = plan.windows if stage == "priors" else plan.repair_windows
+    windows = {"priors": plan.windows, "arbitrate": plan.judge_windows}.get(stage, plan.repair_windows)
     return PER_WINDOW.get(stage, 0.0) * windows * plan.window_tokens
 
 
@@ -60,7 +60,7 @@ def estimate(plan: PrunePlan, manifests: list[dict]) -> dict:
         for stage in plan.stages:
             s = seconds(stage, it)
             unknown |= s is None
-            left += s or 0.0
+            left += (s or 0.0) * plan.runs_per_iteration(stage)
     elapsed = sum(sum(v) for v in walls.values())
     return {
         "iterations": iterations,

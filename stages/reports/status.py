@@ -45,9 +45,11 @@ def run_status(run_dir: str) -> dict:
     for m in found:
         cfg = m.get("config", {})
         done[m["stage"]][(cfg.get("iteration"), cfg.get("shard"))] = m.get("info", {})
-    selected = sorted(it for it, _ in done["select"])
+    # under --rival an iteration selects twice and ends when the arbitration has kept one
+    ended = done["arbitrate"] if plan.rival != "none" else done["select"]
+    selected = sorted(it for it, _ in ended)
     last = selected[-1] if selected else None
-    reached = done["select"][(last, None)]["sparsity"] if last is not None else 0.0
+    reached = ended[(last, None)]["sparsity"] if last is not None else 0.0
     status = {
         "run": str(run),
         "running": holder(run),
