@@ -28,6 +28,12 @@ want=$(cat requirements.lock pyproject.toml scripts/setup.sh | sha256sum | cut -
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
+# a full disk fails pip half-way with a traceback; say so in one line first (a fresh install
+# takes about 2.5 GB; a re-install of a changed lock, less)
+free_mb=$(df -Pm "$venv" | awk 'NR == 2 {print $4}')
+if [ ! -f "$stamp" ] && [ -n "$free_mb" ] && [ "$free_mb" -lt 3000 ]; then
+  echo "setup: only ${free_mb} MB free where $venv lives; installing requirements.lock needs about 3,000 MB" >&2; exit 1
+fi
 echo "setup: installing requirements.lock into $venv (a few minutes the first time)"
 # --no-deps: the lock is the whole environment; pip check below proves nothing is missing
 "$venv/bin/python" -m pip install --quiet --require-hashes --no-deps -r requirements.lock
