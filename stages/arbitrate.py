@@ -112,7 +112,3 @@ def judged_windows(calibration: ArtifactRef, cfg: ArbitrateConfig) -> torch.Tens
 def winner(arbitrated: ArtifactRef, cfg: ArbitrateConfig, candidates: list[tuple[ArtifactRef, ArtifactRef]]):
     """The (select, reconstruct) pair the arbitration kept."""
     return candidates[cfg.rankings.index(arbitrated.info()["kept"])]
-
-
-def read(arbitrated: ArtifactRef) -> pl.DataFrame:
-    return pl.read_parquet(arbitrated.file(FILE))
