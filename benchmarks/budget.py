@@ -3,7 +3,7 @@
     python benchmarks/budget.py grid [--seeds 0 1 2] [--masks 32 64 128 256] [--windows 2 4 8 16]
     python benchmarks/budget.py paired [--seeds 0 1 2]
     python benchmarks/budget.py repair [--seeds 0 1 2] [--samples 128 512]
-    python benchmarks/budget.py variant NAME [--seeds 0 1 2] -- FLAGS...
+    python benchmarks/budget.py variant NAME [--seeds 0 1 2] [--sparsity 0.2] -- FLAGS...
     python benchmarks/budget.py overhead [--repeats 5] [--code DIR]
 
 ``grid`` prunes SmolLM2-135M-Instruct to 20 % (p_iter 0.1, windows of 128 tokens, the repair
@@ -61,6 +61,7 @@ def command(
         *("--masks-per-iter", str(masks), "--calib-samples", str(windows), "--seq-len", "128"),
         *("--batch-size", "8", "--shard-size", "16", "--calib-pool", "1024", "--device", "cpu"),
         *("--reconstruct-samples", "128"),  # every table's runs used it (the CPU default since 0.4.0 is 256)
+        *("--rival", "none"),  # likewise (the default is auto since 0.6.0); a variant's --rival comes after
         *("--seed", str(seed)),
         *flags,
     )
@@ -219,18 +220,21 @@ def variant(args) -> None:
         if (args.name, seed) in done:
             continue
         run = OUT / f"variant-{args.name}-seed{seed}"
-        cmd = command(model, train, run, 0.2, budget["masks_per_iter"], budget["calib_samples"], seed, *flags)
+        cmd = command(model, train, run, args.sparsity, budget["masks_per_iter"], budget["calib_samples"], seed, *flags)
         measured = timed_prune(cmd, run)
-        rows.append({"name": args.name, "flags": " ".join(flags), "seed": seed, **measured, **stage_split(run)})
+        row = {"name": args.name, "flags": " ".join(flags), "sparsity": args.sparsity, "seed": seed}
+        rows.append({**row, **measured, **stage_split(run)})
         rows_file.write_text(json.dumps(rows, indent=1))
         print(rows[-1], flush=True)
-    defaults = [{"name": "defaults", "flags": "", **r} for r in paired_auto()]
+    defaults = [{"name": "defaults", "flags": "", "sparsity": 0.2, **r} for r in paired_auto()]
     for r in defaults:
         r.update(stage_split(OUT / f"paired-auto-seed{r['seed']}"))
-    columns = ("name", "flags", "seed", "wall_s", "evaluate_s", "reconstruct_s", "perplexity")
+    for r in rows:
+        r.setdefault("sparsity", 0.2)  # rows recorded before --sparsity
+    columns = ("name", "flags", "sparsity", "seed", "wall_s", "evaluate_s", "reconstruct_s", "perplexity")
     frame = pl.DataFrame([{c: r.get(c) for c in columns} for r in defaults + rows])
     summary = (
-        frame.group_by("name", "flags")
+        frame.group_by("name", "flags", "sparsity")
         .agg(
             pl.col("perplexity").mean().alias("perplexity"),
             pl.col("perplexity").std().alias("sd"),
@@ -345,6 +349,7 @@ def main() -> None:
     v = sub.add_parser("variant")
     v.add_argument("name", help="the variant's name in results/budget/variants.json")
     v.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    v.add_argument("--sparsity", type=float, default=0.2, help="the target (name the variant after it)")
     v.set_defaults(flags=[])  # what follows "--": the bonsai prune flags that differ
     v.set_defaults(handler=variant)
     o = sub.add_parser("overhead")

@@ -95,6 +95,7 @@ def main() -> None:
                 seed=seed,
                 device="cpu",
                 reconstruct=args.reconstruct,
+                rival="none",  # the estimator alone: the runs recorded here
             )
             start = time.perf_counter()
             summary = run_prune(model_dir, train, str(out / f"{estimator}-seed{seed}"), config)

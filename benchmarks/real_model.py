@@ -57,6 +57,7 @@ SETTING = dict(
     shard_size=16,
     calib_pool=256,
     reconstruct_samples=128,  # what every run recorded here used (the CPU default is 256 since 0.4.0)
+    rival="none",  # likewise (the default is auto since 0.6.0); --set rival=flap for the rival's runs
     device="cpu",
     dtype="float32",
 )
