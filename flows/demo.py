@@ -46,6 +46,10 @@ class DemoSettings:
     shard_size: int = 16
     calib_pool: int = 256
     reconstruct_samples: int = 128
+    # the estimator's removal alone: FLAP's beside it (bonsai prune's default, --rival auto) adds a
+    # second repair, FLAP's statistics and the judge, about 1.7x the pruning time on SmolLM2
+    # (BENCHMARKS.md), which the demo's ten minutes do not hold
+    rival: str = "none"
     eval_seq_len: int = 256
     eval_windows: int = 32
     parent_steps: int = 240  # --tiny: training steps of the parent
@@ -98,6 +102,7 @@ def run_demo(out: str, settings: DemoSettings, execute: Executor = Inline()) -> 
         shard_size=settings.shard_size,
         calib_pool=settings.calib_pool,
         reconstruct_samples=settings.reconstruct_samples,
+        rival=settings.rival,
         device="cpu",
         dtype="float32",
     )

@@ -7,7 +7,8 @@
                       (compensate: sub-models scored as repaired, --sub-model-repair lsq only)
         select(l)  ->  reconstruct(l)       (the repair: after every iteration, the last, or none)
         [rival(l): priors -> masks -> importance -> select -> reconstruct; arbitrate(l)]
-                      (--rival flap only: FLAP's removal formed and repaired too, the better kept)
+                      (--rival flap, auto's choice for the regression: FLAP's removal formed and
+                       repaired too, the better kept)
     export  ->  publish RUN/model
 
 Every stage reads and writes the run's artifact store, so running the same command again

@@ -106,9 +106,10 @@ def test_every_field_is_a_prune_flag_with_the_issue_names():
     assert (options.masks_per_iter, options.estimator, options.seed) == (4, "perturbed-prior", 3)
     given = {"masks_per_iter", "prune_frac", "calib_samples", "seq_len", "prior", "estimator", "seed", "device"}
     given |= {"dtype", "sparsity"}
+    settled = {"rival": "none"}  # the default, auto, settles on none for perturbed-prior
     for field in fields_of(PruneOptions):  # every flag not given takes the schema's default
         if field.name not in given:
-            assert getattr(options, field.name) == field.default, field.name
+            assert getattr(options, field.name) == settled.get(field.name, field.default), field.name
 
 
 def test_the_command_line_answers_bad_input_before_loading_torch():
@@ -190,9 +191,28 @@ def test_a_run_made_before_0_2_0_is_refused_in_one_line_naming_that_version():
     made_by_0_2["identity"]["config"]["reconstruct_tokens_per_input"] = 12.0
     with pytest.raises(UserError, match=r"made by bonsai 0\.2\.0 with --reconstruct-tokens-per-input.*d8cbe03"):
         recorded_identity(made_by_0_2)
-    # 0.4 recorded no --rival: its runs did what --rival none does, and continue under it
+    # 0.4 recorded no --rival: its runs did what --rival none does, and continue under it (not
+    # under today's default, which settles on flap)
     made_by_0_4 = {"format": 2, "identity": {"config": {k: v for k, v in now.items() if k != "rival"}}}
-    assert recorded_identity(made_by_0_4)["config"] == now and now["rival"] == "none"
+    assert recorded_identity(made_by_0_4)["config"] == {**now, "rival": "none"} and now["rival"] == "flap"
+
+
+def test_rival_auto_settles_on_flap_for_a_repaired_regression_and_none_for_the_rest():
+    """The default compares FLAP's removal with a regression estimator's when every iteration is
+    repaired; a baseline estimator, FLAP itself, or no per-iteration repair runs alone.  The
+    settled value is what run.json records, so a later default cannot change a recorded run."""
+    assert PruneOptions().rival == "flap"
+    assert PruneOptions().identity()["rival"] == "flap"
+    assert PruneOptions(estimator="paper-regression").rival == "flap"
+    for alone in (
+        {"reconstruct": "none"},
+        {"reconstruct": "lsq-final"},
+        {"estimator": "flap", "prior": "flap"},
+        {"estimator": "prior-only"},
+        {"estimator": "random"},
+    ):
+        assert PruneOptions(**alone).rival == "none", alone
+    assert PruneOptions(rival="none").rival == "none"
 
 
 def test_a_stage_config_takes_the_options_it_names_and_nothing_renamed():

@@ -7,7 +7,7 @@ from bonsai.stages.reports import eta
 
 def plan(**kw) -> PrunePlan:
     base = dict(sparsity=0.2, prune_frac=0.1, masks_per_iter=8, cv_folds=2, shard_size=4, calib_samples=2, seq_len=16)
-    base |= dict(reconstruct_samples=16)
+    base |= dict(reconstruct_samples=16, rival="none")  # the estimator's stages once per iteration
     return PrunePlan.of(PruneOptions(**{**base, **kw}))
 
 
@@ -49,6 +49,11 @@ def test_a_stage_not_run_yet_is_priced_from_the_evaluation_rate():
     priors = 2 * 16 / 64
     evaluate = (8 * 2 * 16 - 128) / 64 + 8 * 2 * 16 / 64
     assert abs(est["left_s"] - (2 * repair + 2 * priors + evaluate)) < 1e-9
+
+
+def test_the_plan_says_when_a_rival_removal_doubles_the_iteration():
+    assert "flap's removal" not in eta.plan_line(plan())
+    assert "also forms and repairs flap's removal" in eta.plan_line(plan(rival="flap"))
 
 
 def test_durations_read_as_a_person_would_say_them():

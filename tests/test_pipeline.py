@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -72,9 +73,10 @@ def readme_tables() -> list[tuple[str, list[str]]]:
 
 @pytest.fixture(scope="module")
 def rivalled(zoo, corpus, tmp_path_factory):
-    """A run under --rival flap (float32, so its losses can be recomputed exactly)."""
+    """A run under the default --rival auto, which settles on flap for the regression with the
+    repair (float32, so its losses can be recomputed exactly)."""
     out = tmp_path_factory.mktemp("rivalled") / "run"
-    return out, prune(zoo, corpus, out, rival="flap", dtype="float32")
+    return out, prune(zoo, corpus, out, rival="auto", dtype="float32")
 
 
 def test_readme_documents_the_audit_tables_a_run_writes(finished, rivalled):
@@ -222,9 +224,9 @@ def test_flap_iterated_with_the_repair_ranks_each_repaired_model_afresh(zoo, cor
 
 
 def test_rival_keeps_the_removal_whose_repaired_model_scores_better(rivalled):
-    """--rival flap: each iteration forms FLAP's removal beside the regression's, repairs both,
-    and goes on with the one whose repaired model has the lower held-out loss; the published
-    model is the last winner, scored on the same windows to the same loss."""
+    """--rival auto (flap here): each iteration forms FLAP's removal beside the regression's,
+    repairs both, and goes on with the one whose repaired model has the lower held-out loss; the
+    published model is the last winner, scored on the same windows to the same loss."""
     from bonsai.artifacts import RunDir
     from bonsai.stages.arbitrate import ArbitrateConfig, judged_windows
     from bonsai.stages.calibration import iteration_windows
@@ -235,6 +237,7 @@ def test_rival_keeps_the_removal_whose_repaired_model_scores_better(rivalled):
     from bonsai.stages.reports.audit import iteration_table
 
     run, summary = rivalled
+    assert json.loads((run / "run.json").read_text())["identity"]["config"]["rival"] == "flap"  # as settled
     table = pl.concat([pl.read_parquet(p) for p in run.glob("arbitrate/*/arbitrate.parquet")]).sort("iteration")
     assert table["iteration"].unique().to_list() == list(range(len(summary["iterations"])))
     for row, it in zip(summary["iterations"], table.partition_by("iteration", maintain_order=True)):

@@ -146,7 +146,9 @@ def test_a_run_killed_by_0_2_0_resumes_redoing_nothing_it_finished(tmp_path):
     script = (
         "import json, sys; from bonsai.flows.prune import run_prune; "
         "from bonsai.stages.core.options import PruneOptions, build; "
-        f"summary = run_prune('model', 'train.txt', 'run', build(PruneOptions, {expected['flags']!r})); "
+        # --rival none, as README says for a run begun before 0.6.0 (auto now settles on flap)
+        f"summary = run_prune('model', 'train.txt', 'run', build(PruneOptions, {expected['flags']!r}, "
+        "{'rival': 'none'})); "
         "print(json.dumps(summary))"
     )
     child = subprocess.run(

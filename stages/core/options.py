@@ -36,8 +36,10 @@ RECONSTRUCT_FITS = ("weights", "weights+bias", "bias")
 # imputed as the repair's one-shot least-squares update would (stages/compensate.py)
 SUB_MODEL_REPAIRS = ("none", "lsq")
 # a second ranking formed beside the estimator's each iteration, repaired the same way, the
-# repaired model with the lower held-out loss kept (stages/arbitrate.py); none: the estimator's alone
-RIVALS = ("none", "flap")
+# repaired model with the lower held-out loss kept (stages/arbitrate.py); none: the estimator's
+# alone; auto: flap under a regression estimator repaired every iteration, none otherwise (a
+# baseline estimator is measured alone), settled when the options are made
+RIVALS = ("auto", "none", "flap")
 
 # The evaluation budget per iteration when the command line leaves it out, per kind of device:
 # on a GPU the paper's setting (not measured here); on a CPU the knee of BENCHMARKS.md's budget
@@ -163,11 +165,12 @@ class PruneOptions(Options):
         SUB_MODEL_REPAIRS,
     )
     rival: str = option(
-        "none",
+        "auto",
         "a second ranking formed each iteration beside the estimator's (flap: FLAP's standardised fluctuation "
         "of the current model, ranked globally) and repaired the same way; of the two repaired models the one "
         "with the lower loss on calibration windows that neither the evaluation nor the repairs were fitted on "
-        "goes on (an arbitrate stage per iteration)",
+        "goes on (an arbitrate stage per iteration); auto: flap with a regression estimator and --reconstruct "
+        "lsq, else none",
         RIVALS,
     )
 
@@ -177,6 +180,9 @@ class PruneOptions(Options):
         _check(self.prune_frac <= self.sparsity, "--prune-frac must not exceed --sparsity")
         self._check_at_least(1, "masks_per_iter", "calib_samples", "seq_len", "batch_size", "shard_size", "calib_pool")
         self._check_choices()
+        if self.rival == "auto":  # run.json records what it settled on
+            regressed = ESTIMATORS[self.estimator].regression and self.reconstruct == "lsq"
+            object.__setattr__(self, "rival", "flap" if regressed else "none")
         _check(self.cv_folds >= 2, "--cv-folds must be at least 2")
         # a budget left out (None) is the device's, checked when for_device fills it in
         masks, windows = self.masks_per_iter, self.calib_samples
