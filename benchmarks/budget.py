@@ -62,6 +62,7 @@ def command(
         *("--batch-size", "8", "--shard-size", "16", "--calib-pool", "1024", "--device", "cpu"),
         *("--reconstruct-samples", "128"),  # every table's runs used it (the CPU default since 0.4.0 is 256)
         *("--rival", "none"),  # likewise (the default is auto since 0.6.0); a variant's --rival comes after
+        *("--unit-order", "estimator"),  # likewise (auto, 0.7.0's default, follows the variant's --rival)
         *("--seed", str(seed)),
         *flags,
     )

@@ -31,10 +31,17 @@ __all__ = [
 # pruning choices matter.  Trained once (about 11 minutes on 2 CPU cores), then cached.
 BENCH_PARENT = tiny_parent.TinyParentConfig(steps=1000)
 # The tiny parent's pruning setting shared by the quality-fast, repair and speed runs: budget 120
-# sub-models of 8 windows of 128 tokens per iteration, the estimator's ranking alone (what the runs
-# recorded before --rival's default became auto).
+# sub-models of 8 windows of 128 tokens per iteration, the estimator's ranking and units alone (what
+# the runs recorded before --rival's and --unit-order's defaults became auto).
 TINY_PRUNE = dict(
-    masks_per_iter=120, calib_samples=8, seq_len=128, batch_size=16, shard_size=20, calib_pool=512, rival="none"
+    masks_per_iter=120,
+    calib_samples=8,
+    seq_len=128,
+    batch_size=16,
+    shard_size=20,
+    calib_pool=512,
+    rival="none",
+    unit_order="estimator",
 )
 RESULTS = Path(__file__).parent / "results"  # run directories (ignored by git)
 PLOTS = Path(__file__).parent / "plots"  # figures referenced by BENCHMARKS.md

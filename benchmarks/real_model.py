@@ -58,6 +58,7 @@ SETTING = dict(
     calib_pool=256,
     reconstruct_samples=128,  # what every run recorded here used (the CPU default is 256 since 0.4.0)
     rival="none",  # likewise (the default is auto since 0.6.0); --set rival=flap for the rival's runs
+    unit_order="estimator",  # likewise (auto since 0.7.0); --set unit_order=flap
     device="cpu",
     dtype="float32",
 )

@@ -37,7 +37,7 @@ from bonsai.stages.calibration import cut_windows
 from bonsai.stages.core.model_dirs import inspect_model_dir
 from bonsai.stages.core.model_io import load_model, load_tokenizer
 from bonsai.stages.core.nll import mean_nll
-from bonsai.stages.core.options import RIVALS
+from bonsai.stages.core.options import RIVALS, UNIT_ORDERS
 from bonsai.stages.core.reconstruction import repair
 from bonsai.stages.core.taps import Taps, unit_priors
 from bonsai.stages.core.units import KINDS, layer_shapes
@@ -170,13 +170,14 @@ def runs(args) -> None:
         if (r["reconstruct"] == "none" or r.get("tokens_per_input", 0.0) == 0.0)
         and r.get("dtype_option", "auto") == args.dtype
         and r.get("rival", "none") == args.rival
+        and r.get("unit_order", "estimator") == args.unit_order
     }
     for sparsity, mode, seed in itertools.product(args.sparsities, args.modes, args.seeds):
         if (sparsity, mode, seed) in done:
             continue
         command = [sys.executable, __file__, "one", "--sparsity", str(sparsity), "--mode", mode, "--seed", str(seed)]
         command += ["--samples", str(args.samples)]
-        command += ["--dtype", args.dtype, "--rival", args.rival]
+        command += ["--dtype", args.dtype, "--rival", args.rival, "--unit-order", args.unit_order]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(result.stderr[-3000:])
@@ -196,12 +197,13 @@ def one(args) -> None:
 
     common.setup_logging()
     model, train, heldout = common.parent()
-    sampling = {**common.TINY_PRUNE, "rival": args.rival}
+    sampling = {**common.TINY_PRUNE, "rival": args.rival, "unit_order": args.unit_order}
     if args.command_sampling:  # the paper's sub-models and windows per iteration, the tiny parent's window length
         paper = BUDGETS["cuda"]
         sampling.update(masks_per_iter=paper["masks_per_iter"], calib_samples=paper["calib_samples"])
     suffix = ("-command-sampling" if args.command_sampling else "") + ("" if args.dtype == "auto" else f"-{args.dtype}")
     suffix += "" if args.rival == "none" else f"-rival{args.rival}"
+    suffix += "" if args.unit_order == "estimator" else f"-unitorder{args.unit_order}"
     out = OUT / f"tiny-{args.sparsity}-{args.mode}-seed{args.seed}{suffix}"
     config = PruneOptions(
         sparsity=args.sparsity,
@@ -227,6 +229,7 @@ def one(args) -> None:
         "seed": args.seed,
         "dtype_option": args.dtype,
         "rival": args.rival,
+        "unit_order": args.unit_order,
         "masks_per_iter": config.masks_per_iter,
         "calib_samples": config.calib_samples,
         "perplexity": ppl(summary["model"], heldout, Store(OUT / "perplexity")),
@@ -298,6 +301,7 @@ def main() -> None:
     r.add_argument("--modes", nargs="+", choices=["none", "lsq-final", "lsq"], default=["none", "lsq-final", "lsq"])
     r.add_argument("--dtype", default="auto", help="bonsai prune --dtype (auto: bfloat16 evaluation on a bf16 CPU)")
     r.add_argument("--rival", choices=RIVALS, default="none", help="bonsai prune --rival (the runs recorded: none)")
+    r.add_argument("--unit-order", choices=UNIT_ORDERS, default="estimator", help="bonsai prune --unit-order")
     r.set_defaults(handler=runs)
     o = sub.add_parser("one")
     o.add_argument("--sparsity", type=float, required=True)
@@ -306,6 +310,7 @@ def main() -> None:
     o.add_argument("--samples", type=int, default=128)
     o.add_argument("--dtype", default="auto")
     o.add_argument("--rival", choices=RIVALS, default="none")
+    o.add_argument("--unit-order", choices=UNIT_ORDERS, default="estimator")
     o.add_argument(
         "--command-sampling",
         action="store_true",

@@ -5,8 +5,11 @@
         [saliency(l)]  ->  priors(l)     (saliency: the repair-aware prior, --prior obs only)
         masks(l)  ->  [compensate(l)]  ->  evaluate(l, shard 0..k)  ->  importance(l)
                       (compensate: sub-models scored as repaired, --sub-model-repair lsq only)
-        select(l)  ->  reconstruct(l)       (the repair: after every iteration, the last, or none)
-        [rival(l): priors -> masks -> importance -> select -> reconstruct; arbitrate(l)]
+        [priors(l), FLAP's]  select(l)  ->  reconstruct(l)
+                      (FLAP's statistics: for --rival flap and --unit-order flap, where select
+                       takes as many units per layer as the estimator chose, FLAP's lowest;
+                       the repair: after every iteration, the last, or none)
+        [rival(l): masks -> importance -> select -> reconstruct, from FLAP's priors; arbitrate(l)]
                       (--rival flap, auto's choice for the regression: FLAP's removal formed and
                        repaired too, the better kept)
     export  ->  publish RUN/model
@@ -93,6 +96,7 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
             salient,
         )
         imp, evaluated = sample_and_fit(p, plan, it, pri, model, calib, execute)
+        flap = flap_priors(p, plan, it, model, calib, execute) if plan.flap_statistics else None
         chosen = execute(
             f"select-{tag}",
             select.run,
@@ -101,6 +105,7 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
             model.selection,
             stage_config(select.SelectConfig, cfg, iteration=it),
             store,
+            flap if plan.unit_order == "flap" else None,
         )
         row = {**chosen.info(), **_fit_summary(imp), "sub_models": evaluated}
         last = plan.reached(row["sparsity"]) or row["candidates"] == 0
@@ -108,8 +113,8 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
         if plan.repairs_after(it, last):
             rec = repair(p, it, tag, model, calib, chosen, execute)
         if plan.rival != "none":
-            chosen, rec, row["rival"] = arbitrate_rival(p, plan, it, model, calib, (chosen, rec), execute)
-            row.update(chosen.info())
+            chosen, rec, arbitration = arbitrate_rival(p, plan, it, model, calib, flap, (chosen, rec), execute)
+            row = {**chosen.info(), **_fit_summary(imp), "sub_models": evaluated, "rival": arbitration}
         if rec is not None:
             row["repaired"] = rec.info()["applied"]
         model = model.then(chosen, rec)
@@ -207,24 +212,23 @@ def repair(p: Prepared, it: int, tag: str, model: PrunedModel, calib, chosen, ex
     return execute(f"reconstruct-{tag}", reconstruct.run, model, calib, chosen, cfg, p.run.store, p.config.device)
 
 
-def arbitrate_rival(p: Prepared, plan: PrunePlan, it: int, model: PrunedModel, calib, own, execute: Executor):
-    """The rival's removal of iteration ``it`` (FLAP's ranking of ``model``, every unit a
-    candidate, the same budget), repaired as the estimator's was; then the arbitrate stage.
-    Returns the kept (select, reconstruct) pair and the arbitration's summary."""
-    cfg, store, device = p.config, p.run.store, p.config.device
-    tag = f"it{it:02d}-{plan.rival}"
-    pri = execute(
-        f"priors-{tag}",
-        priors.run,
-        model,
-        calib,
-        replace(
-            stage_config(priors.PriorsConfig, cfg, iteration=it, model_dtype=p.model_dtype),
-            calib_samples=plan.rival_windows,
-        ),
-        store,
-        device,
+def flap_priors(p: Prepared, plan: PrunePlan, it: int, model: PrunedModel, calib, execute: Executor) -> ArtifactRef:
+    """FLAP's statistics of ``model`` in iteration ``it``: the priors stage over ``plan.flap_windows``."""
+    cfg = replace(
+        stage_config(priors.PriorsConfig, p.config, iteration=it, model_dtype=p.model_dtype),
+        calib_samples=plan.flap_windows,
     )
+    return execute(f"priors-it{it:02d}-flap", priors.run, model, calib, cfg, p.run.store, p.config.device)
+
+
+def arbitrate_rival(
+    p: Prepared, plan: PrunePlan, it: int, model: PrunedModel, calib, pri: ArtifactRef, own, execute: Executor
+):
+    """The rival's removal of iteration ``it`` (FLAP's ranking of ``model`` from its statistics
+    ``pri``, every unit a candidate, the same budget), repaired as the estimator's was; then the
+    arbitrate stage.  Returns the kept (select, reconstruct) pair and the arbitration's summary."""
+    cfg, store = p.config, p.run.store
+    tag = f"it{it:02d}-{plan.rival}"
     msk = execute(
         f"masks-{tag}",
         masks.run,
@@ -251,7 +255,7 @@ def arbitrate_rival(p: Prepared, plan: PrunePlan, it: int, model: PrunedModel, c
         rankings=(cfg.estimator, plan.rival),
         judge_windows=plan.judge_windows,
     )
-    judged = execute(f"arbitrate-it{it:02d}", arbitrate.run, model, calib, pairs, arb_cfg, store, device)
+    judged = execute(f"arbitrate-it{it:02d}", arbitrate.run, model, calib, pairs, arb_cfg, store, cfg.device)
     kept_select, kept_repair = arbitrate.winner(judged, arb_cfg, pairs)
     return kept_select, kept_repair, judged.info()
 

@@ -7,6 +7,14 @@ solution, as in the paper).  The output is the whole cumulative keep-state, not 
 any iteration's model is the parent sliced by one table.  ``prior_only_jaccard`` in the
 summary says how far the removal moved from what the prior alone would have removed under
 the same budget (1: the same units).
+
+With ``order`` (``--unit-order flap``) the estimator decides how many heads and channels each
+layer loses and another ranking, FLAP's fluctuation of the current model, which ones: the
+lowest-scoring units of the layer, as many as the estimator took there.  The budget is the
+same (a layer's units of one kind are the same size).  Measured on SmolLM2 with the repair
+after each removal, the regression's per-layer counts were right and its units within a
+layer, candidates drawn in Wanda's order and scored unrepaired, were not the ones the repair
+recovers best (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -35,8 +43,16 @@ class SelectConfig:
 
 
 def run(
-    priors: ArtifactRef, importance: ArtifactRef, previous: ArtifactRef | None, cfg: SelectConfig, store: Store
+    priors: ArtifactRef,
+    importance: ArtifactRef,
+    previous: ArtifactRef | None,
+    cfg: SelectConfig,
+    store: Store,
+    order: ArtifactRef | None = None,
 ) -> ArtifactRef:
+    """``order``: a priors artifact of the same model whose ``flap`` column picks the units
+    within each layer (None: the estimator's own units)."""
+
     def build(out: Path) -> dict:
         keep, budget = current_keep(priors, previous, cfg)
         prunable = int(keep["params"].sum())
@@ -48,18 +64,20 @@ def run(
         by_prior = ranked.sort("prior_norm", "layer", "kind", "unit")
         prior_count, _ = _within_budget(by_prior["params"], removed_before, budget)
         jaccard = _jaccard(ranked.head(count), by_prior.head(prior_count))
-        chosen = (
-            ranked.head(count)
-            .with_row_index("rank")
-            .select(
-                pl.lit(cfg.iteration, pl.Int32).alias("iteration"),
-                pl.col("rank").cast(pl.Int32),
-                "layer",
-                "kind",
-                "unit",
-                "params",
-                "importance",
-            )
+        removal = ranked.head(count)
+        extra = {}
+        if order is not None:
+            own = removal
+            removal = within_layer(own, priors_stage.read(order), keep)
+            extra["reordered"] = own.height - own.join(removal, on=["layer", "kind", "unit"], how="semi").height
+        chosen = removal.with_row_index("rank").select(
+            pl.lit(cfg.iteration, pl.Int32).alias("iteration"),
+            pl.col("rank").cast(pl.Int32),
+            "layer",
+            "kind",
+            "unit",
+            "params",
+            "importance",
         )
         chosen.write_parquet(out / REMOVED)
         gone = chosen.select("layer", "kind", "unit").with_columns(pl.lit(True).alias("gone"))
@@ -93,11 +111,12 @@ def run(
             "heads_left": int((left["kind"] == HEAD).sum()),
             "channels_left": int((left["kind"] == CHANNEL).sum()),
             "prior_only_jaccard": jaccard,
+            **extra,  # --unit-order flap: how many of the estimator's units another unit of their layer replaced
         }
         pl.DataFrame([summary]).write_parquet(out / SUMMARY)
         return summary
 
-    inputs = [priors, importance] + ([previous] if previous is not None else [])
+    inputs = [priors, importance] + [ref for ref in (previous, order) if ref is not None]
     return store.produce("select", VERSION, cfg, inputs, build)
 
 
@@ -120,6 +139,25 @@ def rank(importance: pl.DataFrame, keep: pl.DataFrame) -> pl.DataFrame:
     return importance.join(present, on=["layer", "kind", "unit"], how="semi").sort(
         "importance", "prior_norm", "layer", "kind", "unit"
     )
+
+
+def within_layer(removal: pl.DataFrame, order: pl.DataFrame, keep: pl.DataFrame) -> pl.DataFrame:
+    """As many units of each (layer, kind) as ``removal`` takes there, the lowest ``flap`` of
+    ``order`` among those still present (ties by unit), in ``removal``'s row schema; the
+    estimator's importance where it scored the unit, null where it did not."""
+    key = ["layer", "kind", "unit"]
+    counts = removal.group_by("layer", "kind").agg(pl.len().alias("count"))
+    present = keep.filter(pl.col("kept")).select(*key, "params")
+    ranked = (
+        present.join(order.select(*key, "flap"), on=key, how="left")
+        .sort("layer", "kind", "flap", "unit", nulls_last=True)
+        .with_columns(pl.int_range(pl.len()).over("layer", "kind").alias("slot"))
+        .join(counts, on=["layer", "kind"])
+        .filter(pl.col("slot") < pl.col("count"))
+    )
+    scored = removal.drop("params")
+    picked = ranked.select(*key, "params").join(scored, on=key, how="left")
+    return picked.select(removal.columns).sort("layer", "kind", "unit")
 
 
 def removal(importance: pl.DataFrame, keep: pl.DataFrame, budget: float) -> pl.DataFrame:

@@ -296,3 +296,58 @@ def test_selection_is_global_cumulative_and_overshoots_by_at_most_one_unit(tmp_p
     keep = pl.read_parquet(second.file("keep.parquet"))
     gone = keep.filter(~pl.col("kept"))
     assert gone.height == 11 and gone["removed_iteration"].unique().sort().to_list() == [0, 1]
+
+
+def test_unit_order_keeps_the_estimators_count_per_layer_and_takes_the_lowest_flap_units(tmp_path):
+    """--unit-order flap: the estimator decides how many units of each (layer, kind) go, FLAP's
+    score of the current model which ones; the budget is the same, units already gone are
+    never taken again, and the summary counts the units the order replaced."""
+    store = Store(tmp_path)
+    parent = external_ref("parent", tmp_path, "p" * 64)
+    table = priors_table({(0, CHANNEL): [1.0] * 6, (1, CHANNEL): [1.0] * 6, (0, HEAD): [1.0] * 2})
+    priors_ref = store.produce(
+        "priors", "t", {}, [parent], lambda out: table.write_parquet(out / "priors.parquet") or {"model_params": 1_000}
+    )
+    # the estimator scored four candidates of each layer's channels and the heads
+    scores = {(0, CHANNEL): [0.1, 0.2, 0.9, 0.8], (1, CHANNEL): [0.3, 0.4, 0.7, 0.6], (0, HEAD): [5.0, 6.0]}
+    imp = pl.DataFrame(
+        [
+            {"layer": layer, "kind": k, "unit": u, "params": 10 if k == CHANNEL else 100, "prior_norm": 1.0}
+            | {"importance": s}
+            for (layer, k), values in scores.items()
+            for u, s in enumerate(values)
+        ]
+    )
+    imp_ref = store.produce("importance", "t", {}, [parent], lambda out: imp.write_parquet(out / importance.FILE))
+    # FLAP's order: layer 0's channels 5 and 4 lowest (the estimator never scored them), layer 1's as scored
+    flap = {(0, CHANNEL): [0.5, 0.6, 0.7, 0.8, 0.2, 0.1], (1, CHANNEL): [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}
+    order = table.with_columns(
+        pl.Series("flap", [v for (layer, k) in [(0, CHANNEL), (1, CHANNEL)] for v in flap[(layer, k)]] + [0.0, 0.0])
+    )
+    order_ref = store.produce(
+        "priors", "t", {"flap": 1}, [parent], lambda out: order.write_parquet(out / "priors.parquet")
+    )
+    cfg = select.SelectConfig(iteration=0, sparsity=0.2, prune_frac=0.1)
+    own = select.run(priors_ref, imp_ref, None, cfg, store)
+    ordered = select.run(priors_ref, imp_ref, None, cfg, store, order=order_ref)
+
+    def units(ref):
+        return pl.read_parquet(ref.file(select.REMOVED)).select("layer", "kind", "unit").sort("layer", "unit")
+
+    # budget 0.1 * 320 = 32 params: four channels, lowest importance first (0.1, 0.2 in layer 0; 0.3, 0.4 in layer 1)
+    assert units(own).rows() == [(0, CHANNEL, 0), (0, CHANNEL, 1), (1, CHANNEL, 0), (1, CHANNEL, 1)]
+    assert units(ordered).rows() == [(0, CHANNEL, 4), (0, CHANNEL, 5), (1, CHANNEL, 0), (1, CHANNEL, 1)]
+    assert ordered.info()["sparsity"] == own.info()["sparsity"] and ordered.info()["reordered"] == 2
+    assert "reordered" not in own.info()
+    # the next iteration: the units gone are not taken again, the count is again the estimator's
+    second = select.run(
+        priors_ref,
+        imp_ref,
+        ordered,
+        select.SelectConfig(iteration=1, sparsity=0.2, prune_frac=0.1),
+        store,
+        order=order_ref,
+    )
+    # (64 params in all: three more channels; the estimator's are layer 0's 0 and 1, layer 1's 3)
+    assert units(second).rows() == [(0, CHANNEL, 0), (0, CHANNEL, 1), (1, CHANNEL, 2)]
+    assert second.info()["sparsity"] == pytest.approx(70 / 320) and second.info()["reordered"] == 1

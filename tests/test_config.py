@@ -106,7 +106,7 @@ def test_every_field_is_a_prune_flag_with_the_issue_names():
     assert (options.masks_per_iter, options.estimator, options.seed) == (4, "perturbed-prior", 3)
     given = {"masks_per_iter", "prune_frac", "calib_samples", "seq_len", "prior", "estimator", "seed", "device"}
     given |= {"dtype", "sparsity"}
-    settled = {"rival": "none"}  # the default, auto, settles on none for perturbed-prior
+    settled = {"rival": "none", "unit_order": "estimator"}  # auto's choices for perturbed-prior
     for field in fields_of(PruneOptions):  # every flag not given takes the schema's default
         if field.name not in given:
             assert getattr(options, field.name) == settled.get(field.name, field.default), field.name
@@ -195,6 +195,10 @@ def test_a_run_made_before_0_2_0_is_refused_in_one_line_naming_that_version():
     # under today's default, which settles on flap)
     made_by_0_4 = {"format": 2, "identity": {"config": {k: v for k, v in now.items() if k != "rival"}}}
     assert recorded_identity(made_by_0_4)["config"] == {**now, "rival": "none"} and now["rival"] == "flap"
+    # 0.6 recorded no --unit-order: its runs took the estimator's own units, and continue so
+    made_by_0_6 = {"format": 2, "identity": {"config": {k: v for k, v in now.items() if k != "unit_order"}}}
+    assert recorded_identity(made_by_0_6)["config"] == {**now, "unit_order": "estimator"}
+    assert now["unit_order"] == "flap"
 
 
 def test_rival_auto_settles_on_flap_for_a_repaired_regression_and_none_for_the_rest():
@@ -213,6 +217,17 @@ def test_rival_auto_settles_on_flap_for_a_repaired_regression_and_none_for_the_r
     ):
         assert PruneOptions(**alone).rival == "none", alone
     assert PruneOptions(rival="none").rival == "none"
+
+
+def test_unit_order_auto_follows_the_rival():
+    """FLAP's order within a layer comes with FLAP's statistics, which the rival takes anyway:
+    auto settles on flap where --rival does, on the estimator's own units otherwise; either can
+    be asked for."""
+    assert PruneOptions().unit_order == "flap" and PruneOptions().identity()["unit_order"] == "flap"
+    assert PruneOptions(rival="none").unit_order == "estimator"
+    assert PruneOptions(estimator="prior-only").unit_order == "estimator"
+    assert PruneOptions(rival="none", unit_order="flap").unit_order == "flap"
+    assert PruneOptions(unit_order="estimator").rival == "flap"
 
 
 def test_a_stage_config_takes_the_options_it_names_and_nothing_renamed():

@@ -54,6 +54,9 @@ def test_a_stage_not_run_yet_is_priced_from_the_evaluation_rate():
 def test_the_plan_says_when_a_rival_removal_doubles_the_iteration():
     assert "flap's removal" not in eta.plan_line(plan())
     assert "also forms and repairs flap's removal" in eta.plan_line(plan(rival="flap"))
+    assert "FLAP's statistics" not in eta.plan_line(plan(rival="flap"))  # the rival's line covers them
+    assert "also takes FLAP's statistics" in eta.plan_line(plan(unit_order="flap"))
+    assert "FLAP's statistics" not in eta.plan_line(plan())
 
 
 def test_durations_read_as_a_person_would_say_them():

@@ -60,14 +60,16 @@ def test_every_estimator_prunes(zoo, corpus, tmp_path, estimator):
         assert min(jaccard) < 1.0
 
 
-def readme_tables() -> list[tuple[str, list[str]]]:
+def readme_tables() -> list[tuple[str, list[str], set[str]]]:
+    """(path pattern, columns, the columns written only under an option: "`name` (`--flag ...`)")."""
     text = README.read_text()
     section = text.split("## Auditing a run", 1)[1].split("\n## ", 1)[0]
     rows = []
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 3 and cells[1].startswith("`RUN/"):
-            rows.append((cells[1].strip("`")[len("RUN/") :], re.findall(r"`([a-z0-9_]+)`", cells[2])))
+            optional = set(re.findall(r"`([a-z0-9_]+)` \(`--", cells[2]))
+            rows.append((cells[1].strip("`")[len("RUN/") :], re.findall(r"`([a-z0-9_]+)`", cells[2]), optional))
     return rows
 
 
@@ -82,13 +84,17 @@ def rivalled(zoo, corpus, tmp_path_factory):
 def test_readme_documents_the_audit_tables_a_run_writes(finished, rivalled):
     tables = readme_tables()
     assert len(tables) >= 9
-    for pattern, columns in tables:
+    for pattern, columns, optional in tables:
         # the finished run writes every table but the rival's arbitration
         out, summary = finished if list(finished[0].glob(pattern)) else rivalled
         iterations = list(range(len(summary["iterations"])))
         frame = pl.read_parquet(str(out / pattern))
-        assert columns and set(columns) <= set(frame.columns), pattern
+        assert columns and set(columns) - optional <= set(frame.columns), pattern
         assert set(frame.columns) <= set(columns), f"{pattern}: undocumented columns"
+        # the rivalled run (--unit-order flap, as auto settles there) writes the optional ones
+        files = sorted(rivalled[0].glob(pattern))
+        written = set().union(*(pl.read_parquet(f).columns for f in files))
+        assert optional <= written, pattern
         if "iteration" in frame.columns:
             assert sorted(frame["iteration"].unique().to_list()) == iterations, pattern
 
@@ -237,7 +243,8 @@ def test_rival_keeps_the_removal_whose_repaired_model_scores_better(rivalled):
     from bonsai.stages.reports.audit import iteration_table
 
     run, summary = rivalled
-    assert json.loads((run / "run.json").read_text())["identity"]["config"]["rival"] == "flap"  # as settled
+    config = json.loads((run / "run.json").read_text())["identity"]["config"]
+    assert (config["rival"], config["unit_order"]) == ("flap", "flap")  # as settled
     table = pl.concat([pl.read_parquet(p) for p in run.glob("arbitrate/*/arbitrate.parquet")]).sort("iteration")
     assert table["iteration"].unique().to_list() == list(range(len(summary["iterations"])))
     for row, it in zip(summary["iterations"], table.partition_by("iteration", maintain_order=True)):
@@ -251,6 +258,9 @@ def test_rival_keeps_the_removal_whose_repaired_model_scores_better(rivalled):
     # two removals and two repairs per iteration
     assert len(list(run.glob("select/*/keep.parquet"))) == len(list(run.glob("reconstruct/*/repair.parquet")))
     assert len(list(run.glob("select/*/keep.parquet"))) == 2 * table["iteration"].n_unique()
+    # the regression's removal of each iteration took its units within a layer in FLAP's order
+    infos = [json.loads(m.read_text())["info"] for m in run.glob("select/*/manifest.json")]
+    assert sum("reordered" in info for info in infos) == table["iteration"].n_unique()
     # the published model is the last iteration's winner: the same loss on the same windows
     runs = RunDir(run)
     calib = runs.store.lookup(*next(a for a in runs.lineage() if a[0] == "calibration"))

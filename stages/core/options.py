@@ -40,6 +40,10 @@ SUB_MODEL_REPAIRS = ("none", "lsq")
 # alone; auto: flap under a regression estimator repaired every iteration, none otherwise (a
 # baseline estimator is measured alone), settled when the options are made
 RIVALS = ("auto", "none", "flap")
+# which units of a layer the estimator's removal takes, once it has chosen how many: its own, or
+# the lowest of FLAP's fluctuation of the current model (stages/select.py); auto: flap where the
+# rival is flap (its statistics are taken anyway), the estimator's otherwise
+UNIT_ORDERS = ("auto", "estimator", "flap")
 
 # The evaluation budget per iteration when the command line leaves it out, per kind of device:
 # on a GPU the paper's setting (not measured here); on a CPU the knee of BENCHMARKS.md's budget
@@ -173,6 +177,13 @@ class PruneOptions(Options):
         "lsq, else none",
         RIVALS,
     )
+    unit_order: str = option(
+        "auto",
+        "which units of a layer the estimator's removal takes once it has chosen how many: its own (estimator), "
+        "or the lowest of FLAP's fluctuation of the current model (flap, the statistics --rival flap takes); "
+        "auto: flap where --rival settles on flap, else estimator",
+        UNIT_ORDERS,
+    )
 
     def __post_init__(self) -> None:
         _check(0.0 < self.sparsity < 1.0, f"--sparsity must be in (0, 1), got {self.sparsity}")
@@ -183,6 +194,8 @@ class PruneOptions(Options):
         if self.rival == "auto":  # run.json records what it settled on
             regressed = ESTIMATORS[self.estimator].regression and self.reconstruct == "lsq"
             object.__setattr__(self, "rival", "flap" if regressed else "none")
+        if self.unit_order == "auto":  # likewise recorded as settled
+            object.__setattr__(self, "unit_order", "flap" if self.rival == "flap" else "estimator")
         _check(self.cv_folds >= 2, "--cv-folds must be at least 2")
         # a budget left out (None) is the device's, checked when for_device fills it in
         masks, windows = self.masks_per_iter, self.calib_samples
@@ -447,8 +460,8 @@ MADE_BY_0_1 = ("sampling", "round_size", "settle_tolerance", "settle_regret")
 # options 0.2.0 recorded that 0.3.0 removed, with the value under which a run did what this
 # version does (--reconstruct-tokens-per-input: --reconstruct-samples buys the same, BENCHMARKS.md)
 REMOVED_IN_0_3 = {"reconstruct_tokens_per_input": 0.0}
-# options 0.5.0 added, with the value under which a run recorded without them did what it did
-ADDED_IN_0_5 = {"rival": "none"}
+# options added since 0.2.0, with the value under which a run recorded without them did what it did
+ADDED_IN = {"rival": "none", "unit_order": "estimator"}  # 0.5.0, 0.7.0
 
 
 def recorded_identity(recorded: dict) -> dict:
@@ -464,7 +477,7 @@ def recorded_identity(recorded: dict) -> dict:
                 f"this run was made by bonsai 0.2.0 with {flag(name)}, which 0.3.0 removed: finish it with bonsai "
                 "0.2.0 (git checkout d8cbe03), or start a new --out"
             )
-    config = {**ADDED_IN_0_5, **config}
+    config = {**ADDED_IN, **config}
     old = [name for name in MADE_BY_0_1 if name in config]
     missing = [flag(f.name) for f in fields_of(PruneOptions) if f.metadata["identity"] and f.name not in config]
     if recorded.get("format", 1) < RUN_FORMAT or old or missing:

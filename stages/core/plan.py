@@ -135,7 +135,8 @@ class PrunePlan:
     windows: int = 0  # the evaluation's windows per sub-model (and the priors' per iteration)
     repair_windows: int = 0  # the repair's (and the saliency's and compensate's) windows per iteration
     rival: str = "none"  # --rival: a second ranking per iteration, repaired, arbitrated (stages/arbitrate.py)
-    rival_windows: int = 0  # the windows the rival's statistics are taken over
+    unit_order: str = "estimator"  # --unit-order: flap picks the units within each layer (stages/select.py)
+    flap_windows: int = 0  # the windows FLAP's statistics are taken over (for the rival and the unit order)
     judge_windows: int = 0  # the windows the arbitration scores both repaired models on
 
     @classmethod
@@ -161,9 +162,8 @@ class PrunePlan:
             windows=options.calib_samples,
             repair_windows=options.reconstruct_samples,
             rival=options.rival,
-            rival_windows=min(
-                options.calib_pool, max(options.calib_samples, math.ceil(RIVAL_TOKENS / options.seq_len))
-            ),
+            unit_order=options.unit_order,
+            flap_windows=min(options.calib_pool, max(options.calib_samples, math.ceil(RIVAL_TOKENS / options.seq_len))),
             judge_windows=math.ceil(JUDGE_TOKENS / options.seq_len),
         )
 
@@ -196,10 +196,18 @@ class PrunePlan:
         group, so 0.5 makes every unit one (an estimator that ranks every unit)."""
         return 0.5 if self.estimator.every_unit else self.prune_frac
 
+    @property
+    def flap_statistics(self) -> bool:
+        """Whether each iteration takes FLAP's statistics of the current model (a second priors
+        pass, over ``flap_windows``): for the rival's ranking or the estimator's unit order."""
+        return self.rival == "flap" or self.unit_order == "flap"
+
     def runs_per_iteration(self, stage: str) -> int:
         """How often ``stage`` runs in one iteration: twice where a rival's removal is formed
-        and repaired beside the estimator's."""
-        return 2 if self.rival != "none" and stage in ("priors", "masks", "importance", "select", "reconstruct") else 1
+        and repaired beside the estimator's (priors: where FLAP's statistics are taken)."""
+        if stage == "priors":
+            return 2 if self.flap_statistics else 1
+        return 2 if self.rival != "none" and stage in ("masks", "importance", "select", "reconstruct") else 1
 
     def reached(self, sparsity: float) -> bool:
         return sparsity >= self.sparsity - 1e-9

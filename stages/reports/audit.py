@@ -59,7 +59,7 @@ def iteration_table(run: Path) -> pl.DataFrame:
         "candidates",
         "removed_heads",
         "removed_channels",
-        *[c for c in ("prior_only_jaccard",) if c in selected.columns],
+        *[c for c in ("prior_only_jaccard", "reordered") if c in selected.columns],
     ).sort("iteration")
     utilities = _glob(run, "evaluate/*/utilities.parquet")
     if utilities is not None:

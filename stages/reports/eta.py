@@ -95,6 +95,9 @@ def plan_line(plan: PrunePlan) -> str:
     if plan.rival != "none":  # the default's second removal: say where the time goes, and how to skip it
         work += f"; each iteration also forms and repairs {plan.rival}'s removal, keeping the better one"
         work += " (--rival none skips it)"
+    elif plan.unit_order == "flap":  # FLAP's statistics taken for the unit order alone
+        work += "; each iteration also takes FLAP's statistics, to pick the units within each layer"
+        work += " (--unit-order estimator skips them)"
     return work
 
 

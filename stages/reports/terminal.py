@@ -53,6 +53,7 @@ def audit_markdown(result: dict) -> str:
             "cv_r2_head",
             "cv_r2_channel",
             "prior_only_jaccard",
+            "reordered",
             "wanda_jaccard",
             "predicted_error_spearman",
             "repaired",
