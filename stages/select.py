@@ -143,8 +143,8 @@ def rank(importance: pl.DataFrame, keep: pl.DataFrame) -> pl.DataFrame:
 
 def within_layer(removal: pl.DataFrame, order: pl.DataFrame, keep: pl.DataFrame) -> pl.DataFrame:
     """As many units of each (layer, kind) as ``removal`` takes there, the lowest ``flap`` of
-    ``order`` among those still present (ties by unit), in ``removal``'s row schema; the
-    estimator's importance where it scored the unit, null where it did not."""
+    ``order`` among those still present (ties by unit), in ``removal``'s row schema (by layer,
+    kind and unit): the estimator's importance where it removed the unit too, null elsewhere."""
     key = ["layer", "kind", "unit"]
     counts = removal.group_by("layer", "kind").agg(pl.len().alias("count"))
     present = keep.filter(pl.col("kept")).select(*key, "params")
