@@ -3,21 +3,37 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import tiny
 
 
-def task_runs(flow_run_id) -> list:
+def task_runs(flow_run_id, expected_names: set[str], wait_s: float = 30.0) -> list:
+    """The flow run's task runs as the server records them.
+
+    Prefect 3 records a task run from the events its engine sends, asynchronously: a task run
+    is created under a default name ("publish-89d") and renamed in a later event, so a read
+    right after the flow returns can see the last task half-recorded.  Read again until the
+    record has every expected name and every run finished, or ``wait_s`` has passed.
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
 
+    deadline = time.monotonic() + wait_s
     with get_client(sync_client=True) as client:
-        return client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
-            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
-            limit=200,
-        )
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+                limit=200,
+            )
+            settled = {r.name for r in runs} == expected_names and all(
+                r.state is not None and r.state.is_final() for r in runs
+            )
+            if settled or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.5)
 
 
 def test_prune_flow_runs_each_stage_as_a_named_task(prefect_api, zoo, corpus, tmp_path):
@@ -28,8 +44,6 @@ def test_prune_flow_runs_each_stage_as_a_named_task(prefect_api, zoo, corpus, tm
     assert state.is_completed()
     summary = state.result()
     assert summary["iterations"][-1]["sparsity"] >= 0.5
-    runs = task_runs(state.state_details.flow_run_id)
-    names = {r.name for r in runs}
     expected = {"calibration", "export", "publish"}
     for it in ("it00", "it01"):
         expected |= {
@@ -40,7 +54,8 @@ def test_prune_flow_runs_each_stage_as_a_named_task(prefect_api, zoo, corpus, tm
             f"reconstruct-{it}",
         }
         expected |= {f"evaluate-{it}-shard{s:03d}" for s in range(3)}
-    assert names == expected
+    runs = task_runs(state.state_details.flow_run_id, expected)
+    assert {r.name for r in runs} == expected
     assert all(r.state.is_completed() for r in runs)
     # resuming is the store's job: a second flow run finds every artifact and returns the same
     again = prune_flow(str(zoo["qwen2"]), str(corpus), str(tmp_path / "run"), config)
