@@ -252,8 +252,12 @@ def variant(args) -> None:
     table = []
     for r in rows:
         if r["name"] == args.name:
+            defaults_run = OUT / f"paired-auto-seed{r['seed']}"
+            if not defaults_run.is_dir():  # `budget.py paired` not run here: nothing to compare with
+                print(f"seed {r['seed']}: no defaults' run ({defaults_run}); not compared")
+                continue
             ours = first_repair(OUT / f"variant-{args.name}-seed{r['seed']}")
-            theirs = first_repair(OUT / f"paired-auto-seed{r['seed']}")
+            theirs = first_repair(defaults_run)
             if ours.select("layer", "projection", "kept").rows() != theirs.select("layer", "projection", "kept").rows():
                 print(f"seed {r['seed']}: {args.name} repaired another removal first; not compared")
                 continue
