@@ -60,7 +60,7 @@ def command(
         *("--sparsity", str(sparsity), "--prune-frac", "0.1"),
         *("--masks-per-iter", str(masks), "--calib-samples", str(windows), "--seq-len", "128"),
         *("--batch-size", "8", "--shard-size", "16", "--calib-pool", "1024", "--device", "cpu"),
-        *("--reconstruct-samples", "128"),  # every table's runs used it (the CPU default since 0.4.0 is 256)
+        *("--reconstruct-samples", "128"),  # what every table's runs used (the CPU default is 512 since 0.8.0)
         *("--rival", "none"),  # likewise (the default is auto since 0.6.0); a variant's --rival comes after
         *("--unit-order", "estimator"),  # likewise (auto, 0.7.0's default, follows the variant's --rival)
         *("--seed", str(seed)),

@@ -1,6 +1,6 @@
 """Peak memory of the least-squares repair at LLaMA-2-7B's layer shapes, against plain inference.
 
-    python benchmarks/repair_memory.py [--layers 1] [--samples 256] [--passes bfloat16] [--processes 1]
+    python benchmarks/repair_memory.py [--layers 1] [--samples 512] [--passes bfloat16] [--processes 1]
 
 A 7B model does not fit this machine's 24 GB in float32, and the repair's extra memory is per
 layer (one projection's Gram matrix and one layer's MLP-output inputs at a time) plus the
@@ -9,7 +9,7 @@ process on a randomly initialised LLaMA with 7B's shapes (hidden 4,096, 32 heads
 vocabulary 32,000) and ``--layers`` decoder layers: "inference" is a forward of one pruning
 batch (8 x 128), "repair" is the reconstruct stage's ``repair`` on ``--samples`` windows of 128
 tokens with 10 % of every layer's heads and channels removed (the default iteration), its layer
-passes in ``--passes`` (the CPU defaults: 256 windows, passes in bfloat16 where the CPU has it).  Each
+passes in ``--passes`` (the CPU defaults: 512 windows, passes in bfloat16 where the CPU has it).  Each
 reports its peak RSS above the loaded model (VmHWM after /proc/self/clear_refs), and the table
 adds both to the 32-layer model's weights, in float32 and bfloat16, for the ratio a 7B user
 would see.
@@ -75,7 +75,7 @@ def child(mode: str, layers: int, samples: int, passes: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=1)
-    parser.add_argument("--samples", type=int, default=256, help="repair windows (--reconstruct-samples)")
+    parser.add_argument("--samples", type=int, default=512, help="repair windows (--reconstruct-samples)")
     parser.add_argument("--passes", choices=["float32", "bfloat16"], default="bfloat16", help="the layer passes' dtype")
     parser.add_argument("--processes", type=int, default=1)
     parser.add_argument("--child", choices=["inference", "repair"])

@@ -266,8 +266,8 @@ def test_the_budget_left_out_is_the_devices_and_given_values_stay():
         assert {k: getattr(resolved, k) for k in BUDGETS[device]} == BUDGETS[device]
     assert PruneOptions(masks_per_iter=16, seq_len=64).for_device("cuda").masks_per_iter == 16
     assert PruneOptions(masks_per_iter=16, seq_len=64).for_device("cuda").calib_samples == 32
-    with pytest.raises(UserError, match=r"--calib-pool \(200\) must hold .* \(8 \+ 256\)"):
-        PruneOptions(calib_pool=200).for_device("cpu")  # 8 + 256 windows do not fit in 200
+    with pytest.raises(UserError, match=r"--calib-pool \(200\) must hold .* \(8 \+ 512\)"):
+        PruneOptions(calib_pool=200).for_device("cpu")  # 8 + 512 windows do not fit in 200
     assert PruneOptions(calib_pool=200).for_device("cuda").reconstruct_samples == 128  # 32 + 128 do
     with pytest.raises(ValueError, match="per device"):
         PrunePlan.of(PruneOptions())
@@ -280,7 +280,7 @@ def test_prepare_resolves_the_budget_and_the_dtype_for_the_device(zoo, corpus, t
     from bonsai.stages.core.devices import native_bf16
     from bonsai.stages.core.options import BUDGETS
 
-    p = prepare(str(zoo["llama"]), str(corpus), str(tmp_path / "run"), PruneOptions(calib_pool=300, device="cpu"))
+    p = prepare(str(zoo["llama"]), str(corpus), str(tmp_path / "run"), PruneOptions(calib_pool=600, device="cpu"))
     assert {k: getattr(p.config, k) for k in BUDGETS["cpu"]} == BUDGETS["cpu"]
     assert p.config.dtype == ("bfloat16" if native_bf16() else "float32") and p.model_dtype == "float32"
     given = prepare(str(zoo["llama"]), str(corpus), str(tmp_path / "run"), PruneOptions(seq_len=32, device="cpu"))
