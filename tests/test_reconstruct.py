@@ -120,7 +120,7 @@ def test_the_kept_block_is_moved_within_the_gram_matrix_and_sums_are_taken_in_bl
     assert torch.equal(triangle, triangle.T) and torch.allclose(triangle, total, rtol=1e-6)
 
 
-def _repairs(zoo, spec: str, shortcut: bool, mlp_out_adds_to_residual: bool | None = None):
+def _repairs(zoo, spec: str, shortcut: bool | None, mlp_out_adds_to_residual: bool | None = None):
     """The repair of every other head and channel, with the outputs of the collecting passes
     completed (``shortcut``) or each layer run again."""
     model = load_model(zoo[spec], torch.float32, torch.device("cpu"))
@@ -193,6 +193,60 @@ def test_a_normalised_mlp_output_needs_the_second_pass(zoo):
     (_, forced), _ = _repairs(zoo, "gemma2", True, mlp_out_adds_to_residual=True)
     (_, slow), _ = _repairs(zoo, "gemma2", False)
     assert any(a.error_after != pytest.approx(b.error_after, rel=1e-3) for a, b in zip(forced, slow))
+
+
+@pytest.mark.parametrize(
+    "shape, windows, dtype, keeps",
+    [
+        # LLaMA-2-7B in float32 with bfloat16 passes: 512 windows keep past the bound (1.24x
+        # measured) where running the layers again stays within it (1.14x); 256 keep within it
+        ("llama-2-7b", 512, torch.float32, False),
+        ("llama-2-7b", 256, torch.float32, True),
+        # SmolLM2: its windows' hidden states alone pass the bound, so the fast path stays
+        ("smollm2-135m", 512, torch.float32, True),
+        ("smollm2-135m", 4096, torch.float32, True),
+    ],
+)
+def test_the_repair_keeps_activations_unless_that_alone_passes_the_memory_bound(shape, windows, dtype, keeps):
+    """Decided from sizes alone, on the real models' configs (built on the meta device)."""
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bonsai.stages.core.repair_memory import keeps_activations
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    from repair_memory import SHAPES
+
+    config, layers = SHAPES[shape]
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **config)).to(dtype)
+    ids = torch.zeros(windows, 128, dtype=torch.long)
+    assert keeps_activations(model, family_for_model_type("llama"), ids, torch.bfloat16) is keeps
+
+
+def test_the_repair_runs_the_layers_again_where_its_memory_rule_says_so(zoo, monkeypatch):
+    """Left to decide (``shortcut=None``), the repair follows repair_memory.py's rule: a second
+    pass of each repaired layer only where the rule does not keep the activations."""
+    from bonsai.stages.core import repair_memory
+
+    passes, real = [], reconstruction._run_with
+
+    def counted(*args):
+        passes.append(1)
+        return real(*args)
+
+    def second_passes(shortcut) -> int:
+        passes.clear()
+        _repairs(zoo, "llama", shortcut)
+        return len(passes)
+
+    monkeypatch.setattr(reconstruction, "_run_with", counted)
+    rerun = second_passes(False)  # a pass per layer and batch
+    assert second_passes(True) == 0 and rerun > 0
+    assert second_passes(None) == 0  # a tiny model: its hidden states alone pass the bound
+    monkeypatch.setattr(repair_memory, "prefers_keeping", lambda **sizes: False)
+    assert second_passes(None) == rerun
 
 
 def test_the_pass_ends_at_the_last_layer_that_changes(zoo):

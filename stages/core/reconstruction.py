@@ -22,7 +22,9 @@ Held-out windows check each update (held_out_error.py): one that does not lower 
 projection's output error there is not applied (the error is taken from their inputs, kept, not
 from a second Gram matrix).  Memory beyond the model: one projection's G (float64, d x d), made into G_KK and its
 Cholesky factor in its own storage, an out x k right-hand side, the windows' hidden states and
-one layer's MLP-output inputs (BENCHMARKS.md measures it at LLaMA-2-7B's shapes).
+one layer's MLP-output inputs (BENCHMARKS.md measures it at LLaMA-2-7B's shapes).  Where keeping
+those activations would take the repair past its memory bound, each layer is run again instead
+(repair_memory.py).
 
 The model is changed in place (removed columns zeroed, kept ones updated), which is exactly
 the pruned model; ``repair`` returns the updated tensors and a table of what it did.
@@ -51,6 +53,7 @@ from bonsai.stages.core.least_squares import (
 )
 from bonsai.stages.core.options import RECONSTRUCT_FITS
 from bonsai.stages.core.progress import Progress
+from bonsai.stages.core.repair_memory import keeps_activations
 from bonsai.stages.core.units import CHANNEL, HEAD, LayerShape, layer_shapes, output_projection
 
 log = logging.getLogger("bonsai.reconstruct")
@@ -340,7 +343,7 @@ def repair(
     keep: dict,
     damping: float,
     batch_size: int,
-    shortcut: bool = True,
+    shortcut: bool | None = None,
     fit: str = "weights",
     forward_dtype: torch.dtype | None = None,
 ) -> tuple[dict[tuple[int, str], Repaired], list[Outcome]]:
@@ -348,16 +351,19 @@ def repair(
     units that stay (all others of that layer and kind are removed).  The last ``check``
     windows only judge each update.  ``shortcut=False`` runs each layer again after its
     repair instead of completing the collecting passes' outputs (the same model: tests compare
-    them).  ``fit``: what is fitted (FITS).  ``forward_dtype``: a narrower dtype than the
-    model's for the layer passes and the Gram matrices' block products (autocast; the weights,
-    the sums, the solve and the held-out check stay wide): bfloat16 on a CPU that multiplies it
-    natively makes the repair 1.6x faster at the same held-out error (BENCHMARKS.md).  Returns
+    them); None: as repair_memory.py decides from the model's and the windows' sizes.
+    ``fit``: what is fitted (FITS).  ``forward_dtype``: a narrower dtype than the model's for
+    the layer passes and the Gram matrices' block products (autocast; the weights, the sums,
+    the solve and the held-out check stay wide): bfloat16 on a CPU that multiplies it natively
+    makes the repair 1.6x faster at the same held-out error (BENCHMARKS.md).  Returns
     {(layer, kind): the kept columns' new weight and the projection's new bias} (projections
     whose update was applied) and one Outcome per projection that lost units."""
     device = next(model.parameters()).device
     model_dtype = next(model.parameters()).dtype
     lowered = forward_dtype if forward_dtype not in (None, model_dtype) else None
     product = lowered or torch.float32
+    if shortcut is None:
+        shortcut = keeps_activations(model, family, windows, lowered or model_dtype)
     fitted, held = windows[: windows.shape[0] - check], windows[windows.shape[0] - check :]
     batches = [
         part[s : s + batch_size].to(device) for part in (fitted, held) for s in range(0, part.shape[0], batch_size)
@@ -443,11 +449,13 @@ def repair(
                 attention, outputs = (completed, None) if kind == HEAD else (attention, completed)
             del partial
         if outputs is None:
-            with _forward_in(lowered, device):
-                outputs = [
-                    _run_with(layer, family, h, call, attention[b] if attention else None)
-                    for b, (h, call) in enumerate(zip(hidden, calls))
-                ]
+            outputs = []
+            for b, call in enumerate(calls):
+                with _forward_in(lowered, device):
+                    outputs.append(_run_with(layer, family, hidden[b], call, attention[b] if attention else None))
+                hidden[b] = None  # one batch's hidden states at a time live twice
+                if attention:
+                    attention[b] = None
         hidden = outputs
         progress.advance()
     return updated, outcomes
