@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -46,7 +47,7 @@ PREFECT_DEFAULTS = {
 
 
 _PR_SET_PDEATHSIG = 1
-_PORT_IN_USE = 3  # uvicorn's exit status when its port was taken between choosing and binding
+_PORT_IN_USE = 3  # uvicorn's exit status when its port was taken between choosing and binding (or startup failed)
 
 # A temporary server serves one command's flow runs: nothing schedules, cancels, reschedules or
 # triggers anything on it, so its background services only cost CPU beside the run.
@@ -85,6 +86,9 @@ class TemporaryServer:
             os.environ.setdefault(f"PREFECT_SERVER_SERVICES_{service}_ENABLED", "false")
         self.process: subprocess.Popen | None = None
         self.port = 0
+        # The server's own output: shown only when it fails to start.  On the console it would
+        # print its shutdown (events it could not record once terminated) after the command's result.
+        self.log = tempfile.TemporaryFile()
         self._spawn()
         atexit.register(self.stop)
 
@@ -100,20 +104,33 @@ class TemporaryServer:
         command = [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir), "--factory"]
         command += ["prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port)]
         command += ["--log-level", "error", "--lifespan", "on"]
+        self.log.seek(0)
+        self.log.truncate()
         self.process = subprocess.Popen(
-            command, env=env, preexec_fn=functools.partial(_end_with_parent, os.getpid()), stdin=subprocess.DEVNULL
+            command,
+            env=env,
+            preexec_fn=functools.partial(_end_with_parent, os.getpid()),
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
+
+    def log_tail(self, lines: int = 20) -> str:
+        self.log.seek(0)
+        return "\n".join(self.log.read().decode(errors="replace").splitlines()[-lines:])
 
     def wait_until_ready(self, timeout: float) -> str:
         """Poll the health endpoint; a port taken meanwhile gets a new one.  Returns the API url."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = self.process.poll()
-            if status == _PORT_IN_USE:
+            if status == _PORT_IN_USE and "address already in use" in self.log_tail().lower():
                 self._spawn()
                 continue
             if status is not None:
-                raise RuntimeError(f"the temporary Prefect server exited with status {status} while starting")
+                tail = self.log_tail()
+                self.stop(report=False)
+                raise RuntimeError(f"the temporary Prefect server exited with status {status} while starting:\n{tail}")
             try:
                 with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
                     if response.status == 200:
@@ -121,13 +138,18 @@ class TemporaryServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f} s")
+        tail = self.log_tail()
+        self.stop(report=False)
+        raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f} s:\n{tail}")
 
-    def stop(self) -> None:
+    def stop(self, report: bool = True) -> None:
+        """End the server; ``report``: if it ended on its own with an error, print its last lines."""
         if self.process is None:
             return
         process, self.process = self.process, None
+        if report and process.poll() not in (None, 0, _PORT_IN_USE):
+            print(f"the temporary Prefect server stopped with status {process.returncode}:", file=sys.stderr)
+            print(self.log_tail(), file=sys.stderr)
         process.terminate()
         try:
             process.wait(timeout=5)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import pytest
+
 import tiny
 
 
@@ -65,12 +67,37 @@ def test_prune_flow_runs_each_stage_as_a_named_task(prefect_api, zoo, corpus, tm
 def test_a_run_on_its_own_temporary_server_finishes(zoo, corpus, tmp_path):
     """No server configured: the command starts one in a background thread while it loads the
     model.  The server must outlive that thread (its parent-death signal follows the thread
-    that started it) and serve the whole flow."""
+    that started it) and serve the whole flow.  Run again, the command finds every artifact and
+    ends within seconds of its flow's start, while the server still records that flow's events:
+    what the server prints as it is stopped must not follow the command's result."""
     out = tmp_path / "run"
     args = tiny.prune_args(zoo["llama"], corpus, out, *tiny.PRUNE_SMALL)
     result = tiny.bonsai(args, tmp_path, PREFECT_API_URL="")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "model" / "config.json").is_file()
+    again = tiny.bonsai(args, tmp_path, PREFECT_API_URL="")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Traceback" not in again.stderr and "Error" not in again.stderr, again.stderr[-3000:]
+    assert again.stdout.strip().splitlines()[-1].startswith("pruned model:"), again.stdout[-3000:]
+
+
+def test_a_temporary_server_that_cannot_start_says_why(monkeypatch, capfd):
+    """A server that fails at start-up (here: a database it cannot open) is reported at once,
+    with its own last lines, not waited on until the start-up timeout.  Its output goes to its
+    log, never to the command's console."""
+    from bonsai.flows.prefect_server import QUIET_SERVICES, TemporaryServer
+
+    for service in QUIET_SERVICES:  # what the server sets for itself, undone after the test
+        monkeypatch.setenv(f"PREFECT_SERVER_SERVICES_{service}_ENABLED", "false")
+    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", "sqlite+aiosqlite:////nonexistent/dir/prefect.db")
+    server = TemporaryServer()
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited with status") as error:
+        server.wait_until_ready(timeout=120)
+    assert time.monotonic() - started < 60
+    assert "nonexistent" in str(error.value) or "unable to open" in str(error.value).lower(), str(error.value)
+    assert server.process is None
+    assert "unable to open" not in capfd.readouterr().err
 
 
 def test_the_command_prepares_its_inputs_once(prefect_api, zoo, corpus, tmp_path, monkeypatch):
