@@ -207,15 +207,16 @@ def test_a_normalised_mlp_output_needs_the_second_pass(zoo):
         ("smollm2-135m", 4096, torch.float32, True),
     ],
 )
-def test_the_repair_keeps_activations_unless_that_alone_passes_the_memory_bound(shape, windows, dtype, keeps):
-    """Decided from sizes alone, on the real models' configs (built on the meta device)."""
-    import sys
-
+def test_the_repair_keeps_activations_unless_that_alone_passes_the_memory_bound(
+    shape, windows, dtype, keeps, monkeypatch
+):
+    """Decided from sizes alone, on the real models' configs (built on the meta device): those
+    of benchmarks/repair_memory.py, which measured the bound."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bonsai.stages.core.repair_memory import keeps_activations
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
     from repair_memory import SHAPES
 
     config, layers = SHAPES[shape]
