@@ -106,20 +106,20 @@ def child(mode: str, shape: str, layers: int, samples: int, passes: str, shortcu
     print(json.dumps({"loaded": loaded, "peak": peak, "params": params, "per_layer": per_layer, "seconds": seconds}))
 
 
-def _rule_keeps(args, weight_bytes: int, state_bytes: int) -> bool:
-    """What the reconstruct stage decides for the whole model in this dtype (``--passes``: bfloat16
-    narrows a float32 model's passes; a bfloat16 model's passes are its own)."""
-    from bonsai.stages.core.repair_memory import prefers_keeping, repair_bytes
+def _rule_keeps(args, dtype: torch.dtype) -> bool:
+    """What the reconstruct stage decides for the whole model in ``dtype`` (built on the meta
+    device; ``--passes`` bfloat16 narrows a float32 model's passes, a bfloat16 model's are its own)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = SHAPES[args.shape][0]
-    rerun, keep = repair_bytes(
-        tokens=args.samples * SEQ_LEN,
-        hidden=config["hidden_size"],
-        mlp_width=config["intermediate_size"],
-        state_bytes=state_bytes,
-        pass_bytes=2 if args.passes == "bfloat16" else state_bytes,
-    )
-    return prefers_keeping(weight_bytes=weight_bytes, rerun=rerun, keep=keep)
+    from bonsai.stages.core.families import family_for_model_type
+    from bonsai.stages.core.repair_memory import keeps_activations
+
+    config, layers = SHAPES[args.shape]
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **config)).to(dtype)
+    windows = torch.empty(args.samples, SEQ_LEN, dtype=torch.long, device="meta")
+    passes = torch.bfloat16 if args.passes == "bfloat16" else dtype
+    return keeps_activations(model, family_for_model_type("llama"), windows, passes)
 
 
 def main() -> None:
@@ -155,18 +155,18 @@ def main() -> None:
     above = {mode: (s["peak"] - s["loaded"]) / mb for mode, s in out.items()}
     params_whole = inf["params"] + (SHAPES[args.shape][1] - args.layers) * inf["per_layer"]
     rows = []
-    for dtype, size in (("float32", 4), ("bfloat16", 2)):
+    for dtype, size in ((torch.float32, 4), (torch.bfloat16, 2)):
         weights = params_whole * size / mb
         # activations and runtime scale with the dtype only where they are the model's tensors;
         # the float32 figures are measured, the bfloat16 ones take the same extra bytes (an upper bound)
         rows.append(
             [
-                dtype,
+                str(dtype).removeprefix("torch."),
                 weights,
                 above["inference"],
                 above["repair"],
                 (weights + above["repair"]) / (weights + above["inference"]),
-                "keeps activations" if _rule_keeps(args, params_whole * size, size) else "runs layers again",
+                "keeps activations" if _rule_keeps(args, dtype) else "runs layers again",
             ]
         )
     windows = f"{args.samples} repair windows of {SEQ_LEN} tokens"

@@ -4,7 +4,7 @@ Keeping them (reconstruction.py's shortcut) computes each projection's product o
 attention once per layer: on SmolLM2 the repair takes 0.57x the time of running every repaired
 layer again.  But it holds every window's attention output and MLP-output inputs besides the
 hidden states, and those grow with the windows: at LLaMA-2-7B's shapes with 512 windows of 128
-tokens the repair's peak is 1.24x plain inference with them and 1.14x without (BENCHMARKS.md,
+tokens the repair's peak is 1.22-1.26x plain inference with them and 1.13-1.14x without (BENCHMARKS.md,
 "Repair memory").  So the repair keeps them unless that would take it past MEMORY_BOUND of the
 model's weights where running the layers again would not: a small model, whose windows' hidden
 states alone pass the bound, keeps the fast path.
