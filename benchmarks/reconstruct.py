@@ -171,6 +171,7 @@ def runs(args) -> None:
         and r.get("dtype_option", "auto") == args.dtype
         and r.get("rival", "none") == args.rival
         and r.get("unit_order", "estimator") == args.unit_order
+        and r.get("final_damping", 0.1) == args.final_damping
     }
     for sparsity, mode, seed in itertools.product(args.sparsities, args.modes, args.seeds):
         if (sparsity, mode, seed) in done:
@@ -178,6 +179,7 @@ def runs(args) -> None:
         command = [sys.executable, __file__, "one", "--sparsity", str(sparsity), "--mode", mode, "--seed", str(seed)]
         command += ["--samples", str(args.samples)]
         command += ["--dtype", args.dtype, "--rival", args.rival, "--unit-order", args.unit_order]
+        command += ["--final-damping", str(args.final_damping)]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise SystemExit(result.stderr[-3000:])
@@ -198,12 +200,14 @@ def one(args) -> None:
     common.setup_logging()
     model, train, heldout = common.parent()
     sampling = {**common.TINY_PRUNE, "rival": args.rival, "unit_order": args.unit_order}
+    sampling["reconstruct_final_damping"] = args.final_damping
     if args.command_sampling:  # the paper's sub-models and windows per iteration, the tiny parent's window length
         paper = BUDGETS["cuda"]
         sampling.update(masks_per_iter=paper["masks_per_iter"], calib_samples=paper["calib_samples"])
     suffix = ("-command-sampling" if args.command_sampling else "") + ("" if args.dtype == "auto" else f"-{args.dtype}")
     suffix += "" if args.rival == "none" else f"-rival{args.rival}"
     suffix += "" if args.unit_order == "estimator" else f"-unitorder{args.unit_order}"
+    suffix += "" if args.final_damping == 0.1 else f"-finaldamping{args.final_damping}"
     out = OUT / f"tiny-{args.sparsity}-{args.mode}-seed{args.seed}{suffix}"
     config = PruneOptions(
         sparsity=args.sparsity,
@@ -230,6 +234,7 @@ def one(args) -> None:
         "dtype_option": args.dtype,
         "rival": args.rival,
         "unit_order": args.unit_order,
+        "final_damping": args.final_damping,
         "masks_per_iter": config.masks_per_iter,
         "calib_samples": config.calib_samples,
         "perplexity": ppl(summary["model"], heldout, Store(OUT / "perplexity")),
@@ -302,6 +307,9 @@ def main() -> None:
     r.add_argument("--dtype", default="auto", help="bonsai prune --dtype (auto: bfloat16 evaluation on a bf16 CPU)")
     r.add_argument("--rival", choices=RIVALS, default="none", help="bonsai prune --rival (the runs recorded: none)")
     r.add_argument("--unit-order", choices=UNIT_ORDERS, default="estimator", help="bonsai prune --unit-order")
+    r.add_argument(
+        "--final-damping", type=float, default=0.1, help="bonsai prune --reconstruct-final-damping (recorded: 0.1)"
+    )
     r.set_defaults(handler=runs)
     o = sub.add_parser("one")
     o.add_argument("--sparsity", type=float, required=True)
@@ -311,6 +319,7 @@ def main() -> None:
     o.add_argument("--dtype", default="auto")
     o.add_argument("--rival", choices=RIVALS, default="none")
     o.add_argument("--unit-order", choices=UNIT_ORDERS, default="estimator")
+    o.add_argument("--final-damping", type=float, default=0.1)
     o.add_argument(
         "--command-sampling",
         action="store_true",

@@ -91,6 +91,7 @@ def llama7b_shape(device: str) -> None:
         seq_len=128,
         batch_size=2,
         calib_pool=4,
+        reconstruct_final_damping=0.1,  # the run recorded here (0.01 since 0.9.0)
         device=device,
     )
     summary = run_prune(str(parent), str(text), str(OUT / "llama7b-shape-50"), config)

@@ -8,7 +8,8 @@
         [priors(l), FLAP's]  select(l)  ->  reconstruct(l)
                       (FLAP's statistics: for --rival flap and --unit-order flap, where select
                        takes as many units per layer as the estimator chose, FLAP's lowest;
-                       the repair: after every iteration, the last, or none)
+                       the repair: after every iteration, the last, or none; the last one
+                       shrunk less, --reconstruct-final-damping)
         [rival(l): masks -> importance -> select -> reconstruct, from FLAP's priors; arbitrate(l)]
                       (--rival flap, auto's choice for the regression: FLAP's removal formed and
                        repaired too, the better kept)
@@ -111,9 +112,9 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
         last = plan.reached(row["sparsity"]) or row["candidates"] == 0
         rec = None
         if plan.repairs_after(it, last):
-            rec = repair(p, it, tag, model, calib, chosen, execute)
+            rec = repair(p, it, tag, model, calib, chosen, execute, last)
         if plan.rival != "none":
-            chosen, rec, arbitration = arbitrate_rival(p, plan, it, model, calib, flap, (chosen, rec), execute)
+            chosen, rec, arbitration = arbitrate_rival(p, plan, it, model, calib, flap, (chosen, rec), execute, last)
             row = {**chosen.info(), **_fit_summary(imp), "sub_models": evaluated, "rival": arbitration}
         if rec is not None:
             row["repaired"] = rec.info()["applied"]
@@ -205,10 +206,15 @@ def sample_and_fit(p: Prepared, plan: PrunePlan, it: int, pri, model: PrunedMode
     return imp, plan.sub_models
 
 
-def repair(p: Prepared, it: int, tag: str, model: PrunedModel, calib, chosen, execute: Executor) -> ArtifactRef:
+def repair(
+    p: Prepared, it: int, tag: str, model: PrunedModel, calib, chosen, execute: Executor, last: bool
+) -> ArtifactRef:
     """The reconstruct stage of iteration ``it``: ``model``'s kept columns refitted after the
-    removal ``chosen`` made."""
-    cfg = stage_config(reconstruct.ReconstructConfig, p.config, iteration=it, model_dtype=p.model_dtype)
+    removal ``chosen`` made; the ``last`` iteration's may shrink less (--reconstruct-final-damping)."""
+    final = p.config.reconstruct_final_damping if last else None
+    cfg = stage_config(
+        reconstruct.ReconstructConfig, p.config, iteration=it, model_dtype=p.model_dtype, final_damping=final
+    )
     return execute(f"reconstruct-{tag}", reconstruct.run, model, calib, chosen, cfg, p.run.store, p.config.device)
 
 
@@ -222,7 +228,15 @@ def flap_priors(p: Prepared, plan: PrunePlan, it: int, model: PrunedModel, calib
 
 
 def arbitrate_rival(
-    p: Prepared, plan: PrunePlan, it: int, model: PrunedModel, calib, pri: ArtifactRef, own, execute: Executor
+    p: Prepared,
+    plan: PrunePlan,
+    it: int,
+    model: PrunedModel,
+    calib,
+    pri: ArtifactRef,
+    own,
+    execute: Executor,
+    last: bool,
 ):
     """The rival's removal of iteration ``it`` (FLAP's ranking of ``model`` from its statistics
     ``pri``, every unit a candidate, the same budget), repaired as the estimator's was; then the
@@ -246,7 +260,7 @@ def arbitrate_rival(
     )
     select_cfg = stage_config(select.SelectConfig, cfg, iteration=it)
     chosen = execute(f"select-{tag}", select.run, pri, imp, model.selection, select_cfg, store)
-    rec = repair(p, it, tag, model, calib, chosen, execute)
+    rec = repair(p, it, tag, model, calib, chosen, execute, last)
     pairs = [own, (chosen, rec)]
     arb_cfg = stage_config(
         arbitrate.ArbitrateConfig,

@@ -31,8 +31,8 @@ from bonsai.stages.core.units import KINDS, KeepState, layer_shapes, read_keep_s
 # 2: the layer outputs come from the MLP pass; 3: held-out errors from inputs; 4: the attention
 # output completed from its pass, the windows from the widest changed projection; 5: the passes
 # in the evaluation's dtype; 6: narrow passes check and complete with products of whole inputs
-# (a float32 run's artifacts are byte for byte 5's)
-VERSION = "6"
+# (a float32 run's artifacts are byte for byte 5's); 7: the last iteration's damping (final_damping)
+VERSION = "7"
 TABLE = "repair.parquet"
 SCHEMA = {
     "iteration": pl.Int32,
@@ -59,6 +59,9 @@ class ReconstructConfig:
     model_dtype: str
     dtype: str  # the evaluation's: the layer passes run in it where it differs from model_dtype (a CPU's)
     reconstruct_fit: str  # core/reconstruction.py FITS: the kept columns, and an output bias or not
+    # the last iteration's --reconstruct-final-damping (None: another iteration follows), used where
+    # the fit has data enough (options.py FINAL_TOKENS_PER_COLUMN)
+    final_damping: float | None = None
 
 
 def windows_for(calibration: ArtifactRef, seed: int, iteration: int, calib_samples: int, count: int) -> torch.Tensor:
@@ -105,6 +108,7 @@ def run(
             cfg.batch_size,
             fit=cfg.reconstruct_fit,
             forward_dtype=DTYPES[cfg.dtype],
+            final_damping=cfg.final_damping,
         )
         kill_point("reconstruct")
         save_file(repair_tensors(updated, target), str(out / REPAIRS_FILE))

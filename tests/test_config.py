@@ -147,6 +147,10 @@ def test_run_file_problems_are_one_line(tmp_path):
         ("prune: {model: m, data: d, out: o}\nadapt: {stepz: 3}\n", "unknown option(s) stepz"),
         ("prune: {model: m, data: d, out: o, sparsity: 3}\n", "--sparsity must be in (0, 1)"),
         ("prune: {model: m, data: d, out: o, reconstruct_damping: -1}\n", "--reconstruct-damping must not be negative"),
+        (
+            "prune: {model: m, data: d, out: o, reconstruct_final_damping: -1}\n",
+            "--reconstruct-final-damping must not be negative",
+        ),
     ]:
         bad.write_text(text)
         with pytest.raises(UserError, match=re.escape(message)):
@@ -199,6 +203,11 @@ def test_a_run_made_before_0_2_0_is_refused_in_one_line_naming_that_version():
     made_by_0_6 = {"format": 2, "identity": {"config": {k: v for k, v in now.items() if k != "unit_order"}}}
     assert recorded_identity(made_by_0_6)["config"] == {**now, "unit_order": "estimator"}
     assert now["unit_order"] == "flap"
+    # 0.8 recorded no --reconstruct-final-damping: its last repair was damped like the others
+    made_by_0_8 = {"format": 2, "identity": {"config": {**now, "reconstruct_damping": 0.3}}}
+    del made_by_0_8["identity"]["config"]["reconstruct_final_damping"]
+    assert recorded_identity(made_by_0_8)["config"]["reconstruct_final_damping"] == 0.3
+    assert now["reconstruct_final_damping"] == 0.01
 
 
 def test_rival_auto_settles_on_flap_for_a_repaired_regression_and_none_for_the_rest():

@@ -288,6 +288,31 @@ def test_rival_keeps_the_removal_whose_repaired_model_scores_better(rivalled):
     assert nll == pytest.approx(last["held_out_nll"], rel=1e-4)
 
 
+def test_only_the_last_iterations_repairs_shrink_less(rivalled):
+    """--reconstruct-final-damping reaches the last iteration's repairs (both rankings') and no
+    other, in each projection with fit tokens enough per kept column (test_reconstruct.py checks
+    the rule itself); the earlier repairs keep --reconstruct-damping."""
+    from bonsai.stages.core.options import FINAL_TOKENS_PER_COLUMN, PruneOptions
+
+    run, summary = rivalled
+    final, damping = PruneOptions().reconstruct_final_damping, PruneOptions().reconstruct_damping
+    assert final < damping
+    last, finals = len(summary["iterations"]) - 1, {}
+    for manifest in run.glob("reconstruct/*/manifest.json"):
+        config = json.loads(manifest.read_text())["config"]
+        assert config["reconstruct_damping"] == damping
+        finals.setdefault(config["iteration"], []).append(config["final_damping"])
+        table = pl.read_parquet(manifest.parent / "repair.parquet")
+        if config["iteration"] < last:
+            assert (table["damping"] == damping).all()
+            continue
+        enough = table["tokens"] >= FINAL_TOKENS_PER_COLUMN * table["inputs"]  # kept columns are fewer
+        too_few = table["tokens"] < FINAL_TOKENS_PER_COLUMN * table["kept"]  # and at least as many as units
+        assert (table["damping"].filter(enough) == final).all() and (table["damping"].filter(too_few) == damping).all()
+        assert (table["damping"] == final).any()
+    assert last >= 1 and finals == {it: [final if it == last else None] * 2 for it in range(last + 1)}
+
+
 def test_status_counts_a_rivalled_iteration_done_once_arbitrated(rivalled, tmp_path):
     """Both selects of an iteration finish before its arbitration: until that has kept one,
     `bonsai status` counts the iteration as not done."""

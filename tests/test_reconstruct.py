@@ -264,6 +264,28 @@ def test_the_pass_ends_at_the_last_layer_that_changes(zoo):
     assert [(o.layer, o.projection) for o in outcomes] == [(0, "mlp_out")] and runs == []
 
 
+def test_the_last_repair_shrinks_less_only_where_it_has_data_enough(zoo):
+    """``final_damping`` replaces the damping of each projection with at least
+    FINAL_TOKENS_PER_COLUMN fit tokens per kept column: here the heads' 32 kept columns have 320
+    tokens (10 each), the channels' 48 have 6.7 each and keep the damping."""
+    shapes, outcomes = None, {}
+    for final in (None, 0.01):
+        model = load_model(zoo["llama"], torch.float32, torch.device("cpu"))
+        family = family_for_model_type(model.config.model_type)
+        shapes = layer_shapes(model, family)
+        keep = {(i, kind): _every_other(shape)[kind] for i, shape in enumerate(shapes) for kind in (HEAD, CHANNEL)}
+        windows = ids_for(model, rows=24, length=16)  # 20 fit windows, 320 tokens
+        _, outcomes[final] = repair(model, family, windows, 4, keep, 0.1, 4, final_damping=final)
+    assert {o.damping for o in outcomes[None]} == {0.1}
+    for o in outcomes[0.01]:
+        kind = HEAD if o.projection == "attention_out" else CHANNEL
+        columns = o.kept * o.inputs // shapes[o.layer].count(kind)
+        assert o.tokens == 320 and o.damping == (0.01 if kind == HEAD else 0.1), o
+        assert (o.tokens >= reconstruction.FINAL_TOKENS_PER_COLUMN * columns) == (kind == HEAD)
+    before, after = outcomes[None][0], outcomes[0.01][0]  # layer 0's heads: the same inputs, refitted
+    assert before.projection == "attention_out" and before.error_after != after.error_after
+
+
 def _every_other(shape) -> dict:
     return {kind: list(range(0, shape.count(kind), 2)) for kind in (HEAD, CHANNEL)}
 

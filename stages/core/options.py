@@ -32,6 +32,8 @@ RECONSTRUCT = ("lsq", "lsq-final", "none")
 # an intercept, so a removed unit's mean output moves into the bias), or the bias alone (FLAP's
 # bias compensation, b += W_P mean(x_P), the kept columns unchanged)
 RECONSTRUCT_FITS = ("weights", "weights+bias", "bias")
+# the fit tokens per kept column a projection needs for --reconstruct-final-damping (core/reconstruction.py)
+FINAL_TOKENS_PER_COLUMN = 8
 # how a sampled sub-model's dropped units are scored: zeroed (the paper's), or with their inputs
 # imputed as the repair's one-shot least-squares update would (stages/compensate.py)
 SUB_MODEL_REPAIRS = ("none", "lsq")
@@ -162,6 +164,11 @@ class PruneOptions(Options):
     reconstruct_damping: float = option(
         0.1, "shrinks the repaired weights toward their current values: a multiple of G's mean diagonal"
     )
+    reconstruct_final_damping: float = option(
+        0.01,
+        "--reconstruct-damping of the last iteration's repair (lsq-final's only one) in each projection with at "
+        f"least {FINAL_TOKENS_PER_COLUMN} fit tokens per kept column: no later iteration is chosen on what it leaves",
+    )
     sub_model_repair: str = option(
         "none",
         "how each sampled sub-model is scored: with its dropped units zeroed (none, the paper's), or as the "
@@ -210,9 +217,8 @@ class PruneOptions(Options):
             "--estimator flap and --prior flap (FLAP's standardised fluctuation, which can be negative, so it "
             "cannot guide sampling) go together (configs/flap.yaml)",
         )
-        _check(
-            self.reconstruct_damping >= 0, f"--reconstruct-damping must not be negative, got {self.reconstruct_damping}"
-        )
+        for name in ("reconstruct_damping", "reconstruct_final_damping"):
+            _check(getattr(self, name) >= 0, f"{flag(name)} must not be negative, got {getattr(self, name)}")
         _check(
             self.reconstruct_samples is None or self.reconstruct_samples >= 2,
             "--reconstruct-samples must be at least 2 (windows to fit and to check)",
@@ -454,8 +460,6 @@ def load_preset(path: str | Path) -> dict[str, Any]:
 
 
 RUN_FORMAT = 2  # of run.json; format 1 called the paper's estimator "regression"
-
-
 # options bonsai 0.1.0 recorded that 0.2.0 removed (adaptive sampling's)
 MADE_BY_0_1 = ("sampling", "round_size", "settle_tolerance", "settle_regret")
 # options 0.2.0 recorded that 0.3.0 removed, with the value under which a run did what this
@@ -479,6 +483,8 @@ def recorded_identity(recorded: dict) -> dict:
                 "0.2.0 (git checkout d8cbe03), or start a new --out"
             )
     config = {**ADDED_IN, **config}
+    if "reconstruct_damping" in config:  # 0.9.0's: until then the last repair was damped like the others
+        config.setdefault("reconstruct_final_damping", config["reconstruct_damping"])
     old = [name for name in MADE_BY_0_1 if name in config]
     missing = [flag(f.name) for f in fields_of(PruneOptions) if f.metadata["identity"] and f.name not in config]
     if recorded.get("format", 1) < RUN_FORMAT or old or missing:

@@ -51,7 +51,7 @@ from bonsai.stages.core.least_squares import (
     run_layer,
     symmetrize,
 )
-from bonsai.stages.core.options import RECONSTRUCT_FITS
+from bonsai.stages.core.options import FINAL_TOKENS_PER_COLUMN, RECONSTRUCT_FITS
 from bonsai.stages.core.progress import Progress
 from bonsai.stages.core.repair_memory import keeps_activations
 from bonsai.stages.core.units import CHANNEL, HEAD, LayerShape, layer_shapes, output_projection
@@ -59,6 +59,9 @@ from bonsai.stages.core.units import CHANNEL, HEAD, LayerShape, layer_shapes, ou
 log = logging.getLogger("bonsai.reconstruct")
 
 PROJECTIONS = {HEAD: "attention_out", CHANNEL: "mlp_out"}
+# The last repair's smaller damping only where its least squares has data enough
+# (FINAL_TOKENS_PER_COLUMN): on SmolLM2, in one shot, 0.01 against 0.1 was worse at 2.3 and 4.7 fit
+# tokens per kept input column and better at 9.3 and 18.7 (BENCHMARKS.md, "Repairing kept weights")
 FITS = RECONSTRUCT_FITS  # what the repair fits (``fit_projection``)
 
 
@@ -346,6 +349,7 @@ def repair(
     shortcut: bool | None = None,
     fit: str = "weights",
     forward_dtype: torch.dtype | None = None,
+    final_damping: float | None = None,
 ) -> tuple[dict[tuple[int, str], Repaired], list[Outcome]]:
     """Repair every layer in order; ``keep[(layer, kind)]`` lists the current positions of the
     units that stay (all others of that layer and kind are removed).  The last ``check``
@@ -355,7 +359,9 @@ def repair(
     ``fit``: what is fitted (FITS).  ``forward_dtype``: a narrower dtype than the model's for
     the layer passes and the Gram matrices' block products (autocast; the weights, the sums,
     the solve and the held-out check stay wide): bfloat16 on a CPU that multiplies it natively
-    makes the repair 1.6x faster at the same held-out error (BENCHMARKS.md).  Returns
+    makes the repair 1.6x faster at the same held-out error (BENCHMARKS.md).  ``final_damping``:
+    the damping of each projection with at least FINAL_TOKENS_PER_COLUMN fit tokens per kept
+    column, in the last iteration, where no removal is chosen on the result.  Returns
     {(layer, kind): the kept columns' new weight and the projection's new bias} (projections
     whose update was applied) and one Outcome per projection that lost units."""
     device = next(model.parameters()).device
@@ -417,7 +423,9 @@ def repair(
                             hidden[b] = None
                     collect.add(b < fit_rows, x)
                 tokens = collect.fit.tokens
-                new_kept, shift, used = fit_projection(target.weight, collect.moments(), kept, damping, fit)
+                enough = final_damping is not None and tokens >= FINAL_TOKENS_PER_COLUMN * len(kept)
+                chosen = final_damping if enough else damping
+                new_kept, shift, used = fit_projection(target.weight, collect.moments(), kept, chosen, fit)
                 collect.fit.gram = None  # consumed by the solve: freed before the check's products
                 before, after = relative_errors(target.weight, new_kept, collect.held, kept, shift)
                 del collect  # the held-out inputs, before the next projection's
