@@ -32,7 +32,7 @@ RECONSTRUCT = ("lsq", "lsq-final", "none")
 # an intercept, so a removed unit's mean output moves into the bias), or the bias alone (FLAP's
 # bias compensation, b += W_P mean(x_P), the kept columns unchanged)
 RECONSTRUCT_FITS = ("weights", "weights+bias", "bias")
-# the fit tokens per kept column a projection needs for --reconstruct-final-damping (core/reconstruction.py)
+# fit tokens per kept column a projection needs for --reconstruct-final-damping (BENCHMARKS.md: 4.7 too few, 9.3 enough)
 FINAL_TOKENS_PER_COLUMN = 8
 # how a sampled sub-model's dropped units are scored: zeroed (the paper's), or with their inputs
 # imputed as the repair's one-shot least-squares update would (stages/compensate.py)

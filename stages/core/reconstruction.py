@@ -59,9 +59,6 @@ from bonsai.stages.core.units import CHANNEL, HEAD, LayerShape, layer_shapes, ou
 log = logging.getLogger("bonsai.reconstruct")
 
 PROJECTIONS = {HEAD: "attention_out", CHANNEL: "mlp_out"}
-# The last repair's smaller damping only where its least squares has data enough
-# (FINAL_TOKENS_PER_COLUMN): on SmolLM2, in one shot, 0.01 against 0.1 was worse at 2.3 and 4.7 fit
-# tokens per kept input column and better at 9.3 and 18.7 (BENCHMARKS.md, "Repairing kept weights")
 FITS = RECONSTRUCT_FITS  # what the repair fits (``fit_projection``)
 
 
@@ -423,6 +420,7 @@ def repair(
                             hidden[b] = None
                     collect.add(b < fit_rows, x)
                 tokens = collect.fit.tokens
+                # less shrinkage only with data enough (BENCHMARKS.md, "The last repair shrinks less")
                 enough = final_damping is not None and tokens >= FINAL_TOKENS_PER_COLUMN * len(kept)
                 chosen = final_damping if enough else damping
                 new_kept, shift, used = fit_projection(target.weight, collect.moments(), kept, chosen, fit)
