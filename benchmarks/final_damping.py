@@ -28,6 +28,7 @@ import real_model
 import torch
 
 from bonsai.artifacts import RunDir, Store, external_ref
+from bonsai.flows.preflight import run_parent
 from bonsai.stages import reconstruct
 from bonsai.stages.core.model_io import PrunedModel
 from bonsai.stages.core.nll import mean_nll
@@ -44,15 +45,10 @@ def last_repair(run: Path) -> tuple[PrunedModel, object, object, reconstruct.Rec
     keys = [key for stage, key in directory.lineage() if stage == "reconstruct"]
     manifests = {k: json.loads((run / "reconstruct" / k / "manifest.json").read_text()) for k in keys}
     manifest = manifests[max(manifests, key=lambda k: manifests[k]["config"]["iteration"])]
-    described = json.loads((run / "run.json").read_text())["described"]
-
-    def ref(item: dict):
-        if item["stage"] == "parent":
-            return external_ref("parent", described["model_directory"], item["digest"])
-        return directory.store.lookup(item["stage"], item["key"])
-
-    parent, calibration, after, *rest = [ref(i) for i in manifest["inputs"]]
-    selection = rest[-1] if rest else None  # the inputs end with the model's selection, after its repairs
+    inputs = manifest["inputs"]  # the parent, the calibration, the removal, the model's repairs, its selection
+    parent = external_ref("parent", run_parent(directory.recorded()).path, inputs[0]["digest"])
+    calibration, after, *rest = [directory.store.lookup(i["stage"], i["key"]) for i in inputs[1:]]
+    selection = rest[-1] if rest else None
     config = {"final_damping": None, **manifest["config"]}
     return PrunedModel(parent, selection, tuple(rest[:-1])), calibration, after, reconstruct.ReconstructConfig(**config)
 
