@@ -18,7 +18,8 @@ from bonsai.stages.core.model_dirs import inspect_model_dir, model_digest
 from bonsai.stages.core.model_source import ModelSource
 from bonsai.stages.core.model_source import check as check_model
 from bonsai.stages.core.model_source import resolve as resolve_model
-from bonsai.stages.core.options import RUN_FORMAT, PruneOptions, recorded_identity
+from bonsai.stages.core.options import PruneOptions
+from bonsai.stages.core.run_identity import RUN_FORMAT, recorded_identity
 
 
 @dataclass(frozen=True)

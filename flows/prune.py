@@ -13,6 +13,8 @@
         [rival(l): masks -> importance -> select -> reconstruct, from FLAP's priors; arbitrate(l)]
                       (--rival flap, auto's choice for the regression: FLAP's removal formed and
                        repaired too, the better kept)
+    [reconstruct-publish]  (--reconstruct-publish parent: the parent sliced to the final
+                       removal, repaired once for all of it, is what is published)
     export  ->  publish RUN/model
 
 Every stage reads and writes the run's artifact store, so running the same command again
@@ -134,6 +136,8 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
         if row["candidates"] == 0:
             log.warning("no units left to prune; stopping at sparsity %.3f", row["sparsity"])
             break
+    if plan.publish_from_parent and model.selection is not None:
+        model = repair_from_parent(p, len(iterations) - 1, model, calib, execute)
     exported = execute("export", export.run, model, export.ExportConfig(), store)
     model_dir = execute("publish", export.publish, exported, p.run.path / "model")
     summary = {
@@ -143,6 +147,8 @@ def prune_stages(p: Prepared, execute: Executor = Inline()) -> dict:
         "iterations": iterations,
         "result": {"stage": exported.stage, "key": exported.key},
     }
+    if plan.publish_from_parent and model.repairs:  # the repair the published model carries
+        summary["published_repair"] = {"stage": model.repairs[-1].stage, "key": model.repairs[-1].key}
     write_text_atomic(p.run.path / SUMMARY_FILE, json.dumps(summary, indent=1, sort_keys=True))
     return summary
 
@@ -216,6 +222,26 @@ def repair(
         reconstruct.ReconstructConfig, p.config, iteration=it, model_dtype=p.model_dtype, final_damping=final
     )
     return execute(f"reconstruct-{tag}", reconstruct.run, model, calib, chosen, cfg, p.run.store, p.config.device)
+
+
+def repair_from_parent(p: Prepared, last: int, model: PrunedModel, calib, execute: Executor) -> PrunedModel:
+    """The published model (--reconstruct-publish parent): the parent sliced to ``model``'s
+    selection, repaired once for the whole removal, configured as the last iteration's repair.
+    Each iteration's repair fits the model before it, itself an approximation of the parent's;
+    this one fits each layer's kept columns to the parent's own output (with a single iteration
+    it is that iteration's repair, the same artifact)."""
+    cfg = stage_config(
+        reconstruct.ReconstructConfig,
+        p.config,
+        iteration=last,
+        model_dtype=p.model_dtype,
+        final_damping=p.config.reconstruct_final_damping,
+    )
+    parent = PrunedModel(model.parent)
+    rec = execute(
+        "reconstruct-publish", reconstruct.run, parent, calib, model.selection, cfg, p.run.store, p.config.device
+    )
+    return PrunedModel(model.parent, model.selection, (rec,))
 
 
 def flap_priors(p: Prepared, plan: PrunePlan, it: int, model: PrunedModel, calib, execute: Executor) -> ArtifactRef:

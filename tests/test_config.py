@@ -173,7 +173,7 @@ def test_a_run_made_before_0_2_0_is_refused_in_one_line_naming_that_version():
     """0.1.0 recorded adaptive sampling's options, earlier runs had format 1 or fewer options: their
     priors and masks were computed or keyed differently, so resuming here would silently redo
     every evaluation; each is refused instead, and a run 0.2.0 made is taken as it is."""
-    from bonsai.stages.core.options import recorded_identity
+    from bonsai.stages.core.run_identity import recorded_identity
 
     now = PruneOptions().identity()
     made_by = {
@@ -208,6 +208,10 @@ def test_a_run_made_before_0_2_0_is_refused_in_one_line_naming_that_version():
     del made_by_0_8["identity"]["config"]["reconstruct_final_damping"]
     assert recorded_identity(made_by_0_8)["config"]["reconstruct_final_damping"] == 0.3
     assert now["reconstruct_final_damping"] == 0.01
+    # 0.9 recorded no --reconstruct-publish: it published the chain of repairs, and continues so
+    made_by_0_9 = {"format": 2, "identity": {"config": {k: v for k, v in now.items() if k != "reconstruct_publish"}}}
+    assert recorded_identity(made_by_0_9)["config"] == {**now, "reconstruct_publish": "chain"}
+    assert now["reconstruct_publish"] == "parent"
 
 
 def test_rival_auto_settles_on_flap_for_a_repaired_regression_and_none_for_the_rest():

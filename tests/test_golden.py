@@ -63,7 +63,10 @@ def outputs(run: Path) -> dict[str, dict]:
     for manifest_file in sorted(run.glob("*/*/manifest.json")):
         manifest = json.loads(manifest_file.read_text())
         config = manifest["config"]
-        name = manifest["stage"] + "".join(
+        stage = manifest["stage"]
+        if stage == "reconstruct" and config["iteration"] > 0 and len(manifest["inputs"]) == 3:
+            stage = "reconstruct-publish"  # the published model's repair, made from the parent
+        name = stage + "".join(
             f"-{k}{config[k]}" for k in ("iteration", "shard") if isinstance(config, dict) and k in config
         )
         files = {f: manifest_file.parent / f for f in manifest["files"]}

@@ -78,7 +78,9 @@ def rivalled(zoo, corpus, tmp_path_factory):
     """A run under the default --rival auto, which settles on flap for the regression with the
     repair (float32, so its losses can be recomputed exactly)."""
     out = tmp_path_factory.mktemp("rivalled") / "run"
-    return out, prune(zoo, corpus, out, rival="auto", dtype="float32")
+    # the chain of repairs published, so the published model is the last winner itself (the
+    # default's repair from the parent: test_the_published_model_is_repaired_once_from_the_parent)
+    return out, prune(zoo, corpus, out, rival="auto", dtype="float32", reconstruct_publish="chain")
 
 
 def test_readme_documents_the_audit_tables_a_run_writes(finished, rivalled):
@@ -209,7 +211,7 @@ def test_flap_iterated_with_the_repair_ranks_each_repaired_model_afresh(zoo, cor
     run = tmp_path / "run"
     assert len(summary["iterations"]) == 2 and summary["iterations"][-1]["sparsity"] >= 0.5
     assert not list(run.glob("evaluate/*/utilities.parquet"))
-    assert len(list(run.glob("reconstruct/*/repair.parquet"))) == 2
+    assert len(list(run.glob("reconstruct/*/repair.parquet"))) == 3  # each iteration's, and the published one
 
     def by_iteration(stage, file):
         table = pl.concat([pl.read_parquet(p) for p in run.glob(f"{stage}/*/{file}")])
@@ -311,6 +313,58 @@ def test_only_the_last_iterations_repairs_shrink_less(rivalled):
         assert (table["damping"].filter(enough) == final).all() and (table["damping"].filter(too_few) == damping).all()
         assert (table["damping"] == final).any()
     assert last >= 1 and finals == {it: [final if it == last else None] * 2 for it in range(last + 1)}
+
+
+def test_the_published_model_is_repaired_once_from_the_parent(zoo, corpus, tmp_path):
+    """--reconstruct-publish parent (the default): after the iterations' chain of repairs, the
+    parent sliced to the final removal is repaired once for all of it, configured as the last
+    repair, and that is what is exported; the audit still shows the chain.  With one iteration
+    the published repair is that iteration's own (the same artifact)."""
+    from bonsai.artifacts import RunDir, external_ref
+    from bonsai.stages.core.model_io import PrunedModel, load_model
+    from bonsai.stages.core.options import PruneOptions
+    from bonsai.stages.reports.audit import repair_table
+
+    run = tmp_path / "run"
+    summary = prune(zoo, corpus, run, dtype="float32")
+    last = len(summary["iterations"]) - 1
+    manifests = {p.parent.name: json.loads(p.read_text()) for p in run.glob("reconstruct/*/manifest.json")}
+    assert last == 1 and len(manifests) == 3
+    published = manifests[summary["published_repair"]["key"]]
+    final = next(
+        m
+        for m in (json.loads(p.read_text()) for p in run.glob("select/*/manifest.json"))
+        if m["config"]["iteration"] == last
+    )
+    assert [i["stage"] for i in published["inputs"]] == ["parent", "calibration", "select"]
+    assert published["inputs"][2]["key"] == final["key"]
+    assert published["config"]["iteration"] == last
+    assert published["config"]["final_damping"] == PruneOptions().reconstruct_final_damping
+    exported = json.loads(next(run.glob("export/*/manifest.json")).read_text())
+    assert [i["key"] for i in exported["inputs"][1:]] == [final["key"], published["key"]]
+    # the chain's last repair fitted the model before it, so the published weights differ from it
+    chain = [k for k, m in manifests.items() if k != published["key"] and m["config"]["iteration"] == last]
+    assert len(chain) == 1 and len(manifests[chain[0]]["inputs"]) > 3
+    runs = RunDir(run)
+    refs = [runs.store.lookup(i["stage"], i["key"]) for i in manifests[chain[0]]["inputs"][1:]]
+    parent = external_ref("parent", summary["parent"], published["inputs"][0]["digest"])
+    chained = PrunedModel(parent, refs[1], (*refs[2:-1], runs.store.lookup("reconstruct", chain[0])))
+    ours = load_model(summary["model"], torch.float32, torch.device("cpu"))
+    theirs, _, _ = chained.load("float32", "cpu")
+    differ = [n for n, w in theirs.state_dict().items() if not torch.equal(w, ours.state_dict()[n])]
+    assert differ and all(n.endswith(("o_proj.weight", "down_proj.weight")) for n in differ)
+    # the audit's repair table: the chain's repairs, one per iteration, not the published one
+    table = repair_table(run)
+    assert sorted(table["iteration"].unique().to_list()) == [0, 1]
+    assert (
+        table.height
+        == pl.concat(
+            [pl.read_parquet(run / "reconstruct" / k / "repair.parquet") for k in manifests if k != published["key"]]
+        ).height
+    )
+    # one iteration: its repair is the published one
+    single = prune(zoo, corpus, tmp_path / "single", sparsity=0.25, dtype="float32")
+    assert len(single["iterations"]) == 1 and len(list((tmp_path / "single").glob("reconstruct/*/manifest.json"))) == 1
 
 
 def test_status_counts_a_rivalled_iteration_done_once_arbitrated(rivalled, tmp_path):

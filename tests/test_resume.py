@@ -147,9 +147,10 @@ def test_a_run_killed_by_0_2_0_resumes_redoing_nothing_it_finished(tmp_path):
         "import json, sys; from bonsai.flows.prune import run_prune; "
         "from bonsai.stages.core.options import PruneOptions, build; "
         # --rival none and the last repair damped as the others, as README says for a run begun
-        # before 0.6.0 (auto now settles on flap) and before 0.9.0
+        # before 0.6.0 (auto now settles on flap) and before 0.9.0, and the chain of repairs
+        # published, as before 0.10.0
         f"summary = run_prune('model', 'train.txt', 'run', build(PruneOptions, {expected['flags']!r}, "
-        "{'rival': 'none', 'reconstruct_final_damping': 0.1})); "
+        "{'rival': 'none', 'reconstruct_final_damping': 0.1, 'reconstruct_publish': 'chain'})); "
         "print(json.dumps(summary))"
     )
     child = subprocess.run(

@@ -34,6 +34,9 @@ RECONSTRUCT = ("lsq", "lsq-final", "none")
 RECONSTRUCT_FITS = ("weights", "weights+bias", "bias")
 # fit tokens per kept column a projection needs for --reconstruct-final-damping (BENCHMARKS.md: 4.7 too few, 9.3 enough)
 FINAL_TOKENS_PER_COLUMN = 8
+# which repair the published model carries: the iterations' chain, or one repair of the parent
+# for the whole removal, each layer's kept columns fitted to the parent's own output (flows/prune.py)
+RECONSTRUCT_PUBLISH = ("parent", "chain")
 # how a sampled sub-model's dropped units are scored: zeroed (the paper's), or with their inputs
 # imputed as the repair's one-shot least-squares update would (stages/compensate.py)
 SUB_MODEL_REPAIRS = ("none", "lsq")
@@ -168,6 +171,13 @@ class PruneOptions(Options):
         0.01,
         "--reconstruct-damping of the last iteration's repair (lsq-final's only one) in each projection with at "
         f"least {FINAL_TOKENS_PER_COLUMN} fit tokens per kept column: no later iteration is chosen on what it leaves",
+    )
+    reconstruct_publish: str = option(
+        "parent",
+        "the repair the published model carries: the chain of the iterations' repairs (chain), each fitted to the "
+        "model before its removal, or one repair of the parent for the whole removal after the last iteration "
+        "(parent: each layer's kept columns fitted to the parent's own output), configured as the last repair",
+        RECONSTRUCT_PUBLISH,
     )
     sub_model_repair: str = option(
         "none",
@@ -457,43 +467,3 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     """A YAML preset of `bonsai prune` options by field name; an unknown one names the file.  Its
     values are parsed and checked with the flags', by ``build``."""
     return named(PruneOptions, read_yaml(path, "a mapping of option: value"), f"--config {path}")
-
-
-RUN_FORMAT = 2  # of run.json; format 1 called the paper's estimator "regression"
-# options bonsai 0.1.0 recorded that 0.2.0 removed (adaptive sampling's)
-MADE_BY_0_1 = ("sampling", "round_size", "settle_tolerance", "settle_regret")
-# options 0.2.0 recorded that 0.3.0 removed, with the value under which a run did what this
-# version does (--reconstruct-tokens-per-input: --reconstruct-samples buys the same, BENCHMARKS.md)
-REMOVED_IN_0_3 = {"reconstruct_tokens_per_input": 0.0}
-# options added since 0.2.0, with the value under which a run recorded without them did what it did
-ADDED_IN = {"rival": "none", "unit_order": "estimator"}  # 0.5.0, 0.7.0
-
-
-def recorded_identity(recorded: dict) -> dict:
-    """A run.json's identity, once it is known to be one this version continues.  A run made
-    before 0.2.0 (run.json format 1, 0.1.0's sampling options, or options it did not have) is
-    refused in one line naming that version: its priors and masks were computed or keyed
-    differently, so resuming it here would silently redo its evaluations, the run's whole cost."""
-    identity = dict(recorded.get("identity", {}))
-    config = dict(identity.get("config", {}))
-    for name, same in REMOVED_IN_0_3.items():
-        if name in config and config.pop(name) != same:
-            raise UserError(
-                f"this run was made by bonsai 0.2.0 with {flag(name)}, which 0.3.0 removed: finish it with bonsai "
-                "0.2.0 (git checkout d8cbe03), or start a new --out"
-            )
-    config = {**ADDED_IN, **config}
-    if "reconstruct_damping" in config:  # 0.9.0's: until then the last repair was damped like the others
-        config.setdefault("reconstruct_final_damping", config["reconstruct_damping"])
-    old = [name for name in MADE_BY_0_1 if name in config]
-    missing = [flag(f.name) for f in fields_of(PruneOptions) if f.metadata["identity"] and f.name not in config]
-    if recorded.get("format", 1) < RUN_FORMAT or old or missing:
-        if config.get("sampling") == "adaptive":
-            how = "adaptive sampling, which 0.2.0 removed"
-        else:
-            how = "it records 0.1.0's sampling options" if old else f"it has no {', '.join(missing[:3])}"
-        raise UserError(
-            f"this run was made by bonsai 0.1.0 or earlier ({how}); this version would redo its evaluations: "
-            "finish it with bonsai 0.1.0 (git checkout 160127d), or start a new --out"
-        )
-    return {**identity, "config": config}

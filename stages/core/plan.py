@@ -138,6 +138,7 @@ class PrunePlan:
     unit_order: str = "estimator"  # --unit-order: flap picks the units within each layer (stages/select.py)
     flap_windows: int = 0  # the windows FLAP's statistics are taken over (for the rival and the unit order)
     judge_windows: int = 0  # the windows the arbitration scores both repaired models on
+    publish_from_parent: bool = False  # --reconstruct-publish parent: one repair of the parent is published
 
     @classmethod
     def of(cls, options: PruneOptions) -> PrunePlan:
@@ -165,6 +166,7 @@ class PrunePlan:
             unit_order=options.unit_order,
             flap_windows=min(options.calib_pool, max(options.calib_samples, math.ceil(RIVAL_TOKENS / options.seq_len))),
             judge_windows=math.ceil(JUDGE_TOKENS / options.seq_len),
+            publish_from_parent=options.reconstruct != "none" and options.reconstruct_publish == "parent",
         )
 
     @property
@@ -213,5 +215,6 @@ class PrunePlan:
         return sparsity >= self.sparsity - 1e-9
 
     def repairs_after(self, iteration: int, last: bool) -> bool:
-        """Whether the reconstruct stage runs after ``iteration`` (``last``: the final one)."""
-        return self.reconstruct == "lsq" or (self.reconstruct == "lsq-final" and last)
+        """Whether the reconstruct stage runs after ``iteration`` (``last``: the final one; under
+        lsq-final the published repair from the parent replaces it where there is one)."""
+        return self.reconstruct == "lsq" or (self.reconstruct == "lsq-final" and last and not self.publish_from_parent)

@@ -36,8 +36,36 @@ def _current(run: Path, files) -> list[Path]:
 
 
 def _current_keys(run: Path) -> set[tuple[str, str]] | None:
-    """(stage, key) of the artifacts the result rests on; None until the run has finished."""
-    return RunDir(run).lineage()
+    """(stage, key) of the artifacts the result rests on; None until the run has finished.  The
+    iterations' repairs are what the audit shows: where the published model was repaired once
+    from the parent (--reconstruct-publish parent), the last iteration's own repair stands in
+    for that one, which the result rests on instead (summary.json names it)."""
+    keys = RunDir(run).lineage()
+    if keys is None:
+        return None
+    manifests = {key: _manifest(run, "reconstruct", key) for stage, key in keys if stage == "reconstruct"}
+    for key, manifest in manifests.items():
+        if not _published_from_parent(manifest):
+            continue
+        final = manifest["inputs"][2]["key"]  # the last iteration's selection
+        chain = {
+            ("reconstruct", path.parent.name)
+            for path in run.glob("reconstruct/*/manifest.json")
+            if (m := json.loads(path.read_text()))["inputs"][2]["key"] == final and not _published_from_parent(m)
+        }
+        if chain:  # under lsq-final the published repair is the only one
+            keys = (keys - {("reconstruct", key)}) | chain
+    return keys
+
+
+def _published_from_parent(manifest: dict) -> bool:
+    """A repair of the parent (no earlier selection or repair among its inputs) for a later
+    iteration's selection: the published model's under --reconstruct-publish parent."""
+    return manifest["config"]["iteration"] > 0 and len(manifest["inputs"]) == 3
+
+
+def _manifest(run: Path, stage: str, key: str) -> dict:
+    return json.loads((run / stage / key / "manifest.json").read_text())
 
 
 def _glob(run: Path, pattern: str) -> pl.DataFrame | None:

@@ -14,8 +14,9 @@ from pathlib import Path
 from bonsai.artifacts import RunDir
 from bonsai.artifacts.store import RESUME_CHECKED
 from bonsai.stages.core.errors import UserError
-from bonsai.stages.core.options import PruneOptions, build, recorded_identity
+from bonsai.stages.core.options import PruneOptions, build
 from bonsai.stages.core.plan import PrunePlan
+from bonsai.stages.core.run_identity import recorded_identity
 from bonsai.stages.reports import eta
 
 
