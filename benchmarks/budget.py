@@ -64,6 +64,7 @@ def command(
         *("--rival", "none"),  # likewise (the default is auto since 0.6.0); a variant's --rival comes after
         *("--unit-order", "estimator"),  # likewise (auto, 0.7.0's default, follows the variant's --rival)
         *("--reconstruct-final-damping", "0.1"),  # likewise (0.01 since 0.9.0)
+        *("--reconstruct-publish", "chain"),  # likewise (parent since 0.10.0)
         *("--seed", str(seed)),
         *flags,
     )

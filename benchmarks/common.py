@@ -33,7 +33,7 @@ BENCH_PARENT = tiny_parent.TinyParentConfig(steps=1000)
 # The tiny parent's pruning setting shared by the quality-fast, repair and speed runs: budget 120
 # sub-models of 8 windows of 128 tokens per iteration, the estimator's ranking and units alone (what
 # the runs recorded before --rival's and --unit-order's defaults became auto), every repair damped alike
-# (before --reconstruct-final-damping).
+# (before --reconstruct-final-damping), the chain of repairs published (before --reconstruct-publish).
 TINY_PRUNE = dict(
     masks_per_iter=120,
     calib_samples=8,
@@ -44,6 +44,7 @@ TINY_PRUNE = dict(
     rival="none",
     unit_order="estimator",
     reconstruct_final_damping=0.1,
+    reconstruct_publish="chain",
 )
 RESULTS = Path(__file__).parent / "results"  # run directories (ignored by git)
 PLOTS = Path(__file__).parent / "plots"  # figures referenced by BENCHMARKS.md

@@ -97,6 +97,7 @@ def main() -> None:
                 reconstruct=args.reconstruct,
                 rival="none",  # the estimator alone: the runs recorded here
                 reconstruct_final_damping=0.1,  # likewise: every repair damped alike
+                reconstruct_publish="chain",  # likewise: the chain of repairs published
             )
             start = time.perf_counter()
             summary = run_prune(model_dir, train, str(out / f"{estimator}-seed{seed}"), config)

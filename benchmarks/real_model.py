@@ -59,6 +59,7 @@ SETTING = dict(
     reconstruct_samples=128,  # what every run recorded here used (the CPU default is 256 since 0.4.0, 512 since 0.8.0)
     rival="none",  # likewise (the default is auto since 0.6.0); --set rival=flap for the rival's runs
     reconstruct_final_damping=0.1,  # likewise (0.01 since 0.9.0): the 30 % point alone would change
+    reconstruct_publish="chain",  # likewise (parent since 0.10.0)
     unit_order="estimator",  # likewise (auto since 0.7.0); --set unit_order=flap
     device="cpu",
     dtype="float32",

@@ -92,6 +92,7 @@ def llama7b_shape(device: str) -> None:
         batch_size=2,
         calib_pool=4,
         reconstruct_final_damping=0.1,  # the run recorded here (0.01 since 0.9.0)
+        reconstruct_publish="chain",  # likewise (parent since 0.10.0)
         device=device,
     )
     summary = run_prune(str(parent), str(text), str(OUT / "llama7b-shape-50"), config)
