@@ -43,15 +43,13 @@ def _current_keys(run: Path) -> set[tuple[str, str]] | None:
     keys = RunDir(run).lineage()
     if keys is None:
         return None
-    manifests = {key: _manifest(run, "reconstruct", key) for stage, key in keys if stage == "reconstruct"}
-    for key, manifest in manifests.items():
-        if not _published_from_parent(manifest):
-            continue
-        final = manifest["inputs"][2]["key"]  # the last iteration's selection
+    repairs = {p.parent.name: json.loads(p.read_text()) for p in run.glob("reconstruct/*/manifest.json")}
+    for key in [k for stage, k in keys if stage == "reconstruct" and _published_from_parent(repairs[k])]:
+        final = repairs[key]["inputs"][2]["key"]  # the last iteration's selection
         chain = {
-            ("reconstruct", path.parent.name)
-            for path in run.glob("reconstruct/*/manifest.json")
-            if (m := json.loads(path.read_text()))["inputs"][2]["key"] == final and not _published_from_parent(m)
+            ("reconstruct", k)
+            for k, m in repairs.items()
+            if m["inputs"][2]["key"] == final and not _published_from_parent(m)
         }
         if chain:  # under lsq-final the published repair is the only one
             keys = (keys - {("reconstruct", key)}) | chain
@@ -62,10 +60,6 @@ def _published_from_parent(manifest: dict) -> bool:
     """A repair of the parent (no earlier selection or repair among its inputs) for a later
     iteration's selection: the published model's under --reconstruct-publish parent."""
     return manifest["config"]["iteration"] > 0 and len(manifest["inputs"]) == 3
-
-
-def _manifest(run: Path, stage: str, key: str) -> dict:
-    return json.loads((run / stage / key / "manifest.json").read_text())
 
 
 def _glob(run: Path, pattern: str) -> pl.DataFrame | None:
