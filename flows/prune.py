@@ -226,20 +226,31 @@ def repair(
 
 def repair_from_parent(p: Prepared, last: int, model: PrunedModel, calib, execute: Executor) -> PrunedModel:
     """The published model (--reconstruct-publish parent): the parent sliced to ``model``'s
-    selection, repaired once for the whole removal, configured as the last iteration's repair.
-    Each iteration's repair fits the model before it, itself an approximation of the parent's;
-    this one fits each layer's kept columns to the parent's own output (with a single iteration
-    it is that iteration's repair, the same artifact)."""
-    cfg = stage_config(
-        reconstruct.ReconstructConfig,
-        p.config,
-        iteration=last,
-        model_dtype=p.model_dtype,
-        final_damping=p.config.reconstruct_final_damping,
+    selection, repaired once for the whole removal, configured as the last iteration's repair
+    but for its windows and damping (--reconstruct-publish-samples, -damping).  Each iteration's
+    repair fits the model before it, itself an approximation of the parent's; this one fits each
+    layer's kept columns to the parent's own output, and no later choice rests on it, so it can
+    afford more windows and less damping.  Its windows come from the run's pool where that holds
+    them, else from a longer pool of its own (the same windows first: both are cut from SOURCE's start)."""
+    cfg = p.config
+    pool = calibration.pool_for(cfg.calib_pool, cfg.calib_samples, cfg.reconstruct_publish_samples)
+    if pool > cfg.calib_pool:
+        calib = execute(
+            "calibration-publish",
+            calibration.run,
+            model.parent,
+            p.data,
+            replace(stage_config(calibration.CalibrationConfig, cfg), calib_pool=pool),
+            p.run.store,
+        )
+    rec_cfg = replace(
+        stage_config(reconstruct.ReconstructConfig, cfg, iteration=last, model_dtype=p.model_dtype),
+        reconstruct_samples=cfg.reconstruct_publish_samples,
+        final_damping=cfg.reconstruct_publish_damping,
     )
     parent = PrunedModel(model.parent)
     rec = execute(
-        "reconstruct-publish", reconstruct.run, parent, calib, model.selection, cfg, p.run.store, p.config.device
+        "reconstruct-publish", reconstruct.run, parent, calib, model.selection, rec_cfg, p.run.store, cfg.device
     )
     return PrunedModel(model.parent, model.selection, (rec,))
 

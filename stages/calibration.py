@@ -82,6 +82,13 @@ def cut_windows(tokenizer, spec: str, seq_len: int, pool: int, joined: bool = Fa
     return windows, read
 
 
+def pool_for(calib_pool: int, calib_samples: int, samples: int) -> int:
+    """The pool a draw of ``samples`` windows besides an iteration's ``calib_samples`` comes
+    from: the run's, or where that holds too few (the published repair's), a longer one cut the
+    same way, so its first windows are the run's."""
+    return max(calib_pool, samples + calib_samples)
+
+
 def draw(calibration: ArtifactRef, seed: int, iteration: int, count: int) -> list[int]:
     """The window ids iteration ``iteration`` uses: a seeded draw without replacement."""
     total = int(calibration.info()["windows"])

@@ -8,6 +8,7 @@ from bonsai.stages.reports import eta
 def plan(**kw) -> PrunePlan:
     base = dict(sparsity=0.2, prune_frac=0.1, masks_per_iter=8, cv_folds=2, shard_size=4, calib_samples=2, seq_len=16)
     base |= dict(reconstruct_samples=16, rival="none")  # the estimator's stages once per iteration
+    base |= dict(reconstruct_publish_samples=32)
     return PrunePlan.of(PruneOptions(**{**base, **kw}))
 
 
@@ -48,7 +49,18 @@ def test_a_stage_not_run_yet_is_priced_from_the_evaluation_rate():
     repair = eta.PER_WINDOW["reconstruct"] * 4 * 16 / 64  # not yet measured: 3 s per iteration
     priors = 2 * 16 / 64
     evaluate = (8 * 2 * 16 - 128) / 64 + 8 * 2 * 16 / 64
-    assert abs(est["left_s"] - (2 * repair + 2 * priors + evaluate)) < 1e-9
+    published = eta.PER_WINDOW["reconstruct"] * 32 * 16 / 64  # the repair from the parent, after the last
+    assert abs(est["left_s"] - (2 * repair + 2 * priors + evaluate + published)) < 1e-9
+
+
+def test_the_published_repair_is_priced_per_window_by_the_iterations_repairs():
+    """--reconstruct-publish parent: one more repair after the last iteration, over its own
+    windows, priced by what the iterations' repairs took per window; nothing once exported."""
+    p = plan(reconstruct="lsq", reconstruct_samples=4)
+    ran = [manifest("evaluate", 2.0, 0, 0, masks=4), manifest("reconstruct", 1.5, 0)]
+    chained = eta.estimate(plan(reconstruct="lsq", reconstruct_samples=4, reconstruct_publish="chain"), ran)
+    assert abs(eta.estimate(p, ran)["left_s"] - chained["left_s"] - 1.5 * 32 / 4) < 1e-9
+    assert abs(eta.estimate(p, [*ran, manifest("export", 0.1)])["left_s"] - chained["left_s"]) < 1e-9
 
 
 def test_the_plan_says_when_a_rival_removal_doubles_the_iteration():
@@ -67,6 +79,7 @@ def test_durations_read_as_a_person_would_say_them():
 
 def test_a_prune_run_logs_its_plan_then_the_whole_runs_progress(zoo, corpus, tmp_path, caplog):
     import logging
+    import re
 
     import tiny
 
@@ -77,4 +90,5 @@ def test_a_prune_run_logs_its_plan_then_the_whole_runs_progress(zoo, corpus, tmp
     progress = [line for line in lines if line.startswith("run: ")]
     assert len(progress) == 2 * 3 + 2  # after each of 3 shards per iteration, and after each iteration
     assert all("% done, about" in line and "evaluation tokens/s" in line for line in progress)
-    assert progress[-1].startswith("run: 100 % done")  # the last iteration leaves nothing but the export
+    # the last iteration leaves the published repair from the parent (and the export)
+    assert 50 < int(re.match(r"run: (\d+) % done", progress[-1]).group(1)) < 100

@@ -66,6 +66,8 @@ def outputs(run: Path) -> dict[str, dict]:
         stage = manifest["stage"]
         if stage == "reconstruct" and config["iteration"] > 0 and len(manifest["inputs"]) == 3:
             stage = "reconstruct-publish"  # the published model's repair, made from the parent
+        if stage == "calibration" and config["calib_pool"] > tiny.SMALL["calib_pool"]:
+            stage = "calibration-publish"  # that repair's longer pool
         name = stage + "".join(
             f"-{k}{config[k]}" for k in ("iteration", "shard") if isinstance(config, dict) and k in config
         )

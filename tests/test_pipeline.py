@@ -339,7 +339,18 @@ def test_the_published_model_is_repaired_once_from_the_parent(zoo, corpus, tmp_p
     assert [i["stage"] for i in published["inputs"]] == ["parent", "calibration", "select"]
     assert published["inputs"][2]["key"] == final["key"]
     assert published["config"]["iteration"] == last
-    assert published["config"]["final_damping"] == PruneOptions().reconstruct_final_damping
+    # its own windows and damping: more windows than the run's pool holds, from a longer pool
+    assert published["config"]["final_damping"] == PruneOptions().reconstruct_publish_damping
+    assert published["config"]["reconstruct_samples"] == tiny.SMALL["reconstruct_publish_samples"]
+    pool = json.loads((run / "calibration" / published["inputs"][1]["key"] / "manifest.json").read_text())
+    assert pool["config"]["calib_pool"] == tiny.SMALL["reconstruct_publish_samples"] + tiny.SMALL["calib_samples"]
+    assert pool["info"]["windows"] > tiny.SMALL["calib_pool"]
+    runs_pool = [m for m in run.glob("calibration/*/windows.parquet") if m.parent.name != published["inputs"][1]["key"]]
+    longer = pl.read_parquet(run / "calibration" / published["inputs"][1]["key"] / "windows.parquet")
+    assert len(runs_pool) == 1 and longer.head(tiny.SMALL["calib_pool"]).equals(pl.read_parquet(runs_pool[0]))
+    table = pl.read_parquet(run / "reconstruct" / summary["published_repair"]["key"] / "repair.parquet")
+    fit = tiny.SMALL["reconstruct_publish_samples"] - tiny.SMALL["reconstruct_publish_samples"] // 8
+    assert (table["tokens"] == fit * tiny.SMALL["seq_len"]).all()
     exported = json.loads(next(run.glob("export/*/manifest.json")).read_text())
     assert [i["key"] for i in exported["inputs"][1:]] == [final["key"], published["key"]]
     # the chain's last repair fitted the model before it, so the published weights differ from it
@@ -362,8 +373,10 @@ def test_the_published_model_is_repaired_once_from_the_parent(zoo, corpus, tmp_p
             [pl.read_parquet(run / "reconstruct" / k / "repair.parquet") for k in manifests if k != published["key"]]
         ).height
     )
-    # one iteration: its repair is the published one
-    single = prune(zoo, corpus, tmp_path / "single", sparsity=0.25, dtype="float32")
+    # one iteration, its published repair configured as its own: the same artifact, made once
+    same = dict(reconstruct_publish_samples=tiny.SMALL["reconstruct_samples"])
+    same |= dict(reconstruct_publish_damping=PruneOptions().reconstruct_final_damping)
+    single = prune(zoo, corpus, tmp_path / "single", sparsity=0.25, dtype="float32", **same)
     repairs = [p.parent.name for p in (tmp_path / "single").glob("reconstruct/*/manifest.json")]
     assert len(single["iterations"]) == 1 and repairs == [single["published_repair"]["key"]]
 

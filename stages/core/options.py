@@ -57,10 +57,15 @@ UNIT_ORDERS = ("auto", "estimator", "flap")
 # windows: on a GPU 128 of 2,048 tokens; a CPU's windows are 16x shorter, and 512 of them (the
 # repair's passes in bfloat16; a quarter of a GPU's tokens) beat 256 with the default rival and
 # unit order on SmolLM2 and Python's documentation: on every seed at 20 %, on the mean at 30 %.
+# The published repair's: no choice rests on it, and on a CPU 2,048 windows (4x the iterations')
+# with less damping took SmolLM2 at 30 % from 21.49 to 21.23 there, better on every seed
+# (BENCHMARKS.md); on a GPU the same tokens, not measured.
 BUDGETS: dict[str, dict[str, int]] = {
-    "cpu": {"masks_per_iter": 128, "calib_samples": 8, "seq_len": 128, "reconstruct_samples": 512},
-    "cuda": {"masks_per_iter": 200, "calib_samples": 32, "seq_len": 2048, "reconstruct_samples": 128},
-}
+    "cpu": {"masks_per_iter": 128, "calib_samples": 8, "seq_len": 128, "reconstruct_samples": 512,
+            "reconstruct_publish_samples": 2048},
+    "cuda": {"masks_per_iter": 200, "calib_samples": 32, "seq_len": 2048, "reconstruct_samples": 128,
+             "reconstruct_publish_samples": 128},
+}  # fmt: skip
 
 
 def _per_device(name: str) -> str:
@@ -176,8 +181,20 @@ class PruneOptions(Options):
         "parent",
         "the repair the published model carries: the chain of the iterations' repairs (chain), each fitted to the "
         "model before its removal, or one repair of the parent for the whole removal after the last iteration "
-        "(parent: each layer's kept columns fitted to the parent's own output), configured as the last repair",
+        "(parent: each layer's kept columns fitted to the parent's own output), configured as the last repair but "
+        "for its windows and damping",
         RECONSTRUCT_PUBLISH,
+    )
+    reconstruct_publish_samples: int | None = option(
+        None,
+        "windows the published repair (--reconstruct-publish parent) is fitted and checked on, cut from the start "
+        "of SOURCE as the pool is (a pool of its own where --calib-pool holds fewer), as many as SOURCE holds "
+        f"({_per_device('reconstruct_publish_samples')}; chain: --reconstruct-samples, the last repair's)",
+    )
+    reconstruct_publish_damping: float = option(
+        0.001,
+        "--reconstruct-damping of the published repair where --reconstruct-final-damping would apply "
+        "(chain: --reconstruct-final-damping, the last repair's)",
     )
     sub_model_repair: str = option(
         "none",
@@ -214,6 +231,9 @@ class PruneOptions(Options):
             object.__setattr__(self, "rival", "flap" if regressed else "none")
         if self.unit_order == "auto":  # likewise recorded as settled
             object.__setattr__(self, "unit_order", "flap" if self.rival == "flap" else "estimator")
+        if self.reconstruct == "none" or self.reconstruct_publish == "chain":  # the published repair is the last's
+            object.__setattr__(self, "reconstruct_publish_samples", self.reconstruct_samples)
+            object.__setattr__(self, "reconstruct_publish_damping", self.reconstruct_final_damping)
         _check(self.cv_folds >= 2, "--cv-folds must be at least 2")
         # a budget left out (None) is the device's, checked when for_device fills it in
         masks, windows = self.masks_per_iter, self.calib_samples
@@ -227,12 +247,13 @@ class PruneOptions(Options):
             "--estimator flap and --prior flap (FLAP's standardised fluctuation, which can be negative, so it "
             "cannot guide sampling) go together (configs/flap.yaml)",
         )
-        for name in ("reconstruct_damping", "reconstruct_final_damping"):
+        for name in ("reconstruct_damping", "reconstruct_final_damping", "reconstruct_publish_damping"):
             _check(getattr(self, name) >= 0, f"{flag(name)} must not be negative, got {getattr(self, name)}")
-        _check(
-            self.reconstruct_samples is None or self.reconstruct_samples >= 2,
-            "--reconstruct-samples must be at least 2 (windows to fit and to check)",
-        )
+        for name in ("reconstruct_samples", "reconstruct_publish_samples"):
+            _check(
+                getattr(self, name) is None or getattr(self, name) >= 2,
+                f"{flag(name)} must be at least 2 (windows to fit and to check)",
+            )
         _check(
             windows is None
             or self.reconstruct_samples is None

@@ -139,15 +139,18 @@ class PrunePlan:
     flap_windows: int = 0  # the windows FLAP's statistics are taken over (for the rival and the unit order)
     judge_windows: int = 0  # the windows the arbitration scores both repaired models on
     publish_from_parent: bool = False  # --reconstruct-publish parent: one repair of the parent is published
+    publish_windows: int = 0  # that repair's windows (--reconstruct-publish-samples)
 
     @classmethod
     def of(cls, options: PruneOptions) -> PrunePlan:
         """The plan of options resolved for a device (``PruneOptions.for_device``)."""
-        if None in (options.masks_per_iter, options.calib_samples, options.seq_len, options.reconstruct_samples):
+        budget = (options.masks_per_iter, options.calib_samples, options.seq_len, options.reconstruct_samples)
+        if None in (*budget, options.reconstruct_publish_samples):
             raise ValueError("the options' budget is per device: plan options.for_device(...)")
         estimator = ESTIMATORS[options.estimator]
         iterations = max(1, math.ceil(round(options.sparsity / options.prune_frac, 9)))
         sub_models = 2 * math.ceil(options.masks_per_iter / 2) if estimator.evaluates else 0
+        publish = options.reconstruct != "none" and options.reconstruct_publish == "parent"
         return cls(
             sparsity=options.sparsity,
             prune_frac=options.prune_frac,
@@ -166,7 +169,8 @@ class PrunePlan:
             unit_order=options.unit_order,
             flap_windows=min(options.calib_pool, max(options.calib_samples, math.ceil(RIVAL_TOKENS / options.seq_len))),
             judge_windows=math.ceil(JUDGE_TOKENS / options.seq_len),
-            publish_from_parent=options.reconstruct != "none" and options.reconstruct_publish == "parent",
+            publish_from_parent=publish,
+            publish_windows=options.reconstruct_publish_samples if publish else 0,
         )
 
     @property

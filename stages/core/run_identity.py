@@ -38,6 +38,9 @@ def recorded_identity(recorded: dict) -> dict:
     config = {**ADDED_IN, **config}
     if "reconstruct_damping" in config:  # 0.9.0's: until then the last repair was damped like the others
         config.setdefault("reconstruct_final_damping", config["reconstruct_damping"])
+    if "reconstruct_final_damping" in config:  # 0.11.0's: until then the published repair was the last one's
+        config.setdefault("reconstruct_publish_damping", config["reconstruct_final_damping"])
+        config.setdefault("reconstruct_publish_samples", config.get("reconstruct_samples"))
     old = [name for name in MADE_BY_0_1 if name in config]
     missing = [flag(f.name) for f in fields_of(PruneOptions) if f.metadata["identity"] and f.name not in config]
     if recorded.get("format", 1) < RUN_FORMAT or old or missing:

@@ -61,6 +61,13 @@ def estimate(plan: PrunePlan, manifests: list[dict]) -> dict:
             s = seconds(stage, it)
             unknown |= s is None
             left += (s or 0.0) * plan.runs_per_iteration(stage)
+    if plan.publish_windows and not done["export"]:  # the published repair, after the last iteration
+        if walls["reconstruct"]:  # priced per window from the iterations' repairs (or itself, once made)
+            left += sum(walls["reconstruct"]) / len(walls["reconstruct"]) * plan.publish_windows / plan.repair_windows
+        elif rate is None:
+            unknown = True
+        else:
+            left += PER_WINDOW["reconstruct"] * plan.publish_windows * plan.window_tokens / rate
     elapsed = sum(sum(v) for v in walls.values())
     return {
         "iterations": iterations,
