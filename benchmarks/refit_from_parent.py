@@ -1,7 +1,7 @@
 """Would the published model be better repaired once from the parent than by the chain of repairs?
 
     python benchmarks/refit_from_parent.py [--runs 'budget/variant-final-damping-s30-seed{seed}'] [--seeds 0 1 2]
-        [--heldout docs|wiki|news|tiny]
+        [--heldout docs|wiki|news|tiny] [--samples N] [--damping D]
 
 Each iteration's repair fits the kept columns to the output of the model before that removal,
 itself a repair's approximation of the parent's: by the last iteration the target has drifted
@@ -19,13 +19,17 @@ config (its windows, damping and final damping) and scored beside the run's own 
 for the tiny parent its held-out text (reconstruct.py's, through an export as its runs were
 scored).  Rows go to
 results/refit-from-parent/rows.json (a row already there is not made again), the repairs to a
-store of their own; the rows are printed as a table.
+store of their own; the rows are printed as a table.  ``--samples`` and ``--damping`` give the
+repair from the parent other windows and damping than the last repair's, as
+``--reconstruct-publish-samples`` and ``--reconstruct-publish-damping`` do (a longer pool cut
+where the run's holds too few).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 
 import common
 import final_damping
@@ -33,9 +37,13 @@ import polars as pl
 import quality
 import real_model
 
-from bonsai.artifacts import RunDir, Store
+from bonsai.artifacts import ArtifactRef, RunDir, Store, external_ref
+from bonsai.flows.preflight import run_parent
+from bonsai.stages import calibration as calibration_stage
 from bonsai.stages import export, reconstruct
+from bonsai.stages.core.data import describe, source_digest
 from bonsai.stages.core.model_io import PrunedModel
+from bonsai.stages.reports.render import pyplot, save
 
 OUT = common.RESULTS / "refit-from-parent"
 
@@ -45,26 +53,36 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=["budget/variant-final-damping-s30-seed{seed}"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--heldout", choices=("docs", "wiki", "news", "tiny"), default="docs")
+    parser.add_argument("--samples", type=int, help="the repair's windows (default: the last repair's)")
+    parser.add_argument("--damping", type=float, help="its final damping (default: the last repair's)")
     args = parser.parse_args()
     common.setup_logging()
     score = scorer(args.heldout)
     rows_file = OUT / "rows.json"
     rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
-    done = {(r["run"], r["seed"], r["heldout"]) for r in rows}
+    key = ("run", "seed", "heldout", "samples", "damping")
+    done = {tuple(r.get(k) for k in key) for r in rows}
     for name in args.runs:
         for seed in args.seeds:
-            if (name, seed, args.heldout) in done:
+            if (name, seed, args.heldout, args.samples, args.damping) in done:
                 continue
             run = common.RESULTS / name.format(seed=seed)
             before, calibration, after, config = final_damping.last_repair(run)
             chained = PrunedModel(before.parent, after, before.repairs + (_kept_repair(run, after),))
             store = Store(OUT / run.name)
+            if args.samples is not None:
+                calibration = _pool(run, calibration, args.samples, store)
+                config = replace(config, reconstruct_samples=args.samples)
+            if args.damping is not None:
+                config = replace(config, final_damping=args.damping)
             once = reconstruct.run(PrunedModel(before.parent), calibration, after, config, store)
             rows.append(
                 {
                     "run": name,
                     "seed": seed,
                     "heldout": args.heldout,
+                    "samples": args.samples,
+                    "damping": args.damping,
                     "chained": score(chained, store),
                     "from_parent": score(PrunedModel(before.parent, after, (once,)), store),
                     "applied": once.info()["applied"],
@@ -76,7 +94,30 @@ def main() -> None:
             print(rows[-1], flush=True)
     frame = pl.DataFrame(rows).with_columns((pl.col("from_parent") - pl.col("chained")).alias("difference"))
     print(common.markdown(frame.columns, frame.rows()))
-    print(frame.group_by("run", "heldout").agg(pl.col("chained", "from_parent", "difference").mean()))
+    print(frame.group_by(*key[:1], *key[2:]).agg(pl.col("chained", "from_parent", "difference").mean()))
+    plot(rows, common.PLOTS / "refit-from-parent.png")
+
+
+def plot(rows: list[dict], path) -> None:
+    """The docs runs' repairs from the parent: perplexity against its windows, one line per
+    (seed, damping); the last repair's own windows and damping where a row gives none."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[tuple, list] = {}
+    for r in rows:
+        if r["heldout"] == "docs" and r["run"].startswith("budget/variant-final-damping-s30"):
+            point = (r.get("samples") or 512, r["from_parent"])
+            lines.setdefault((r["seed"], r.get("damping") or 0.01), []).append(point)
+    for (seed, damping), points in sorted(lines.items()):
+        points.sort()
+        style = {0.01: "o-", 0.003: "s--", 0.001: "^-", 0.0003: "v:"}.get(damping, "x-")
+        ax.plot(*zip(*points), style, color=f"C{seed}", label=f"seed {seed}, damping {damping:g}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("windows asked of the repair (128 tokens; the documentation holds 2,883)")
+    ax.set_ylabel("held-out perplexity (Python's documentation)")
+    ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M-Instruct at 30 %: one repair from the parent, by windows and damping", fontsize=10)
+    save(fig, path)
 
 
 def scorer(heldout: str):
@@ -91,6 +132,22 @@ def scorer(heldout: str):
         return quality.ppl(str(exported.file(export.MODEL)), text, store)
 
     return tiny
+
+
+def _pool(run, calibration, samples: int, store: Store):
+    """The calibration a repair of ``samples`` windows draws from, as the flow's published
+    repair does: the run's, or a longer pool cut from the run's data the same way."""
+    cfg = calibration_stage.CalibrationConfig(**calibration.manifest()["config"])
+    pool = calibration_stage.pool_for(cfg.calib_pool, cfg.calib_samples, samples)
+    if pool == cfg.calib_pool:
+        return calibration
+    source = RunDir(run).recorded()["described"]["data"]
+    data = ArtifactRef("data", key="text", path=describe(source), digest=source_digest(source))
+    parent = calibration.manifest()["inputs"][0]
+    if data.digest != calibration.manifest()["inputs"][1]["digest"]:
+        raise SystemExit(f"{run}: its data {source} changed since the run")
+    parent_ref = external_ref("parent", run_parent(RunDir(run).recorded()).path, parent["digest"])
+    return calibration_stage.run(parent_ref, data, replace(cfg, calib_pool=pool), store)
 
 
 def _kept_repair(run, after):
