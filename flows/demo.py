@@ -50,6 +50,9 @@ class DemoSettings:
     # second repair, FLAP's statistics and the judge, about 1.7x the pruning time on SmolLM2
     # (BENCHMARKS.md), which the demo's ten minutes do not hold
     rival: str = "none"
+    # one iteration: its own repair is published (bonsai prune's default repairs the parent again
+    # on 2,048 windows, minutes more in the demo's float32)
+    reconstruct_publish: str = "chain"
     eval_seq_len: int = 256
     eval_windows: int = 32
     parent_steps: int = 240  # --tiny: training steps of the parent
@@ -65,6 +68,7 @@ TINY = DemoSettings(
     shard_size=20,
     eval_seq_len=128,
     eval_windows=64,
+    reconstruct_publish="parent",  # five iterations; the repair from the parent takes seconds here
 )
 
 
@@ -103,6 +107,7 @@ def run_demo(out: str, settings: DemoSettings, execute: Executor = Inline()) -> 
         calib_pool=settings.calib_pool,
         reconstruct_samples=settings.reconstruct_samples,
         rival=settings.rival,
+        reconstruct_publish=settings.reconstruct_publish,
         device="cpu",
         dtype="float32",
     )

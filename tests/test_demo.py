@@ -46,7 +46,7 @@ def test_smollm2_from_gguf_pruned_exported_and_chatting(tmp_path, monkeypatch):
     assert len(summary["iterations"]) == 1 and summary["iterations"][0]["sparsity"] >= 0.1
     store = Store(run)
     select = store.lookup("select", next(run.glob("select/*")).name)
-    repairs = [store.lookup("reconstruct", next(run.glob("reconstruct/*")).name)]
+    repairs = [store.lookup("reconstruct", summary["published_repair"]["key"])]
     shared_models().clear()  # the model as a resumed run would rebuild it: parent sliced, repairs applied
     pruned = PrunedModel(external_ref("parent", summary["parent"], "smollm2"), select, tuple(repairs))
     model, _, _ = pruned.load("float32", "cpu")
