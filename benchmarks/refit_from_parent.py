@@ -37,8 +37,7 @@ import polars as pl
 import quality
 import real_model
 
-from bonsai.artifacts import ArtifactRef, RunDir, Store, external_ref
-from bonsai.flows.preflight import run_parent
+from bonsai.artifacts import ArtifactRef, RunDir, Store
 from bonsai.stages import calibration as calibration_stage
 from bonsai.stages import export, reconstruct
 from bonsai.stages.core.data import describe, source_digest
@@ -71,7 +70,7 @@ def main() -> None:
             chained = PrunedModel(before.parent, after, before.repairs + (_kept_repair(run, after),))
             store = Store(OUT / run.name)
             if args.samples is not None:
-                calibration = _pool(run, calibration, args.samples, store)
+                calibration = _pool(run, before.parent, calibration, args.samples, store)
                 config = replace(config, reconstruct_samples=args.samples)
             if args.damping is not None:
                 config = replace(config, final_damping=args.damping)
@@ -134,20 +133,19 @@ def scorer(heldout: str):
     return tiny
 
 
-def _pool(run, calibration, samples: int, store: Store):
+def _pool(run, parent, calibration, samples: int, store: Store):
     """The calibration a repair of ``samples`` windows draws from, as the flow's published
     repair does: the run's, or a longer pool cut from the run's data the same way."""
-    cfg = calibration_stage.CalibrationConfig(**calibration.manifest()["config"])
+    manifest = calibration.manifest()
+    cfg = calibration_stage.CalibrationConfig(**manifest["config"])
     pool = calibration_stage.pool_for(cfg.calib_pool, cfg.calib_samples, samples)
     if pool == cfg.calib_pool:
         return calibration
     source = RunDir(run).recorded()["described"]["data"]
     data = ArtifactRef("data", key="text", path=describe(source), digest=source_digest(source))
-    parent = calibration.manifest()["inputs"][0]
-    if data.digest != calibration.manifest()["inputs"][1]["digest"]:
+    if data.digest != manifest["inputs"][1]["digest"]:
         raise SystemExit(f"{run}: its data {source} changed since the run")
-    parent_ref = external_ref("parent", run_parent(RunDir(run).recorded()).path, parent["digest"])
-    return calibration_stage.run(parent_ref, data, replace(cfg, calib_pool=pool), store)
+    return calibration_stage.run(parent, data, replace(cfg, calib_pool=pool), store)
 
 
 def _kept_repair(run, after):
