@@ -231,7 +231,7 @@ class PruneOptions(Options):
             object.__setattr__(self, "rival", "flap" if regressed else "none")
         if self.unit_order == "auto":  # likewise recorded as settled
             object.__setattr__(self, "unit_order", "flap" if self.rival == "flap" else "estimator")
-        if self.reconstruct == "none" or self.reconstruct_publish == "chain":  # the published repair is the last's
+        if not self.publishes_from_parent:  # the published repair, if any, is the last iteration's
             object.__setattr__(self, "reconstruct_publish_samples", self.reconstruct_samples)
             object.__setattr__(self, "reconstruct_publish_damping", self.reconstruct_final_damping)
         _check(self.cv_folds >= 2, "--cv-folds must be at least 2")
@@ -278,6 +278,11 @@ class PruneOptions(Options):
         if self.alphas is not None:
             object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
             _check(len(self.alphas) > 0 and all(a >= 0 for a in self.alphas), "--alphas must be non-negative")
+
+    @property
+    def publishes_from_parent(self) -> bool:
+        """Whether one repair of the parent, after the last iteration, is what is published."""
+        return self.reconstruct != "none" and self.reconstruct_publish == "parent"
 
     def for_device(self, kind: str) -> PruneOptions:
         """The options with the budget left out filled in for a device of ``kind`` ("cpu", or

@@ -138,8 +138,7 @@ class PrunePlan:
     unit_order: str = "estimator"  # --unit-order: flap picks the units within each layer (stages/select.py)
     flap_windows: int = 0  # the windows FLAP's statistics are taken over (for the rival and the unit order)
     judge_windows: int = 0  # the windows the arbitration scores both repaired models on
-    publish_from_parent: bool = False  # --reconstruct-publish parent: one repair of the parent is published
-    publish_windows: int = 0  # that repair's windows (--reconstruct-publish-samples)
+    publish_windows: int = 0  # --reconstruct-publish parent: the published repair's windows; 0: no such repair
 
     @classmethod
     def of(cls, options: PruneOptions) -> PrunePlan:
@@ -150,7 +149,6 @@ class PrunePlan:
         estimator = ESTIMATORS[options.estimator]
         iterations = max(1, math.ceil(round(options.sparsity / options.prune_frac, 9)))
         sub_models = 2 * math.ceil(options.masks_per_iter / 2) if estimator.evaluates else 0
-        publish = options.reconstruct != "none" and options.reconstruct_publish == "parent"
         return cls(
             sparsity=options.sparsity,
             prune_frac=options.prune_frac,
@@ -169,9 +167,13 @@ class PrunePlan:
             unit_order=options.unit_order,
             flap_windows=min(options.calib_pool, max(options.calib_samples, math.ceil(RIVAL_TOKENS / options.seq_len))),
             judge_windows=math.ceil(JUDGE_TOKENS / options.seq_len),
-            publish_from_parent=publish,
-            publish_windows=options.reconstruct_publish_samples if publish else 0,
+            publish_windows=options.reconstruct_publish_samples if options.publishes_from_parent else 0,
         )
+
+    @property
+    def publish_from_parent(self) -> bool:
+        """Whether one repair of the parent, after the last iteration, is what is published."""
+        return self.publish_windows > 0
 
     @property
     def shards(self) -> int:
