@@ -73,9 +73,20 @@ class DigestCache:
             self._changed = False
 
 
+# a config field's metadata: the field was added after its stage's artifacts were first keyed, and
+# at its default it computes what they did, so there it is left out of the key (and the manifest)
+# and those artifacts stay found
+KEYED_OFF_DEFAULT = "keyed_off_default"
+
+
 def _plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        fields = dataclasses.fields(obj)
+        return {
+            f.name: _plain(getattr(obj, f.name))
+            for f in fields
+            if not (f.metadata.get(KEYED_OFF_DEFAULT) and getattr(obj, f.name) == f.default)
+        }
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

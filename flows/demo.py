@@ -51,7 +51,7 @@ class DemoSettings:
     # (BENCHMARKS.md), which the demo's ten minutes do not hold
     rival: str = "none"
     # one iteration: its own repair is published (bonsai prune's default repairs the parent again
-    # on 2,048 windows, minutes more in the demo's float32)
+    # on 1,024 windows aimed at its stream, minutes more in the demo's float32)
     reconstruct_publish: str = "chain"
     eval_seq_len: int = 256
     eval_windows: int = 32
@@ -68,7 +68,7 @@ TINY = DemoSettings(
     shard_size=20,
     eval_seq_len=128,
     eval_windows=64,
-    reconstruct_publish="parent",  # five iterations; the repair from the parent takes seconds here
+    reconstruct_publish="parent-stream",  # five iterations; the repair from the parent takes seconds here
 )
 
 

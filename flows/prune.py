@@ -225,12 +225,13 @@ def repair(
 
 
 def repair_from_parent(p: Prepared, last: int, model: PrunedModel, calib, execute: Executor) -> PrunedModel:
-    """The published model (--reconstruct-publish parent): the parent sliced to ``model``'s
-    selection, repaired once for the whole removal, configured as the last iteration's repair
-    but for its windows and damping (--reconstruct-publish-samples, -damping).  Each iteration's
-    repair fits the model before it, itself an approximation of the parent's; this one fits each
-    layer's kept columns to the parent's own output, and no later choice rests on it, so it can
-    afford more windows and less damping.  Its windows come from the run's pool where that holds
+    """The published model (--reconstruct-publish parent-stream or parent): the parent sliced to
+    ``model``'s selection, repaired once for the whole removal, configured as the last iteration's
+    repair but for its windows and damping (--reconstruct-publish-samples, -damping) and its aim.
+    Each iteration's repair fits the model before it, itself an approximation of the parent's;
+    this one fits each layer's kept columns to the parent's residual stream (parent-stream) or to
+    the projection's output on the repaired layers' input (parent), and no later choice rests on
+    it, so it can afford more windows and less damping.  Its windows come from the run's pool where that holds
     them, else from a longer pool of its own (the same windows first: both are cut from SOURCE's start)."""
     cfg = p.config
     pool = calibration.pool_for(cfg.calib_pool, cfg.calib_samples, cfg.reconstruct_publish_samples)
@@ -247,6 +248,7 @@ def repair_from_parent(p: Prepared, last: int, model: PrunedModel, calib, execut
         stage_config(reconstruct.ReconstructConfig, cfg, iteration=last, model_dtype=p.model_dtype),
         reconstruct_samples=cfg.reconstruct_publish_samples,
         final_damping=cfg.reconstruct_publish_damping,
+        aim="stream" if cfg.reconstruct_publish == "parent-stream" else "model",
     )
     parent = PrunedModel(model.parent)
     rec = execute(

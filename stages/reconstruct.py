@@ -13,7 +13,7 @@ keep-state with every earlier repair applied in order (core/model_io.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from bonsai.artifacts import ArtifactRef, Store, kill_point
+from bonsai.artifacts.digest import KEYED_OFF_DEFAULT
 from bonsai.stages.calibration import draw, load_windows
 from bonsai.stages.core.devices import DTYPES
 from bonsai.stages.core.model_io import REPAIRS_FILE, PrunedModel, repair_tensors, shared_models
@@ -31,7 +32,8 @@ from bonsai.stages.core.units import KINDS, KeepState, layer_shapes, read_keep_s
 # 2: the layer outputs come from the MLP pass; 3: held-out errors from inputs; 4: the attention
 # output completed from its pass, the windows from the widest changed projection; 5: the passes
 # in the evaluation's dtype; 6: narrow passes check and complete with products of whole inputs
-# (a float32 run's artifacts are byte for byte 5's); 7: the last iteration's damping (final_damping)
+# (a float32 run's artifacts are byte for byte 5's); 7: the last iteration's damping (final_damping),
+# and since 0.12.0 the aim, keyed only where it is not "model" (earlier artifacts stay found)
 VERSION = "7"
 TABLE = "repair.parquet"
 SCHEMA = {
@@ -62,6 +64,9 @@ class ReconstructConfig:
     # the last iteration's --reconstruct-final-damping (None: another iteration follows), used where
     # the fit has data enough (options.py FINAL_TOKENS_PER_COLUMN)
     final_damping: float | None = None
+    # what the fit aims at (core/repair_fit.py AIMS): the published repair's --reconstruct-publish
+    # parent-stream aims at the parent's stream; keyed only where it is not the model's own output
+    aim: str = field(default="model", metadata={KEYED_OFF_DEFAULT: True})
 
 
 def windows_for(calibration: ArtifactRef, seed: int, iteration: int, calib_samples: int, count: int) -> torch.Tensor:
@@ -98,6 +103,7 @@ def run(
         kept = target.positions(current)
         keep = {(layer, kind): kept.units(kind)[layer] for layer in range(len(kept.groups)) for kind in KINDS}
         count = cfg.reconstruct_samples
+        aim = cfg.aim if family.mlp_out_adds_to_residual else "model"  # Gemma's normalised sums: the output's
         updated, outcomes = repair(
             model,
             family,
@@ -109,6 +115,7 @@ def run(
             fit=cfg.reconstruct_fit,
             forward_dtype=DTYPES[cfg.dtype],
             final_damping=cfg.final_damping,
+            aim=aim,
         )
         kill_point("reconstruct")
         save_file(repair_tensors(updated, target), str(out / REPAIRS_FILE))
@@ -119,6 +126,7 @@ def run(
             "projections": len(outcomes),
             "applied": len(applied),
             "tokens": max((o.tokens for o in outcomes), default=0),
+            **({"aim": aim} if cfg.aim != "model" else {}),  # the aim used, where another was asked for
         }
 
     selection = [pruned.selection] if pruned.selection is not None else []

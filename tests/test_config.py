@@ -211,7 +211,10 @@ def test_a_run_made_before_0_2_0_is_refused_in_one_line_naming_that_version():
     # 0.9 recorded no --reconstruct-publish: it published the chain of repairs, and continues so
     made_by_0_9 = {"format": 2, "identity": {"config": {k: v for k, v in now.items() if k != "reconstruct_publish"}}}
     assert recorded_identity(made_by_0_9)["config"] == {**now, "reconstruct_publish": "chain"}
-    assert now["reconstruct_publish"] == "parent"
+    assert now["reconstruct_publish"] == "parent-stream"
+    # 0.10 and 0.11 repaired the parent aiming at the projections' outputs: recorded so, continued so
+    made_by_0_11 = {"format": 2, "identity": {"config": {**now, "reconstruct_publish": "parent"}}}
+    assert recorded_identity(made_by_0_11)["config"]["reconstruct_publish"] == "parent"
     # 0.10 recorded no published repair's windows or damping: it took the last repair's
     resolved = PruneOptions().for_device("cpu").identity()
     made_by_0_10 = {"format": 2, "identity": {"config": {**resolved, "reconstruct_samples": 300}}}
@@ -219,7 +222,7 @@ def test_a_run_made_before_0_2_0_is_refused_in_one_line_naming_that_version():
         del made_by_0_10["identity"]["config"][name]
     upgraded = recorded_identity(made_by_0_10)["config"]
     assert (upgraded["reconstruct_publish_samples"], upgraded["reconstruct_publish_damping"]) == (300, 0.01)
-    assert (resolved["reconstruct_publish_samples"], resolved["reconstruct_publish_damping"]) == (2048, 0.001)
+    assert (resolved["reconstruct_publish_samples"], resolved["reconstruct_publish_damping"]) == (1024, 0.001)
     # under the chain the published repair is the last one: its options settle to that one's
     chain = PruneOptions(reconstruct_publish="chain", reconstruct_publish_samples=64).for_device("cpu").identity()
     assert (chain["reconstruct_publish_samples"], chain["reconstruct_publish_damping"]) == (512, 0.01)

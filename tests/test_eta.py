@@ -49,18 +49,21 @@ def test_a_stage_not_run_yet_is_priced_from_the_evaluation_rate():
     repair = eta.PER_WINDOW["reconstruct"] * 4 * 16 / 64  # not yet measured: 3 s per iteration
     priors = 2 * 16 / 64
     evaluate = (8 * 2 * 16 - 128) / 64 + 8 * 2 * 16 / 64
-    published = eta.PER_WINDOW["reconstruct"] * 32 * 16 / 64  # the repair from the parent, after the last
+    # the repair from the parent aimed at its stream, after the last
+    published = eta.PER_WINDOW["reconstruct"] * 32 * eta.STREAM_AIM_COST * 16 / 64
     assert abs(est["left_s"] - (2 * repair + 2 * priors + evaluate + published)) < 1e-9
 
 
 def test_the_published_repair_is_priced_per_window_by_the_iterations_repairs():
     """--reconstruct-publish parent: one more repair after the last iteration, over its own
-    windows, priced by what the iterations' repairs took per window; nothing once exported."""
-    p = plan(reconstruct="lsq", reconstruct_samples=4)
+    windows, priced by what the iterations' repairs took per window (parent-stream: also running
+    the parent's layers, STREAM_AIM_COST times that); nothing once exported."""
     ran = [manifest("evaluate", 2.0, 0, 0, masks=4), manifest("reconstruct", 1.5, 0)]
     chained = eta.estimate(plan(reconstruct="lsq", reconstruct_samples=4, reconstruct_publish="chain"), ran)
-    assert abs(eta.estimate(p, ran)["left_s"] - chained["left_s"] - 1.5 * 32 / 4) < 1e-9
-    assert abs(eta.estimate(p, [*ran, manifest("export", 0.1)])["left_s"] - chained["left_s"]) < 1e-9
+    for publish, cost in (("parent", 1.0), ("parent-stream", eta.STREAM_AIM_COST)):
+        p = plan(reconstruct="lsq", reconstruct_samples=4, reconstruct_publish=publish)
+        assert abs(eta.estimate(p, ran)["left_s"] - chained["left_s"] - 1.5 * cost * 32 / 4) < 1e-9
+        assert abs(eta.estimate(p, [*ran, manifest("export", 0.1)])["left_s"] - chained["left_s"]) < 1e-9
 
 
 def test_the_plan_says_when_a_rival_removal_doubles_the_iteration():

@@ -38,7 +38,10 @@ GOLDEN = Path(__file__).parent / "golden"
 # float32 evaluation: bfloat16 matrix products differ by CPU (AMX, AVX512-BF16 or emulated), and a
 # golden must hold on every machine
 SETTINGS = {
-    "small-run": {"dtype": "float32"},
+    # the published repair as 0.10.0-0.11.0 made it (aimed at the projections' outputs), so the
+    # goldens keep guarding what came before; the stream aim is tested in test_repair_fit.py and
+    # test_pipeline.py
+    "small-run": {"dtype": "float32", "reconstruct_publish": "parent"},
     "small-run-paper": {"estimator": "paper-regression", "reconstruct": "none", "dtype": "float32"},
 }
 

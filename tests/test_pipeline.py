@@ -342,6 +342,10 @@ def test_the_published_model_is_repaired_once_from_the_parent(zoo, corpus, tmp_p
     # its own windows and damping: more windows than the run's pool holds, from a longer pool
     assert published["config"]["final_damping"] == PruneOptions().reconstruct_publish_damping
     assert published["config"]["reconstruct_samples"] == tiny.SMALL["reconstruct_publish_samples"]
+    # aimed at the parent's stream (--reconstruct-publish parent-stream); the iterations' repairs
+    # aim at their model's outputs, an aim their keys leave out (so 0.11.0's repairs stay found)
+    assert published["config"]["aim"] == published["info"]["aim"] == "stream"
+    assert all("aim" not in m["config"] for k, m in manifests.items() if k != published["key"])
     pool = json.loads((run / "calibration" / published["inputs"][1]["key"] / "manifest.json").read_text())
     assert pool["config"]["calib_pool"] == tiny.SMALL["reconstruct_publish_samples"] + tiny.SMALL["calib_samples"]
     assert pool["info"]["windows"] > tiny.SMALL["calib_pool"]
@@ -374,7 +378,7 @@ def test_the_published_model_is_repaired_once_from_the_parent(zoo, corpus, tmp_p
         ).height
     )
     # one iteration, its published repair configured as its own: the same artifact, made once
-    same = dict(reconstruct_publish_samples=tiny.SMALL["reconstruct_samples"])
+    same = dict(reconstruct_publish="parent", reconstruct_publish_samples=tiny.SMALL["reconstruct_samples"])
     same |= dict(reconstruct_publish_damping=PruneOptions().reconstruct_final_damping)
     single = prune(zoo, corpus, tmp_path / "single", sparsity=0.25, dtype="float32", **same)
     repairs = [p.parent.name for p in (tmp_path / "single").glob("reconstruct/*/manifest.json")]

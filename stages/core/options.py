@@ -34,9 +34,10 @@ RECONSTRUCT = ("lsq", "lsq-final", "none")
 RECONSTRUCT_FITS = ("weights", "weights+bias", "bias")
 # fit tokens per kept column a projection needs for --reconstruct-final-damping (BENCHMARKS.md: 4.7 too few, 9.3 enough)
 FINAL_TOKENS_PER_COLUMN = 8
-# which repair the published model carries: the iterations' chain, or one repair of the parent
-# for the whole removal, each layer's kept columns fitted to the parent's own output (flows/prune.py)
-RECONSTRUCT_PUBLISH = ("parent", "chain")
+# which repair the published model carries: one repair of the parent for the whole removal, each
+# layer's kept columns fitted to the parent's residual stream (parent-stream) or to the projection's
+# own output on the repaired layers' input (parent), or the iterations' chain (flows/prune.py)
+RECONSTRUCT_PUBLISH = ("parent-stream", "parent", "chain")
 # how a sampled sub-model's dropped units are scored: zeroed (the paper's), or with their inputs
 # imputed as the repair's one-shot least-squares update would (stages/compensate.py)
 SUB_MODEL_REPAIRS = ("none", "lsq")
@@ -57,14 +58,15 @@ UNIT_ORDERS = ("auto", "estimator", "flap")
 # windows: on a GPU 128 of 2,048 tokens; a CPU's windows are 16x shorter, and 512 of them (the
 # repair's passes in bfloat16; a quarter of a GPU's tokens) beat 256 with the default rival and
 # unit order on SmolLM2 and Python's documentation: on every seed at 20 %, on the mean at 30 %.
-# The published repair's: no choice rests on it, and on a CPU 2,048 windows (4x the iterations')
-# with less damping took SmolLM2 at 30 % from 21.49 to 21.23 there, better on every seed
-# (BENCHMARKS.md); on a GPU the same tokens, not measured.
+# The published repair's: no choice rests on it, so on a CPU 1,024 windows (2x the iterations')
+# with less damping.  Aimed at the parent's stream a window costs about twice as much, and 1,024
+# took SmolLM2 at 30 % to 19.75, where 0.11.0's 2,048 aimed at the outputs gave 21.15-21.55, in
+# 0.93x the time (BENCHMARKS.md); on a GPU the same tokens, not measured.
 BUDGETS: dict[str, dict[str, int]] = {
     "cpu": {"masks_per_iter": 128, "calib_samples": 8, "seq_len": 128, "reconstruct_samples": 512,
-            "reconstruct_publish_samples": 2048},
+            "reconstruct_publish_samples": 1024},
     "cuda": {"masks_per_iter": 200, "calib_samples": 32, "seq_len": 2048, "reconstruct_samples": 128,
-             "reconstruct_publish_samples": 128},
+             "reconstruct_publish_samples": 64},
 }  # fmt: skip
 
 
@@ -178,17 +180,18 @@ class PruneOptions(Options):
         f"least {FINAL_TOKENS_PER_COLUMN} fit tokens per kept column: no later iteration is chosen on what it leaves",
     )
     reconstruct_publish: str = option(
-        "parent",
+        "parent-stream",
         "the repair the published model carries: the chain of the iterations' repairs (chain), each fitted to the "
-        "model before its removal, or one repair of the parent for the whole removal after the last iteration "
-        "(parent: each layer's kept columns fitted to the parent's own output), configured as the last repair but "
-        "for its windows and damping",
+        "model before its removal, or one repair of the parent for the whole removal after the last iteration, "
+        "configured as the last repair but for its windows and damping, each layer's kept columns fitted to the "
+        "parent's residual stream after their sum (parent-stream; parent for Gemma 2 and 3, which normalise the "
+        "sums) or to the projection's own output on the repaired layers' input (parent)",
         RECONSTRUCT_PUBLISH,
     )
     reconstruct_publish_samples: int | None = option(
         None,
-        "windows the published repair (--reconstruct-publish parent) is fitted and checked on, cut from the start "
-        "of SOURCE as the pool is (a pool of its own where --calib-pool holds fewer), as many as SOURCE holds "
+        "windows the published repair (but for --reconstruct-publish chain) is fitted and checked on, cut from the "
+        "start of SOURCE as the pool is (a pool of its own where --calib-pool holds fewer), as many as SOURCE holds "
         f"({_per_device('reconstruct_publish_samples')}; chain: --reconstruct-samples, the last repair's)",
     )
     reconstruct_publish_damping: float = option(
@@ -282,7 +285,7 @@ class PruneOptions(Options):
     @property
     def publishes_from_parent(self) -> bool:
         """Whether one repair of the parent, after the last iteration, is what is published."""
-        return self.reconstruct != "none" and self.reconstruct_publish == "parent"
+        return self.reconstruct != "none" and self.reconstruct_publish != "chain"
 
     def for_device(self, kind: str) -> PruneOptions:
         """The options with the budget left out filled in for a device of ``kind`` ("cpu", or

@@ -138,7 +138,8 @@ class PrunePlan:
     unit_order: str = "estimator"  # --unit-order: flap picks the units within each layer (stages/select.py)
     flap_windows: int = 0  # the windows FLAP's statistics are taken over (for the rival and the unit order)
     judge_windows: int = 0  # the windows the arbitration scores both repaired models on
-    publish_windows: int = 0  # --reconstruct-publish parent: the published repair's windows; 0: no such repair
+    publish_windows: int = 0  # --reconstruct-publish parent(-stream): the published repair's windows; 0: none
+    publish_aimed: bool = False  # parent-stream: that repair runs each layer of the parent too
 
     @classmethod
     def of(cls, options: PruneOptions) -> PrunePlan:
@@ -168,6 +169,7 @@ class PrunePlan:
             flap_windows=min(options.calib_pool, max(options.calib_samples, math.ceil(RIVAL_TOKENS / options.seq_len))),
             judge_windows=math.ceil(JUDGE_TOKENS / options.seq_len),
             publish_windows=options.reconstruct_publish_samples if options.publishes_from_parent else 0,
+            publish_aimed=options.publishes_from_parent and options.reconstruct_publish == "parent-stream",
         )
 
     @property

@@ -7,9 +7,9 @@ with G = sum over calibration tokens of x x^T, x the projection's input with all
     W_K' = W_K + W_P G_PK (G_KK + lambda I)^-1,   lambda = damping * mean(diag(G_KK))
 
 is the least-squares fit of the full output W x by the kept inputs, shrunk toward the current
-W_K (not toward zero, which measured far worse; aiming instead at the unpruned model's output at
-the same place, to undo the earlier layers' drift too, measured no better and was removed in
-0.2.0).  Layers are repaired in order, each one's G collected
+W_K (not toward zero, which measured far worse).  With ``aim="stream"`` the fit aims instead at
+the unrepaired model's residual stream after the projection's sum, undoing the earlier layers'
+drift too (repair_fit.py; the published repair's).  Layers are repaired in order, each one's G collected
 through the already repaired (and pruned) layers before it: every decoder layer's input
 hidden states are kept between layers.  The pass that collects a projection's inputs replaces
 the projection by its bias and keeps what follows it (for heads the attention module's output,
@@ -46,13 +46,12 @@ from bonsai.stages.core.held_out_error import relative_errors
 from bonsai.stages.core.least_squares import (
     BLOCK,
     MAX_RETRIES,
-    add_gram,
     capture_layer_inputs,
     run_layer,
-    symmetrize,
 )
 from bonsai.stages.core.options import FINAL_TOKENS_PER_COLUMN, RECONSTRUCT_FITS
 from bonsai.stages.core.progress import Progress
+from bonsai.stages.core.repair_fit import AIMS, Collect, Moments, errors_to, reference_layer, stream_target
 from bonsai.stages.core.repair_memory import keeps_activations
 from bonsai.stages.core.units import CHANNEL, HEAD, LayerShape, layer_shapes, output_projection
 
@@ -102,54 +101,6 @@ def _columns(kind: str, shape: LayerShape, positions: list[int]) -> torch.Tensor
     width = shape.per_group * shape.head_dim if kind == HEAD else 1
     base = torch.tensor(positions, dtype=torch.long).unsqueeze(1) * width
     return (base + torch.arange(width)).reshape(-1)
-
-
-@dataclass
-class Moments:
-    """Sums over the fit tokens, for one projection W (out x d): G = sum x x^T of its
-    pruned-model input x.  Least squares then needs no activations kept."""
-
-    gram: torch.Tensor | None  # None: only the bias is fitted
-    tokens: int
-    sum: torch.Tensor | None = None  # sum x over the fit tokens, when a bias is fitted
-
-    def target_columns(self, weight: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """(sum (W x) x^T)[:, kept] = (W G)[:, kept], (out x k) float64, a block of W's rows at a
-        time (no float64 copy of W)."""
-        out = torch.empty(weight.shape[0], len(kept), dtype=torch.float64, device=self.gram.device)
-        for s in range(0, weight.shape[0], BLOCK):
-            out[s : s + BLOCK] = (weight[s : s + BLOCK].double() @ self.gram).index_select(1, kept)
-        return out
-
-
-class _Collect:
-    """Fit moments from hooked projection inputs, and the held-out inputs themselves: the check
-    takes its errors from those directly (a held-out Gram matrix would double the memory)."""
-
-    def __init__(self, weight: torch.Tensor, fit: str = "weights", product: torch.dtype = torch.float32):
-        d, dev = weight.shape[1], weight.device
-        self.product = product  # the dtype of the Gram matrix's block products (summed in float64)
-        gram = torch.zeros(d, d, dtype=torch.float64, device=dev) if fit != "bias" else None
-        sums = torch.zeros(d, dtype=torch.float64, device=dev) if fit != "weights" else None
-        self.fit = Moments(gram, 0, sums)
-        self.held: list[torch.Tensor] = []
-
-    def add(self, fit: bool, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        if not fit:
-            self.held.append(x)
-            return
-        if self.fit.gram is not None:
-            add_gram(self.fit.gram, x.to(self.product))
-        if self.fit.sum is not None:
-            self.fit.sum += x.float().sum(0).double()
-        self.fit.tokens += x.shape[0]
-
-    def moments(self) -> Moments:
-        """The fit moments, once every input has been added."""
-        if self.fit.gram is not None:
-            symmetrize(self.fit.gram)
-        return self.fit
 
 
 @contextlib.contextmanager
@@ -347,6 +298,7 @@ def repair(
     fit: str = "weights",
     forward_dtype: torch.dtype | None = None,
     final_damping: float | None = None,
+    aim: str = "model",
 ) -> tuple[dict[tuple[int, str], Repaired], list[Outcome]]:
     """Repair every layer in order; ``keep[(layer, kind)]`` lists the current positions of the
     units that stay (all others of that layer and kind are removed).  The last ``check``
@@ -360,13 +312,19 @@ def repair(
     the damping of each projection with at least FINAL_TOKENS_PER_COLUMN fit tokens per kept
     column, in the last iteration, where no removal is chosen on the result.  Returns
     {(layer, kind): the kept columns' new weight and the projection's new bias} (projections
-    whose update was applied) and one Outcome per projection that lost units."""
+    whose update was applied) and one Outcome per projection that lost units.  ``aim``: what
+    the fit aims at (repair_fit.py AIMS: the model's own output W x unless told)."""
+    if aim not in AIMS:
+        raise ValueError(f"aim {aim!r}: one of {AIMS}")
+    aimed = aim != "model"
+    if aimed and (fit != "weights" or shortcut is False or not family.mlp_out_adds_to_residual):
+        raise ValueError(f"aim {aim!r} needs fit 'weights', the shortcut passes and outputs summed into the stream")
     device = next(model.parameters()).device
     model_dtype = next(model.parameters()).dtype
     lowered = forward_dtype if forward_dtype not in (None, model_dtype) else None
     product = lowered or torch.float32
     if shortcut is None:
-        shortcut = keeps_activations(model, family, windows, lowered or model_dtype)
+        shortcut = aimed or keeps_activations(model, family, windows, lowered or model_dtype)
     fitted, held = windows[: windows.shape[0] - check], windows[windows.shape[0] - check :]
     batches = [
         part[s : s + batch_size].to(device) for part in (fitted, held) for s in range(0, part.shape[0], batch_size)
@@ -377,6 +335,7 @@ def repair(
     hidden = [h for h, _ in captured]
     arguments = [c for _, c in captured]  # per batch, per layer
     del captured  # the first layer's inputs live on in ``hidden`` only, until replaced
+    reference = [h.clone() for h in hidden] if aimed else None  # the unrepaired model's stream (repair_fit.py)
     shapes = layer_shapes(model, family)
     layers = list(get_module(model, family.layers))
     last = max((i for i, _ in changed(keep, shapes)), default=-1)  # later layers need no inputs: the pass ends there
@@ -384,6 +343,12 @@ def repair(
     progress = Progress("reconstruct", last + 1, "layers")
     for index, (layer, shape) in enumerate(zip(layers[: last + 1], shapes)):
         calls = [c[index] for c in arguments]
+        middle = []  # per batch: the unrepaired stream after the attention sum (its layer output: ``reference``)
+        if aimed:
+            for b, call in enumerate(calls):
+                with _forward_in(lowered, device):
+                    reference[b], after_attention = reference_layer(layer, family, reference[b], call)
+                middle.append(after_attention)
         attention = None  # per batch: the attention module's output with the repaired heads
         outputs = None  # per batch: the layer's output with the repaired heads and channels
         for kind in (HEAD, CHANNEL):
@@ -408,24 +373,34 @@ def repair(
             take = shortcut and (kind == HEAD or family.mlp_out_adds_to_residual)
             partial = []
             if positions or fit != "weights":  # with a bias, even a projection left with no inputs
-                collect = _Collect(target.weight, fit, product)
+                collect = Collect(target.weight, fit, product, aimed)
                 for b, (batch, call) in enumerate(zip(hidden, calls)):
                     with _forward_in(lowered, device):
                         x, part = _pass(layer, family, kind, batch, call, take, attention[b] if attention else None)
+                    t = None
+                    if aimed:  # the pruned stream after the sum, the product left out: h + the bias
+                        if kind == HEAD:
+                            t = stream_target(middle[b], batch + (part[0] if isinstance(part, tuple) else part))
+                            middle[b] = None
+                        else:
+                            t = stream_target(reference[b], part)
                     if take:
                         partial.append((x, part))
                         if attention:  # in this layer's output now: not needed again
                             attention[b] = None
                         if kind == CHANNEL:  # the layer's output is completed from this pass
                             hidden[b] = None
-                    collect.add(b < fit_rows, x)
+                    collect.add(b < fit_rows, x, t)
                 tokens = collect.fit.tokens
                 # less shrinkage only with data enough (BENCHMARKS.md, "The last repair shrinks less")
                 enough = final_damping is not None and tokens >= FINAL_TOKENS_PER_COLUMN * len(kept)
                 chosen = final_damping if enough else damping
                 new_kept, shift, used = fit_projection(target.weight, collect.moments(), kept, chosen, fit)
                 collect.fit.gram = None  # consumed by the solve: freed before the check's products
-                before, after = relative_errors(target.weight, new_kept, collect.held, kept, shift)
+                if aimed:
+                    before, after = errors_to(target.weight, new_kept, collect.held, kept)
+                else:
+                    before, after = relative_errors(target.weight, new_kept, collect.held, kept, shift)
                 del collect  # the held-out inputs, before the next projection's
                 outcome.tokens, outcome.damping, outcome.error_before, outcome.error_after = (
                     tokens,

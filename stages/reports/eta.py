@@ -18,6 +18,9 @@ from bonsai.stages.core.plan import PrunePlan
 # forward-token equivalents of one window of a stage that has not run yet, relative to the
 # evaluation's: the repair and its relatives run the layers once and solve per projection
 PER_WINDOW = {"priors": 1.0, "saliency": 3.0, "compensate": 3.0, "reconstruct": 3.0, "arbitrate": 2.0}
+# a repair aimed at the parent's stream per window, relative to an iteration's repair: each layer
+# of the parent runs too (1.85-2.1x measured on SmolLM2 at 1,024 and 2,048 windows, BENCHMARKS.md)
+STREAM_AIM_COST = 2.0
 
 
 def _tokens(plan: PrunePlan, stage: str) -> float:
@@ -62,12 +65,13 @@ def estimate(plan: PrunePlan, manifests: list[dict]) -> dict:
             unknown |= s is None
             left += (s or 0.0) * plan.runs_per_iteration(stage)
     if plan.publish_windows and not done["export"]:  # the published repair, after the last iteration
+        windows = plan.publish_windows * (STREAM_AIM_COST if plan.publish_aimed else 1.0)
         if walls["reconstruct"]:  # priced per window from the iterations' repairs (or itself, once made)
-            left += sum(walls["reconstruct"]) / len(walls["reconstruct"]) * plan.publish_windows / plan.repair_windows
+            left += sum(walls["reconstruct"]) / len(walls["reconstruct"]) * windows / plan.repair_windows
         elif rate is None:
             unknown = True
         else:
-            left += PER_WINDOW["reconstruct"] * plan.publish_windows * plan.window_tokens / rate
+            left += PER_WINDOW["reconstruct"] * windows * plan.window_tokens / rate
     elapsed = sum(sum(v) for v in walls.values())
     return {
         "iterations": iterations,
