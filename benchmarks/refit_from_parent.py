@@ -1,7 +1,7 @@
 """Would the published model be better repaired once from the parent than by the chain of repairs?
 
     python benchmarks/refit_from_parent.py [--runs 'budget/variant-final-damping-s30-seed{seed}'] [--seeds 0 1 2]
-        [--heldout docs|wiki|news|tiny] [--samples N] [--damping D]
+        [--heldout docs|wiki|news|tiny] [--samples N] [--damping D] [--fit F] [--aim stream]
 
 Each iteration's repair fits the kept columns to the output of the model before that removal,
 itself a repair's approximation of the parent's: by the last iteration the target has drifted
@@ -22,7 +22,10 @@ results/refit-from-parent/rows.json (a row already there is not made again), the
 store of their own; the rows are printed as a table.  ``--samples`` and ``--damping`` give the
 repair from the parent other windows and damping than the last repair's, as
 ``--reconstruct-publish-samples`` and ``--reconstruct-publish-damping`` do (a longer pool cut
-where the run's holds too few).
+where the run's holds too few); ``--fit`` another fit (reconstruct.FITS); ``--aim stream`` aims
+it at the parent's residual stream, as ``--reconstruct-publish parent-stream`` does (the same
+stage and config; without it, at the projections' outputs, as ``parent`` does).  The docs rows
+at damping 0.001 are also plotted by aim (plots/publish-aim.png).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from bonsai.stages import calibration as calibration_stage
 from bonsai.stages import export, reconstruct
 from bonsai.stages.core.data import describe, source_digest
 from bonsai.stages.core.model_io import PrunedModel
+from bonsai.stages.core.options import RECONSTRUCT_FITS
+from bonsai.stages.core.repair_fit import AIMS
 from bonsai.stages.reports.render import pyplot, save
 
 OUT = common.RESULTS / "refit-from-parent"
@@ -54,16 +59,18 @@ def main() -> None:
     parser.add_argument("--heldout", choices=("docs", "wiki", "news", "tiny"), default="docs")
     parser.add_argument("--samples", type=int, help="the repair's windows (default: the last repair's)")
     parser.add_argument("--damping", type=float, help="its final damping (default: the last repair's)")
+    parser.add_argument("--fit", choices=RECONSTRUCT_FITS, help="what it fits (default: the last repair's)")
+    parser.add_argument("--aim", choices=AIMS[1:], help="aim at the parent's stream (default: the projection's W x)")
     args = parser.parse_args()
     common.setup_logging()
     score = scorer(args.heldout)
     rows_file = OUT / "rows.json"
     rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
-    key = ("run", "seed", "heldout", "samples", "damping")
+    key = ("run", "seed", "heldout", "samples", "damping", "aim", "fit")
     done = {tuple(r.get(k) for k in key) for r in rows}
     for name in args.runs:
         for seed in args.seeds:
-            if (name, seed, args.heldout, args.samples, args.damping) in done:
+            if (name, seed, args.heldout, args.samples, args.damping, args.aim, args.fit) in done:
                 continue
             run = common.RESULTS / name.format(seed=seed)
             before, calibration, after, config = final_damping.last_repair(run)
@@ -74,6 +81,10 @@ def main() -> None:
                 config = replace(config, reconstruct_samples=args.samples)
             if args.damping is not None:
                 config = replace(config, final_damping=args.damping)
+            if args.fit is not None:
+                config = replace(config, reconstruct_fit=args.fit)
+            if args.aim is not None:
+                config = replace(config, aim=args.aim)
             once = reconstruct.run(PrunedModel(before.parent), calibration, after, config, store)
             rows.append(
                 {
@@ -82,6 +93,8 @@ def main() -> None:
                     "heldout": args.heldout,
                     "samples": args.samples,
                     "damping": args.damping,
+                    "aim": args.aim,
+                    "fit": args.fit,
                     "chained": score(chained, store),
                     "from_parent": score(PrunedModel(before.parent, after, (once,)), store),
                     "applied": once.info()["applied"],
@@ -95,6 +108,7 @@ def main() -> None:
     print(common.markdown(frame.columns, frame.rows()))
     print(frame.group_by(*key[:1], *key[2:]).agg(pl.col("chained", "from_parent", "difference").mean()))
     plot(rows, common.PLOTS / "refit-from-parent.png")
+    plot_aims(rows, common.PLOTS / "publish-aim.png")
 
 
 def plot(rows: list[dict], path) -> None:
@@ -104,7 +118,7 @@ def plot(rows: list[dict], path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     lines: dict[tuple, list] = {}
     for r in rows:
-        if r["heldout"] == "docs" and r["run"].startswith("budget/variant-final-damping-s30"):
+        if r["heldout"] == "docs" and r["run"].startswith("budget/variant-final-damping-s30") and not r.get("aim"):
             point = (r.get("samples") or 512, r["from_parent"])
             lines.setdefault((r["seed"], r.get("damping") or 0.01), []).append(point)
     for (seed, damping), points in sorted(lines.items()):
@@ -116,6 +130,31 @@ def plot(rows: list[dict], path) -> None:
     ax.set_ylabel("held-out perplexity (Python's documentation)")
     ax.legend(fontsize=7)
     fig.suptitle("SmolLM2-135M-Instruct at 30 %: one repair from the parent, by windows and damping", fontsize=10)
+    save(fig, path)
+
+
+def plot_aims(rows: list[dict], path) -> None:
+    """The docs runs' repairs from the parent at damping 0.001, aimed at the projections' outputs
+    (0.11.0's) or at the parent's stream: perplexity against windows, one line per (seed, aim)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines: dict[tuple, list] = {}
+    for r in rows:
+        if (
+            r["heldout"] == "docs"
+            and r["run"].startswith("budget/variant-final-damping-s30")
+            and r.get("damping") == 0.001
+        ):
+            lines.setdefault((r["seed"], r.get("aim") or "model"), []).append((r["samples"], r["from_parent"]))
+    for (seed, aim), points in sorted(lines.items()):
+        points.sort()
+        label = {"model": "the projection's output (0.11.0)", "stream": "the parent's stream"}[aim]
+        ax.plot(*zip(*points), "o-" if aim == "stream" else "s--", color=f"C{seed}", label=f"seed {seed}: {label}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("windows of the published repair (128 tokens), damping 0.001")
+    ax.set_ylabel("held-out perplexity (Python's documentation)")
+    ax.legend(fontsize=7)
+    fig.suptitle("SmolLM2-135M-Instruct at 30 %: what the published repair aims at", fontsize=10)
     save(fig, path)
 
 
