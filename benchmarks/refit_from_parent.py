@@ -125,12 +125,8 @@ def plot(rows: list[dict], path) -> None:
         points.sort()
         style = {0.01: "o-", 0.003: "s--", 0.001: "^-", 0.0003: "v:"}.get(damping, "x-")
         ax.plot(*zip(*points), style, color=f"C{seed}", label=f"seed {seed}, damping {damping:g}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("windows asked of the repair (128 tokens; the documentation holds 2,883)")
-    ax.set_ylabel("held-out perplexity (Python's documentation)")
-    ax.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M-Instruct at 30 %: one repair from the parent, by windows and damping", fontsize=10)
-    save(fig, path)
+    xlabel = "windows asked of the repair (128 tokens; the documentation holds 2,883)"
+    _finish(fig, ax, xlabel, "one repair from the parent, by windows and damping", path)
 
 
 def plot_aims(rows: list[dict], path) -> None:
@@ -150,11 +146,16 @@ def plot_aims(rows: list[dict], path) -> None:
         points.sort()
         label = {"model": "the projection's output (0.11.0)", "stream": "the parent's stream"}[aim]
         ax.plot(*zip(*points), "o-" if aim == "stream" else "s--", color=f"C{seed}", label=f"seed {seed}: {label}")
+    xlabel = "windows of the published repair (128 tokens), damping 0.001"
+    _finish(fig, ax, xlabel, "what the published repair aims at", path)
+
+
+def _finish(fig, ax, xlabel: str, title: str, path) -> None:
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("windows of the published repair (128 tokens), damping 0.001")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out perplexity (Python's documentation)")
     ax.legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M-Instruct at 30 %: what the published repair aims at", fontsize=10)
+    fig.suptitle(f"SmolLM2-135M-Instruct at 30 %: {title}", fontsize=10)
     save(fig, path)
 
 
