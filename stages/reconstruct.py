@@ -103,7 +103,8 @@ def run(
         kept = target.positions(current)
         keep = {(layer, kind): kept.units(kind)[layer] for layer in range(len(kept.groups)) for kind in KINDS}
         count = cfg.reconstruct_samples
-        aim = cfg.aim if family.mlp_out_adds_to_residual else "model"  # Gemma's normalised sums: the output's
+        # the stream aim fits the kept columns alone, to sums that join the stream as they are (not Gemma's)
+        aim = cfg.aim if family.mlp_out_adds_to_residual and cfg.reconstruct_fit == "weights" else "model"
         updated, outcomes = repair(
             model,
             family,

@@ -307,13 +307,20 @@ QUICK_FAMILIES = ("llama-gqa", "phi")
 
 
 @pytest.mark.parametrize(
-    ("spec", "fit"),
-    [(s, "weights") if s in QUICK_FAMILIES else pytest.param(s, "weights", marks=pytest.mark.slow) for s in tiny.SPECS]
-    + [("llama-gqa", "weights+bias"), ("phi", "weights+bias")],
+    ("spec", "fit", "aim"),
+    [
+        (s, "weights", "model") if s in QUICK_FAMILIES else pytest.param(s, "weights", "model", marks=pytest.mark.slow)
+        for s in tiny.SPECS
+    ]
+    + [("llama-gqa", "weights+bias", "model"), ("phi", "weights+bias", "model")]
+    + [("llama-gqa", "weights", "stream"), ("phi", "weights", "stream"), ("gemma2", "weights", "stream")]
+    + [("llama-gqa", "weights+bias", "stream")],
 )
-def test_repaired_model_exports_and_reloads_for_every_family(zoo, corpus, tmp_path, spec, fit):
+def test_repaired_model_exports_and_reloads_for_every_family(zoo, corpus, tmp_path, spec, fit, aim):
     """With ``weights+bias`` the repair gives LLaMA's bias-free output projections a bias (Phi's
-    have one already): the export must carry it, or the reloaded model differs."""
+    have one already): the export must carry it, or the reloaded model differs.  Aimed at the
+    parent's stream (the published repair's default) likewise; the Gemma family and a fitted bias
+    repair as the projections' outputs aim, and the artifact says which aim it used."""
     shared_models().clear()
     store = Store(tmp_path / "run")
     parent = external_ref("parent", zoo[spec], "p" * 64)
@@ -327,8 +334,10 @@ def test_repaired_model_exports_and_reloads_for_every_family(zoo, corpus, tmp_pa
         calibration.CalibrationConfig(seq_len=32, calib_pool=24, calib_samples=4),
         store,
     )
-    cfg = config(reconstruct_samples=16, reconstruct_fit=fit)
+    cfg = config(reconstruct_samples=16, reconstruct_fit=fit, aim=aim)
     rec = reconstruct.run(PrunedModel(parent), calib, after, cfg, store, "cpu")
+    streamed = aim == "stream" and fit == "weights" and family.mlp_out_adds_to_residual
+    assert rec.info().get("aim") == (None if aim == "model" else "stream" if streamed else "model")
     table = reconstruct.read(rec)
     assert set(table["projection"]) == {"attention_out", "mlp_out"}
     applied = table.filter(pl.col("applied"))

@@ -184,8 +184,9 @@ class PruneOptions(Options):
         "the repair the published model carries: the chain of the iterations' repairs (chain), each fitted to the "
         "model before its removal, or one repair of the parent for the whole removal after the last iteration, "
         "configured as the last repair but for its windows and damping, each layer's kept columns fitted to the "
-        "parent's residual stream after their sum (parent-stream; parent for Gemma 2 and 3, which normalise the "
-        "sums) or to the projection's own output on the repaired layers' input (parent)",
+        "parent's residual stream after their sum (parent-stream; parent for the Gemma family, whose 2 and 3 "
+        "normalise the sums, and for a --reconstruct-fit with a bias) or to the projection's own output on the "
+        "repaired layers' input (parent)",
         RECONSTRUCT_PUBLISH,
     )
     reconstruct_publish_samples: int | None = option(
