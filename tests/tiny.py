@@ -44,7 +44,8 @@ SMALL = dict(
 )
 
 # The same kernels on every x86-64 CPU with AVX2: torch's own (ATen), MKL's and scipy's OpenBLAS, one
-# thread.  A child process run under them computes the same bits here and on CI (tests/test_golden.py).
+# thread.  A child process run under them makes the same decisions here and on CI, though not
+# always the same last bits (tests/test_golden.py says how far they differ).
 KERNELS = {
     "ATEN_CPU_CAPABILITY": "avx2",
     "MKL_CBWR": "AVX2,STRICT",
