@@ -13,9 +13,10 @@ enough to flip which of two near-tied units is removed at the budget's edge.  Fi
 not make every CPU give the same bits: the repair's least squares on an AMD EPYC (Zen 4) gave
 other last bits than on the machine that made the goldens, and the regression and the later
 repairs carry them on (measured: up to 3.1e-4 of a float column's largest value between the two
-CPUs; up to 1.8e-4 of a repaired tensor's norm between kernel settings on one CPU).  So decisions (masks, selected and kept units: integers and booleans) must match
-exactly, floats to ``TOLERANCE`` of their column's largest value, and weights, kept as a
-fingerprint (``tensors_fingerprint``), to ``TOLERANCE`` of each tensor's scale.
+CPUs; up to 1.8e-4 of a repaired tensor's norm between kernel settings on one CPU).  So
+decisions (masks, selected and kept units: integers and booleans) must match exactly, floats
+to ``TOLERANCE`` of their column's largest value, and weights, kept as a fingerprint
+(``tensors_fingerprint``), to ``TOLERANCE`` of each tensor's scale.
 """
 
 from __future__ import annotations
