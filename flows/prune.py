@@ -46,7 +46,7 @@ from bonsai.stages import (
 )
 from bonsai.stages.core.errors import UserError
 from bonsai.stages.core.model_io import PrunedModel
-from bonsai.stages.core.options import PruneOptions, stage_config
+from bonsai.stages.core.options import PUBLISH_AIMS, PruneOptions, stage_config
 from bonsai.stages.core.plan import PrunePlan
 from bonsai.stages.reports import eta
 from bonsai.stages.reports.status import manifests
@@ -248,7 +248,7 @@ def repair_from_parent(p: Prepared, last: int, model: PrunedModel, calib, execut
         stage_config(reconstruct.ReconstructConfig, cfg, iteration=last, model_dtype=p.model_dtype),
         reconstruct_samples=cfg.reconstruct_publish_samples,
         final_damping=cfg.reconstruct_publish_damping,
-        aim="stream" if cfg.reconstruct_publish == "parent-stream" else "model",
+        aim=PUBLISH_AIMS[cfg.reconstruct_publish],
     )
     parent = PrunedModel(model.parent)
     rec = execute(

@@ -59,6 +59,21 @@ def _narrow_errors(weight, new_kept, held, kept, shift) -> tuple[float, float]:
     return _ratios(errors, energy)
 
 
+def errors_to_target(weight: torch.Tensor, new_kept: torch.Tensor, held: list, kept) -> tuple[float, float]:
+    """sqrt(sum ||x_K W_K^T - t||^2 / sum ||t||^2) over the held-out (x, t), for the kept columns
+    unchanged and for ``new_kept``: the check of a fit aimed at a target t other than W x
+    (repair_fit.py's ``stream``)."""
+    w_old, w_new = weight.index_select(1, kept).float(), new_kept.float()
+    errors, energy = [0.0, 0.0], 0.0
+    for x, t in held:
+        x_kept = x.float().index_select(1, kept)
+        t = t.reshape(-1, t.shape[-1]).float()
+        for i, w in enumerate((w_old, w_new)):
+            errors[i] += float((nn.functional.linear(x_kept, w) - t).double().square().sum())
+        energy += float(t.double().square().sum())
+    return _ratios(errors, energy)
+
+
 def _ratios(errors: list[float], energy: float) -> tuple[float, float]:
     if energy <= 0:
         return 0.0, 0.0

@@ -34,10 +34,11 @@ RECONSTRUCT = ("lsq", "lsq-final", "none")
 RECONSTRUCT_FITS = ("weights", "weights+bias", "bias")
 # fit tokens per kept column a projection needs for --reconstruct-final-damping (BENCHMARKS.md: 4.7 too few, 9.3 enough)
 FINAL_TOKENS_PER_COLUMN = 8
-# which repair the published model carries: one repair of the parent for the whole removal, each
-# layer's kept columns fitted to the parent's residual stream (parent-stream) or to the projection's
-# own output on the repaired layers' input (parent), or the iterations' chain (flows/prune.py)
-RECONSTRUCT_PUBLISH = ("parent-stream", "parent", "chain")
+# which repair the published model carries, by name the aim of one repair of the parent for the whole
+# removal (core/repair_fit.py AIMS: the parent's residual stream, or the projection's own output on the
+# repaired layers' input), or None: the iterations' chain is published (flows/prune.py)
+PUBLISH_AIMS = {"parent-stream": "stream", "parent": "model", "chain": None}
+RECONSTRUCT_PUBLISH = tuple(PUBLISH_AIMS)
 # how a sampled sub-model's dropped units are scored: zeroed (the paper's), or with their inputs
 # imputed as the repair's one-shot least-squares update would (stages/compensate.py)
 SUB_MODEL_REPAIRS = ("none", "lsq")
@@ -286,7 +287,7 @@ class PruneOptions(Options):
     @property
     def publishes_from_parent(self) -> bool:
         """Whether one repair of the parent, after the last iteration, is what is published."""
-        return self.reconstruct != "none" and self.reconstruct_publish != "chain"
+        return self.reconstruct != "none" and PUBLISH_AIMS[self.reconstruct_publish] is not None
 
     def for_device(self, kind: str) -> PruneOptions:
         """The options with the budget left out filled in for a device of ``kind`` ("cpu", or

@@ -144,6 +144,8 @@ class PrunePlan:
     @classmethod
     def of(cls, options: PruneOptions) -> PrunePlan:
         """The plan of options resolved for a device (``PruneOptions.for_device``)."""
+        from bonsai.stages.core.options import PUBLISH_AIMS  # options.py imports this module
+
         budget = (options.masks_per_iter, options.calib_samples, options.seq_len, options.reconstruct_samples)
         if None in (*budget, options.reconstruct_publish_samples):
             raise ValueError("the options' budget is per device: plan options.for_device(...)")
@@ -169,7 +171,7 @@ class PrunePlan:
             flap_windows=min(options.calib_pool, max(options.calib_samples, math.ceil(RIVAL_TOKENS / options.seq_len))),
             judge_windows=math.ceil(JUDGE_TOKENS / options.seq_len),
             publish_windows=options.reconstruct_publish_samples if options.publishes_from_parent else 0,
-            publish_aimed=options.publishes_from_parent and options.reconstruct_publish == "parent-stream",
+            publish_aimed=options.publishes_from_parent and PUBLISH_AIMS[options.reconstruct_publish] == "stream",
         )
 
     @property

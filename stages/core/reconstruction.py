@@ -42,7 +42,7 @@ from torch import nn
 
 from bonsai.stages.core.families.base import Family
 from bonsai.stages.core.families.remote_code import get_module
-from bonsai.stages.core.held_out_error import relative_errors
+from bonsai.stages.core.held_out_error import errors_to_target, relative_errors
 from bonsai.stages.core.least_squares import (
     BLOCK,
     MAX_RETRIES,
@@ -51,7 +51,7 @@ from bonsai.stages.core.least_squares import (
 )
 from bonsai.stages.core.options import FINAL_TOKENS_PER_COLUMN, RECONSTRUCT_FITS
 from bonsai.stages.core.progress import Progress
-from bonsai.stages.core.repair_fit import AIMS, Collect, Moments, errors_to, reference_layer, stream_target
+from bonsai.stages.core.repair_fit import AIMS, Collect, Moments, reference_layer, stream_target
 from bonsai.stages.core.repair_memory import keeps_activations
 from bonsai.stages.core.units import CHANNEL, HEAD, LayerShape, layer_shapes, output_projection
 
@@ -398,7 +398,7 @@ def repair(
                 new_kept, shift, used = fit_projection(target.weight, collect.moments(), kept, chosen, fit)
                 collect.fit.gram = None  # consumed by the solve: freed before the check's products
                 if aimed:
-                    before, after = errors_to(target.weight, new_kept, collect.held, kept)
+                    before, after = errors_to_target(target.weight, new_kept, collect.held, kept)
                 else:
                     before, after = relative_errors(target.weight, new_kept, collect.held, kept, shift)
                 del collect  # the held-out inputs, before the next projection's

@@ -20,11 +20,9 @@ follows each projection.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from bonsai.stages.core.families.remote_code import get_module
 from bonsai.stages.core.least_squares import BLOCK, add_gram, run_layer, symmetrize
@@ -115,20 +113,3 @@ class Collect:
         if self.fit.gram is not None:
             symmetrize(self.fit.gram)
         return self.fit
-
-
-def errors_to(weight: torch.Tensor, new_kept: torch.Tensor, held: list, kept) -> tuple[float, float]:
-    """sqrt(sum ||x_K W_K^T - t||^2 / sum ||t||^2) over the held-out (x, t), for the kept
-    columns unchanged and for ``new_kept``: the held-out check of an aimed fit."""
-    w_old, w_new = weight.index_select(1, kept).float(), new_kept.float()
-    errors, energy = [0.0, 0.0], 0.0
-    for x, t in held:
-        x_kept = x.float().index_select(1, kept)
-        t = t.reshape(-1, t.shape[-1]).float()
-        for i, w in enumerate((w_old, w_new)):
-            errors[i] += float((nn.functional.linear(x_kept, w) - t).double().square().sum())
-        energy += float(t.double().square().sum())
-    if energy <= 0:
-        return 0.0, 0.0
-    before, after = (math.sqrt(e / energy) for e in errors)
-    return before, after
