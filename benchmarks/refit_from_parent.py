@@ -14,7 +14,9 @@ reconstruction, layer after layer on the already repaired layers' outputs).
 For each finished run (``--runs``: paths under benchmarks/results with ``{seed}`` for the seed;
 budget.py's runs by default, the tiny parent's 50 % runs of reconstruct.py with ``--heldout
 tiny``), the parent sliced to the run's final keep-state is repaired once with the last repair's
-config (its windows, damping and final damping) and scored beside the run's own model: on
+config (its windows, damping and final damping) and scored beside the run's own model (a run
+that published a repair from the parent made no repair of its own in its last iteration: its
+own model, "chained", is then its published one, and the last repair's config that one's): on
 ``--heldout``: for SmolLM2 the held-out documentation, wiki or news (real_model.py's windows),
 for the tiny parent its held-out text (reconstruct.py's, through an export as its runs were
 scored).  Rows go to

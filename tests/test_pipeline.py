@@ -75,12 +75,12 @@ def readme_tables() -> list[tuple[str, list[str], set[str]]]:
 
 @pytest.fixture(scope="module")
 def rivalled(zoo, corpus, tmp_path_factory):
-    """A run under the default --rival auto, which settles on flap for the regression with the
-    repair (float32, so its losses can be recomputed exactly)."""
+    """A run under --rival auto with the chain of repairs published, where it settles on flap for
+    the regression with the repair (float32, so its losses can be recomputed exactly)."""
     out = tmp_path_factory.mktemp("rivalled") / "run"
     # the chain of repairs published, so the published model is the last winner itself (the
     # default's repair from the parent: test_the_published_model_is_repaired_once_from_the_parent)
-    return out, prune(zoo, corpus, out, rival="auto", dtype="float32", reconstruct_publish="chain")
+    return out, prune(zoo, corpus, out, rival="auto", unit_order="auto", dtype="float32", reconstruct_publish="chain")
 
 
 def test_readme_documents_the_audit_tables_a_run_writes(finished, rivalled):
@@ -211,7 +211,8 @@ def test_flap_iterated_with_the_repair_ranks_each_repaired_model_afresh(zoo, cor
     run = tmp_path / "run"
     assert len(summary["iterations"]) == 2 and summary["iterations"][-1]["sparsity"] >= 0.5
     assert not list(run.glob("evaluate/*/utilities.parquet"))
-    assert len(list(run.glob("reconstruct/*/repair.parquet"))) == 3  # each iteration's, and the published one
+    # the first iteration's, and the published one (the last iteration's own would serve nothing)
+    assert len(list(run.glob("reconstruct/*/repair.parquet"))) == 2
 
     def by_iteration(stage, file):
         table = pl.concat([pl.read_parquet(p) for p in run.glob(f"{stage}/*/{file}")])
@@ -316,10 +317,10 @@ def test_only_the_last_iterations_repairs_shrink_less(rivalled):
 
 
 def test_the_published_model_is_repaired_once_from_the_parent(zoo, corpus, tmp_path):
-    """--reconstruct-publish parent (the default): after the iterations' chain of repairs, the
-    parent sliced to the final removal is repaired once for all of it, configured as the last
-    repair, and that is what is exported; the audit still shows the chain.  With one iteration
-    the published repair is that iteration's own (the same artifact)."""
+    """--reconstruct-publish parent-stream (the default): after the iterations' chain of repairs,
+    the parent sliced to the final removal is repaired once for all of it, configured as the last
+    repair, and that is what is exported; the last iteration makes no repair of its own (nothing
+    would use it).  With one iteration the published repair is the run's only one."""
     from bonsai.artifacts import RunDir, external_ref
     from bonsai.stages.core.model_io import PrunedModel, load_model
     from bonsai.stages.core.options import PruneOptions
@@ -329,7 +330,7 @@ def test_the_published_model_is_repaired_once_from_the_parent(zoo, corpus, tmp_p
     summary = prune(zoo, corpus, run, dtype="float32")
     last = len(summary["iterations"]) - 1
     manifests = {p.parent.name: json.loads(p.read_text()) for p in run.glob("reconstruct/*/manifest.json")}
-    assert last == 1 and len(manifests) == 3
+    assert last == 1 and len(manifests) == 2
     published = manifests[summary["published_repair"]["key"]]
     final = next(
         m
@@ -357,27 +358,23 @@ def test_the_published_model_is_repaired_once_from_the_parent(zoo, corpus, tmp_p
     assert (table["tokens"] == fit * tiny.SMALL["seq_len"]).all()
     exported = json.loads(next(run.glob("export/*/manifest.json")).read_text())
     assert [i["key"] for i in exported["inputs"][1:]] == [final["key"], published["key"]]
-    # the chain's last repair fitted the model before it, so the published weights differ from it
-    chain = [k for k, m in manifests.items() if k != published["key"] and m["config"]["iteration"] == last]
-    assert len(chain) == 1 and len(manifests[chain[0]]["inputs"]) > 3
-    runs = RunDir(run)
-    refs = [runs.store.lookup(i["stage"], i["key"]) for i in manifests[chain[0]]["inputs"][1:]]
-    parent = external_ref("parent", summary["parent"], published["inputs"][0]["digest"])
-    chained = PrunedModel(parent, refs[1], (*refs[2:-1], runs.store.lookup("reconstruct", chain[0])))
-    ours = load_model(summary["model"], torch.float32, torch.device("cpu"))
-    theirs, _, _ = chained.load("float32", "cpu")
-    differ = [n for n, w in theirs.state_dict().items() if not torch.equal(w, ours.state_dict()[n])]
-    assert differ and all(n.endswith(("o_proj.weight", "down_proj.weight")) for n in differ)
-    # the audit's repair table: the chain's repairs, one per iteration, not the published one
+    # the last iteration repairs nothing of its own: no later iteration would evaluate on it, and
+    # the published repair is made from the parent whatever it is
+    assert [m["config"]["iteration"] for k, m in manifests.items() if k != published["key"]] == [0]
+    # the audit's repair table: the chain's repairs, and the published one for the last iteration
     table = repair_table(run)
     assert sorted(table["iteration"].unique().to_list()) == [0, 1]
-    assert (
-        table.height
-        == pl.concat(
-            [pl.read_parquet(run / "reconstruct" / k / "repair.parquet") for k in manifests if k != published["key"]]
-        ).height
+    assert table.height == sum(pl.read_parquet(run / "reconstruct" / k / "repair.parquet").height for k in manifests)
+    # the published model is the parent sliced to the final removal with that one repair
+    ours = load_model(summary["model"], torch.float32, torch.device("cpu"))
+    runs = RunDir(run)
+    parent = external_ref("parent", summary["parent"], published["inputs"][0]["digest"])
+    refs = [runs.store.lookup(i["stage"], i["key"]) for i in published["inputs"][1:]]
+    again, _, _ = PrunedModel(parent, refs[1], (runs.store.lookup("reconstruct", published["key"]),)).load(
+        "float32", "cpu"
     )
-    # one iteration, its published repair configured as its own: the same artifact, made once
+    assert all(torch.equal(w, ours.state_dict()[n]) for n, w in again.state_dict().items())
+    # one iteration: its published repair is the only one made
     same = dict(reconstruct_publish="parent", reconstruct_publish_samples=tiny.SMALL["reconstruct_samples"])
     same |= dict(reconstruct_publish_damping=PruneOptions().reconstruct_final_damping)
     single = prune(zoo, corpus, tmp_path / "single", sparsity=0.25, dtype="float32", **same)

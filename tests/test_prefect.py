@@ -46,15 +46,10 @@ def test_prune_flow_runs_each_stage_as_a_named_task(prefect_api, zoo, corpus, tm
     assert state.is_completed()
     summary = state.result()
     assert summary["iterations"][-1]["sparsity"] >= 0.5
-    expected = {"calibration", "calibration-publish", "reconstruct-publish", "export", "publish"}
+    # the last iteration's own repair is not made: the published one, from the parent, replaces it
+    expected = {"calibration", "calibration-publish", "reconstruct-it00", "reconstruct-publish", "export", "publish"}
     for it in ("it00", "it01"):
-        expected |= {
-            f"priors-{it}",
-            f"masks-{it}",
-            f"importance-{it}",
-            f"select-{it}",
-            f"reconstruct-{it}",
-        }
+        expected |= {f"priors-{it}", f"masks-{it}", f"importance-{it}", f"select-{it}"}
         expected |= {f"evaluate-{it}-shard{s:03d}" for s in range(3)}
     runs = task_runs(state.state_details.flow_run_id, expected)
     assert {r.name for r in runs} == expected

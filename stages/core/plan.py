@@ -225,6 +225,9 @@ class PrunePlan:
         return sparsity >= self.sparsity - 1e-9
 
     def repairs_after(self, iteration: int, last: bool) -> bool:
-        """Whether the reconstruct stage runs after ``iteration`` (``last``: the final one; under
-        lsq-final the published repair from the parent replaces it where there is one)."""
-        return self.reconstruct == "lsq" or (self.reconstruct == "lsq-final" and last and not self.publish_from_parent)
+        """Whether the reconstruct stage runs after ``iteration`` (``last``: the final one).  Where
+        the published repair from the parent follows, the last iteration's own repair would be
+        used by nothing (no later iteration evaluates on it), unless a rival's arbitration judges it."""
+        if last and self.publish_from_parent:
+            return self.reconstruct == "lsq" and self.rival != "none"
+        return self.reconstruct == "lsq" or (self.reconstruct == "lsq-final" and last)

@@ -61,6 +61,8 @@ def estimate(plan: PrunePlan, manifests: list[dict]) -> dict:
     left, unknown = 0.0, False
     for it in range(iterations):
         for stage in plan.stages:
+            if stage == "reconstruct" and not plan.repairs_after(it, it == iterations - 1):
+                continue  # the last iteration's, where the published repair replaces it
             s = seconds(stage, it)
             unknown |= s is None
             left += (s or 0.0) * plan.runs_per_iteration(stage)
