@@ -46,12 +46,13 @@ class DemoSettings:
     shard_size: int = 16
     calib_pool: int = 256
     reconstruct_samples: int = 128
-    # the estimator's removal alone: FLAP's beside it (bonsai prune's default, --rival auto) adds a
-    # second repair, FLAP's statistics and the judge, about 1.7x the pruning time on SmolLM2
-    # (BENCHMARKS.md), which the demo's ten minutes do not hold
+    # the estimator's removal alone (FLAP's beside it, --rival flap, adds a second repair, FLAP's
+    # statistics and the judge, about 1.7x the pruning time on SmolLM2: BENCHMARKS.md), with its
+    # own units (the demo's recorded figures; bonsai prune's default takes FLAP's within each layer)
     rival: str = "none"
+    unit_order: str = "estimator"
     # one iteration: its own repair is published (bonsai prune's default repairs the parent again
-    # on 1,024 windows aimed at its stream, minutes more in the demo's float32)
+    # on 512 windows aimed at its stream, minutes more in the demo's float32)
     reconstruct_publish: str = "chain"
     eval_seq_len: int = 256
     eval_windows: int = 32
@@ -107,6 +108,7 @@ def run_demo(out: str, settings: DemoSettings, execute: Executor = Inline()) -> 
         calib_pool=settings.calib_pool,
         reconstruct_samples=settings.reconstruct_samples,
         rival=settings.rival,
+        unit_order=settings.unit_order,
         reconstruct_publish=settings.reconstruct_publish,
         device="cpu",
         dtype="float32",

@@ -66,6 +66,24 @@ def test_iteration_count_is_robust_to_float_noise():
     assert PrunePlan.of(PruneOptions(sparsity=0.5, prune_frac=0.3).for_device("cpu")).iterations == 2
 
 
+def test_the_last_iteration_repairs_only_where_something_uses_its_repair():
+    """Every iteration but the last repairs for the next one's evaluation; the last one's repair
+    is the published model's under the chain, the rival's arbitration's with a rival, and used by
+    nothing where the published model is repaired from the parent."""
+
+    def repairs(**kw) -> tuple[bool, bool]:
+        plan = PrunePlan.of(PruneOptions(sparsity=0.2, prune_frac=0.1, **kw).for_device("cpu"))
+        return plan.repairs_after(0, last=False), plan.repairs_after(1, last=True)
+
+    assert repairs() == (True, False)  # the default: the repair from the parent's stream
+    assert repairs(reconstruct_publish="parent") == (True, False)
+    assert repairs(reconstruct_publish="chain") == (True, True)
+    assert repairs(rival="flap") == (True, True)
+    assert repairs(reconstruct="lsq-final", reconstruct_publish="chain") == (False, True)
+    assert repairs(reconstruct="lsq-final") == (False, False)  # the published repair is the only one
+    assert repairs(reconstruct="none") == (False, False)
+
+
 def test_device_is_not_part_of_the_run_identity():
     assert "device" not in PruneOptions().identity() and "sparsity" in PruneOptions().identity()
 
@@ -196,9 +214,9 @@ def test_a_run_made_before_0_2_0_is_refused_in_one_line_naming_that_version():
     with pytest.raises(UserError, match=r"made by bonsai 0\.2\.0 with --reconstruct-tokens-per-input.*d8cbe03"):
         recorded_identity(made_by_0_2)
     # 0.4 recorded no --rival: its runs did what --rival none does, and continue under it (not
-    # under today's default, which settles on flap)
+    # under 0.5.0-0.12.0's default, which settled on flap)
     made_by_0_4 = {"format": 2, "identity": {"config": {k: v for k, v in now.items() if k != "rival"}}}
-    assert recorded_identity(made_by_0_4)["config"] == {**now, "rival": "none"} and now["rival"] == "flap"
+    assert recorded_identity(made_by_0_4)["config"] == {**now, "rival": "none"}
     # 0.6 recorded no --unit-order: its runs took the estimator's own units, and continue so
     made_by_0_6 = {"format": 2, "identity": {"config": {k: v for k, v in now.items() if k != "unit_order"}}}
     assert recorded_identity(made_by_0_6)["config"] == {**now, "unit_order": "estimator"}
@@ -222,39 +240,44 @@ def test_a_run_made_before_0_2_0_is_refused_in_one_line_naming_that_version():
         del made_by_0_10["identity"]["config"][name]
     upgraded = recorded_identity(made_by_0_10)["config"]
     assert (upgraded["reconstruct_publish_samples"], upgraded["reconstruct_publish_damping"]) == (300, 0.01)
-    assert (resolved["reconstruct_publish_samples"], resolved["reconstruct_publish_damping"]) == (1024, 0.001)
+    assert (resolved["reconstruct_publish_samples"], resolved["reconstruct_publish_damping"]) == (512, 0.001)
     # under the chain the published repair is the last one: its options settle to that one's
     chain = PruneOptions(reconstruct_publish="chain", reconstruct_publish_samples=64).for_device("cpu").identity()
     assert (chain["reconstruct_publish_samples"], chain["reconstruct_publish_damping"]) == (512, 0.01)
 
 
-def test_rival_auto_settles_on_flap_for_a_repaired_regression_and_none_for_the_rest():
-    """The default compares FLAP's removal with a regression estimator's when every iteration is
-    repaired; a baseline estimator, FLAP itself, or no per-iteration repair runs alone.  The
-    settled value is what run.json records, so a later default cannot change a recorded run."""
-    assert PruneOptions().rival == "flap"
-    assert PruneOptions().identity()["rival"] == "flap"
-    assert PruneOptions(estimator="paper-regression").rival == "flap"
+def test_rival_auto_settles_on_flap_for_a_repaired_regression_whose_chain_is_published():
+    """The rival's FLAP removal is formed beside a regression estimator's where every iteration is
+    repaired and the chain of repairs is published; where the published model is repaired once
+    from the parent (the default) the rival costs a third of the run for little, and a baseline
+    estimator, FLAP itself, or no per-iteration repair runs alone.  The settled value is what
+    run.json records, so a later default cannot change a recorded run."""
+    assert PruneOptions().rival == "none" and PruneOptions().identity()["rival"] == "none"
+    assert PruneOptions(reconstruct_publish="chain").rival == "flap"
+    assert PruneOptions(estimator="paper-regression", reconstruct_publish="chain").rival == "flap"
     for alone in (
+        {"reconstruct_publish": "parent"},
         {"reconstruct": "none"},
-        {"reconstruct": "lsq-final"},
-        {"estimator": "flap", "prior": "flap"},
-        {"estimator": "prior-only"},
-        {"estimator": "random"},
+        {"reconstruct": "lsq-final", "reconstruct_publish": "chain"},
+        {"estimator": "flap", "prior": "flap", "reconstruct_publish": "chain"},
+        {"estimator": "prior-only", "reconstruct_publish": "chain"},
+        {"estimator": "random", "reconstruct_publish": "chain"},
     ):
         assert PruneOptions(**alone).rival == "none", alone
-    assert PruneOptions(rival="none").rival == "none"
+    assert PruneOptions(rival="flap").rival == "flap"
 
 
-def test_unit_order_auto_follows_the_rival():
-    """FLAP's order within a layer comes with FLAP's statistics, which the rival takes anyway:
-    auto settles on flap where --rival does, on the estimator's own units otherwise; either can
-    be asked for."""
+def test_unit_order_auto_takes_flaps_units_for_a_repaired_regression():
+    """FLAP's order within a layer: auto settles on it for a regression estimator repaired every
+    iteration (with or without the rival, whose statistics are the same) and beside the flap rival,
+    on the estimator's own units otherwise; either can be asked for."""
     assert PruneOptions().unit_order == "flap" and PruneOptions().identity()["unit_order"] == "flap"
-    assert PruneOptions(rival="none").unit_order == "estimator"
+    assert PruneOptions(rival="none").unit_order == "flap"
+    assert PruneOptions(reconstruct_publish="chain").unit_order == "flap"
     assert PruneOptions(estimator="prior-only").unit_order == "estimator"
-    assert PruneOptions(rival="none", unit_order="flap").unit_order == "flap"
-    assert PruneOptions(unit_order="estimator").rival == "flap"
+    assert PruneOptions(reconstruct="lsq-final").unit_order == "estimator"
+    assert PruneOptions(estimator="prior-only", rival="flap").unit_order == "flap"
+    assert PruneOptions(unit_order="estimator").rival == "none"
 
 
 def test_a_stage_config_takes_the_options_it_names_and_nothing_renamed():

@@ -160,10 +160,11 @@ def test_a_run_killed_by_0_2_0_resumes_redoing_nothing_it_finished(tmp_path):
     before, finished = manifests(root / "run"), evaluations(root / "run")
     options = (
         f"build(PruneOptions, {expected['flags']!r}, "
-        # --rival none and the last repair damped as the others, as README says for a run begun
-        # before 0.6.0 (auto now settles on flap) and before 0.9.0, and the chain of repairs
-        # published, as before 0.10.0
-        "{'rival': 'none', 'reconstruct_final_damping': 0.1, 'reconstruct_publish': 'chain'})"
+        # --rival none, the estimator's own units and the last repair damped as the others, as
+        # README says for a run begun before 0.6.0 (auto settles on flap under the chain), before
+        # 0.7.0 and before 0.9.0, and the chain of repairs published, as before 0.10.0
+        "{'rival': 'none', 'unit_order': 'estimator', 'reconstruct_final_damping': 0.1, "
+        "'reconstruct_publish': 'chain'})"
     )
     script = (
         "import json; from bonsai.flows.prune import run_prune; "

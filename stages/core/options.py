@@ -44,12 +44,14 @@ RECONSTRUCT_PUBLISH = tuple(PUBLISH_AIMS)
 SUB_MODEL_REPAIRS = ("none", "lsq")
 # a second ranking formed beside the estimator's each iteration, repaired the same way, the
 # repaired model with the lower held-out loss kept (stages/arbitrate.py); none: the estimator's
-# alone; auto: flap under a regression estimator repaired every iteration, none otherwise (a
-# baseline estimator is measured alone), settled when the options are made
+# alone; auto: flap under a regression estimator repaired every iteration whose chain of repairs
+# is published, none otherwise (a baseline estimator is measured alone; under the repair from the
+# parent it bought 0.06 at 20 % on SmolLM2 for a third of the run's time), settled when the
+# options are made
 RIVALS = ("auto", "none", "flap")
 # which units of a layer the estimator's removal takes, once it has chosen how many: its own, or
-# the lowest of FLAP's fluctuation of the current model (stages/select.py); auto: flap where the
-# rival is flap (its statistics are taken anyway), the estimator's otherwise
+# the lowest of FLAP's fluctuation of the current model (stages/select.py); auto: flap under a
+# regression estimator repaired every iteration or beside the flap rival, the estimator's otherwise
 UNIT_ORDERS = ("auto", "estimator", "flap")
 
 # The evaluation budget per iteration when the command line leaves it out, per kind of device:
@@ -59,13 +61,12 @@ UNIT_ORDERS = ("auto", "estimator", "flap")
 # windows: on a GPU 128 of 2,048 tokens; a CPU's windows are 16x shorter, and 512 of them (the
 # repair's passes in bfloat16; a quarter of a GPU's tokens) beat 256 with the default rival and
 # unit order on SmolLM2 and Python's documentation: on every seed at 20 %, on the mean at 30 %.
-# The published repair's: no choice rests on it, so on a CPU 1,024 windows (2x the iterations')
-# with less damping.  Aimed at the parent's stream a window costs about twice as much, and 1,024
-# took SmolLM2 at 30 % to 19.75, where 0.11.0's 2,048 aimed at the outputs gave 21.15-21.55, in
-# 0.93x the time (BENCHMARKS.md); on a GPU the same tokens, not measured.
+# The published repair's: no choice rests on it, so less damping; aimed at the parent's stream a
+# window costs about twice as much.  On a CPU 512: 1,024 took SmolLM2 further (0.24 at 20 %, 0.39
+# at 30 %) but a whole run to 1.3x 0.1.0's time (BENCHMARKS.md); on a GPU 64, not measured.
 BUDGETS: dict[str, dict[str, int]] = {
     "cpu": {"masks_per_iter": 128, "calib_samples": 8, "seq_len": 128, "reconstruct_samples": 512,
-            "reconstruct_publish_samples": 1024},
+            "reconstruct_publish_samples": 512},
     "cuda": {"masks_per_iter": 200, "calib_samples": 32, "seq_len": 2048, "reconstruct_samples": 128,
              "reconstruct_publish_samples": 64},
 }  # fmt: skip
@@ -187,7 +188,7 @@ class PruneOptions(Options):
         "configured as the last repair but for its windows and damping, each layer's kept columns fitted to the "
         "parent's residual stream after their sum (parent-stream; parent for the Gemma family, whose 2 and 3 "
         "normalise the sums, and for a --reconstruct-fit with a bias) or to the projection's own output on the "
-        "repaired layers' input (parent)",
+        "repaired layers' input (parent); from the parent, the last iteration repairs only where --rival judges it",
         RECONSTRUCT_PUBLISH,
     )
     reconstruct_publish_samples: int | None = option(
@@ -213,15 +214,15 @@ class PruneOptions(Options):
         "a second ranking formed each iteration beside the estimator's (flap: FLAP's standardised fluctuation "
         "of the current model, ranked globally) and repaired the same way; of the two repaired models the one "
         "with the lower loss on calibration windows that neither the evaluation nor the repairs were fitted on "
-        "goes on (an arbitrate stage per iteration); auto: flap with a regression estimator and --reconstruct "
-        "lsq, else none",
+        "goes on (an arbitrate stage per iteration); auto: flap with a regression estimator, --reconstruct lsq "
+        "and --reconstruct-publish chain, else none",
         RIVALS,
     )
     unit_order: str = option(
         "auto",
         "which units of a layer the estimator's removal takes once it has chosen how many: its own (estimator), "
         "or the lowest of FLAP's fluctuation of the current model (flap, the statistics --rival flap takes); "
-        "auto: flap where --rival settles on flap, else estimator",
+        "auto: flap with a regression estimator and --reconstruct lsq or with --rival flap, else estimator",
         UNIT_ORDERS,
     )
 
@@ -231,11 +232,11 @@ class PruneOptions(Options):
         _check(self.prune_frac <= self.sparsity, "--prune-frac must not exceed --sparsity")
         self._check_at_least(1, "masks_per_iter", "calib_samples", "seq_len", "batch_size", "shard_size", "calib_pool")
         self._check_choices()
+        regressed = ESTIMATORS[self.estimator].regression and self.reconstruct == "lsq"
         if self.rival == "auto":  # run.json records what it settled on
-            regressed = ESTIMATORS[self.estimator].regression and self.reconstruct == "lsq"
-            object.__setattr__(self, "rival", "flap" if regressed else "none")
+            object.__setattr__(self, "rival", "flap" if regressed and not self.publishes_from_parent else "none")
         if self.unit_order == "auto":  # likewise recorded as settled
-            object.__setattr__(self, "unit_order", "flap" if self.rival == "flap" else "estimator")
+            object.__setattr__(self, "unit_order", "flap" if regressed or self.rival == "flap" else "estimator")
         if not self.publishes_from_parent:  # the published repair, if any, is the last iteration's
             object.__setattr__(self, "reconstruct_publish_samples", self.reconstruct_samples)
             object.__setattr__(self, "reconstruct_publish_damping", self.reconstruct_final_damping)
