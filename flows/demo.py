@@ -52,7 +52,7 @@ class DemoSettings:
     rival: str = "none"
     unit_order: str = "estimator"
     # one iteration: its own repair is published (bonsai prune's default repairs the parent again
-    # on 512 windows aimed at its stream, minutes more in the demo's float32)
+    # on 1,024 windows aimed at its stream, minutes more in the demo's float32)
     reconstruct_publish: str = "chain"
     eval_seq_len: int = 256
     eval_windows: int = 32

@@ -240,7 +240,7 @@ def test_a_run_made_before_0_2_0_is_refused_in_one_line_naming_that_version():
         del made_by_0_10["identity"]["config"][name]
     upgraded = recorded_identity(made_by_0_10)["config"]
     assert (upgraded["reconstruct_publish_samples"], upgraded["reconstruct_publish_damping"]) == (300, 0.01)
-    assert (resolved["reconstruct_publish_samples"], resolved["reconstruct_publish_damping"]) == (512, 0.001)
+    assert (resolved["reconstruct_publish_samples"], resolved["reconstruct_publish_damping"]) == (1024, 0.001)
     # under the chain the published repair is the last one: its options settle to that one's
     chain = PruneOptions(reconstruct_publish="chain", reconstruct_publish_samples=64).for_device("cpu").identity()
     assert (chain["reconstruct_publish_samples"], chain["reconstruct_publish_damping"]) == (512, 0.01)

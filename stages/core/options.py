@@ -42,16 +42,15 @@ RECONSTRUCT_PUBLISH = tuple(PUBLISH_AIMS)
 # how a sampled sub-model's dropped units are scored: zeroed (the paper's), or with their inputs
 # imputed as the repair's one-shot least-squares update would (stages/compensate.py)
 SUB_MODEL_REPAIRS = ("none", "lsq")
-# a second ranking formed beside the estimator's each iteration, repaired the same way, the
-# repaired model with the lower held-out loss kept (stages/arbitrate.py); none: the estimator's
-# alone; auto: flap under a regression estimator repaired every iteration whose chain of repairs
-# is published, none otherwise (a baseline estimator is measured alone; under the repair from the
-# parent it bought 0.06 at 20 % on SmolLM2 for a third of the run's time), settled when the
-# options are made
+# a second ranking beside the estimator's each iteration, repaired the same way, the repaired
+# model with the lower held-out loss kept (stages/arbitrate.py); none: the estimator's alone; auto
+# (settled when the options are made): flap for a regression repaired every iteration whose chain
+# is published, else none (under the repair from the parent it bought 0.06 at 20 % on SmolLM2
+# and 2.1 on the tiny parent at 50 % for 1.4x the run's time; a baseline is measured alone)
 RIVALS = ("auto", "none", "flap")
 # which units of a layer the estimator's removal takes, once it has chosen how many: its own, or
-# the lowest of FLAP's fluctuation of the current model (stages/select.py); auto: flap under a
-# regression estimator repaired every iteration or beside the flap rival, the estimator's otherwise
+# the lowest of FLAP's fluctuation of the current model (stages/select.py); auto: flap for a
+# regression repaired every iteration or beside the flap rival, the estimator's otherwise
 UNIT_ORDERS = ("auto", "estimator", "flap")
 
 # The evaluation budget per iteration when the command line leaves it out, per kind of device:
@@ -59,14 +58,15 @@ UNIT_ORDERS = ("auto", "estimator", "flap")
 # curve (SmolLM2 at 20 %, three seeds): 256 sub-models were no better, 32 broke the selection in
 # two seeds of three, and 16 windows bought 0.24 perplexity for 1.6x the time.  The repair's
 # windows: on a GPU 128 of 2,048 tokens; a CPU's windows are 16x shorter, and 512 of them (the
-# repair's passes in bfloat16; a quarter of a GPU's tokens) beat 256 with the default rival and
+# repair's passes in bfloat16; a quarter of a GPU's tokens) beat 256 with 0.8.0's rival and
 # unit order on SmolLM2 and Python's documentation: on every seed at 20 %, on the mean at 30 %.
-# The published repair's: no choice rests on it, so less damping; aimed at the parent's stream a
-# window costs about twice as much.  On a CPU 512: 1,024 took SmolLM2 further (0.24 at 20 %, 0.39
-# at 30 %) but a whole run to 1.3x 0.1.0's time (BENCHMARKS.md); on a GPU 64, not measured.
+# The published repair's: no choice rests on it, so on a CPU 1,024 windows (2x the iterations')
+# with less damping.  Aimed at the parent's stream a window costs about twice as much; 512 saved
+# a 20 % SmolLM2 run a fifth of its time but cost the tiny parent at 50 % 2.4 (BENCHMARKS.md,
+# "0.13.0"); on a GPU the same tokens, not measured.
 BUDGETS: dict[str, dict[str, int]] = {
     "cpu": {"masks_per_iter": 128, "calib_samples": 8, "seq_len": 128, "reconstruct_samples": 512,
-            "reconstruct_publish_samples": 512},
+            "reconstruct_publish_samples": 1024},
     "cuda": {"masks_per_iter": 200, "calib_samples": 32, "seq_len": 2048, "reconstruct_samples": 128,
              "reconstruct_publish_samples": 64},
 }  # fmt: skip

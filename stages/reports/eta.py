@@ -105,7 +105,7 @@ def plan_line(plan: PrunePlan) -> str:
             f"({plan.sub_models * plan.iterations:,} sub-models, "
             f"{int(_tokens(plan, 'evaluate') * plan.iterations):,} evaluation tokens)"
         )
-    if plan.rival != "none":  # the default's second removal: say where the time goes, and how to skip it
+    if plan.rival != "none":  # a second removal: say where the time goes, and how to skip it
         work += f"; each iteration also forms and repairs {plan.rival}'s removal, keeping the better one"
         work += " (--rival none skips it)"
     elif plan.unit_order == "flap":  # FLAP's statistics taken for the unit order alone
