@@ -61,9 +61,8 @@ UNIT_ORDERS = ("auto", "estimator", "flap")
 # repair's passes in bfloat16; a quarter of a GPU's tokens) beat 256 with 0.8.0's rival and
 # unit order on SmolLM2 and Python's documentation: on every seed at 20 %, on the mean at 30 %.
 # The published repair's: no choice rests on it, so on a CPU 1,024 windows (2x the iterations')
-# with less damping.  Aimed at the parent's stream a window costs about twice as much; 512 saved
-# a 20 % SmolLM2 run a fifth of its time but cost the tiny parent at 50 % 2.4 (BENCHMARKS.md,
-# "0.13.0"); on a GPU the same tokens, not measured.
+# with less damping; 512 saved a 20 % SmolLM2 run a fifth of its time but cost the tiny parent at
+# 50 % 2.4 (BENCHMARKS.md, "0.13.0"); on a GPU the same tokens, not measured.
 BUDGETS: dict[str, dict[str, int]] = {
     "cpu": {"masks_per_iter": 128, "calib_samples": 8, "seq_len": 128, "reconstruct_samples": 512,
             "reconstruct_publish_samples": 1024},
