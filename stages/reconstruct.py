@@ -35,6 +35,9 @@ from bonsai.stages.core.units import KINDS, KeepState, layer_shapes, read_keep_s
 # (a float32 run's artifacts are byte for byte 5's); 7: the last iteration's damping (final_damping),
 # and since 0.12.0 the aim, keyed only where it is not "model" (earlier artifacts stay found)
 VERSION = "7"
+# the stream aim's (0.14.0): its passes sliced to the kept units, whose float sums differ in their
+# last bits; the model aim's passes, on weights cast once, keep 7's bytes
+STREAM_VERSION = "8"
 TABLE = "repair.parquet"
 SCHEMA = {
     "iteration": pl.Int32,
@@ -132,7 +135,7 @@ def run(
 
     selection = [pruned.selection] if pruned.selection is not None else []
     inputs = [pruned.parent, calibration, after, *pruned.repairs, *selection]
-    return store.produce("reconstruct", VERSION, cfg, inputs, build)
+    return store.produce("reconstruct", VERSION if cfg.aim == "model" else STREAM_VERSION, cfg, inputs, build)
 
 
 def read(reconstruct: ArtifactRef) -> pl.DataFrame:

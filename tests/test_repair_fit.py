@@ -62,14 +62,15 @@ def test_a_stream_aimed_update_is_the_least_squares_fit_of_the_parents_stream(zo
 
     fitted = windows[:-check]
     pruned, reference = _read(model, fitted), _read(parent, fitted)
+    # the stream aim fits on a copy sliced to the kept units: its weight and inputs are the kept columns'
     weight, kept, new = fits[-1]
-    x = pruned["x"][:, kept]
+    columns = torch.tensor(keep[(1, CHANNEL)])
+    assert torch.equal(kept, torch.arange(len(columns)))
+    x = pruned["x"][:, columns]
     target = reference["out"] + reference["stream"] - pruned["stream"]  # W x_ref + h_ref - h
     gram = x.T @ x
     lam = DAMPING * gram.diagonal().mean()
-    expected = torch.linalg.solve(
-        gram + lam * torch.eye(len(kept), dtype=gram.dtype), x.T @ target + lam * weight[:, kept].T
-    ).T
+    expected = torch.linalg.solve(gram + lam * torch.eye(len(kept), dtype=gram.dtype), x.T @ target + lam * weight.T).T
     assert torch.allclose(new, expected, rtol=1e-3, atol=1e-5)
     # layer 0's heads see the parent's own inputs: aimed or not, their fit is the plain one
     aimed_heads = fits[0][2]

@@ -17,7 +17,9 @@ for channels the layer's output; not for Gemma 2, which normalises the MLP outpu
 residual sum), and that is completed once with x_K W_K'^T after the update: the projection's
 product is computed once, with its new weight, and the attention once per layer.  The pass ends
 at the last layer that changes.  So an iteration costs about one forward pass over its windows
-(it keeps the projection's inputs, tokens x width, until the layer is done).
+(it keeps the projection's inputs, tokens x width, until the layer is done).  The passes run on
+a working copy of each layer (working_layers.py): weights cast once to the passes' dtype, and
+under the stream aim, whose fit reads only the kept inputs, sliced to the kept units.
 Held-out windows check each update (held_out_error.py): one that does not lower that
 projection's output error there is not applied (the error is taken from their inputs, kept, not
 from a second Gram matrix).  Memory beyond the model: one projection's G (float64, d x d), made into G_KK and its
@@ -54,6 +56,7 @@ from bonsai.stages.core.progress import Progress
 from bonsai.stages.core.repair_fit import AIMS, Collect, Moments, reference_layer, stream_target
 from bonsai.stages.core.repair_memory import keeps_activations
 from bonsai.stages.core.units import CHANNEL, HEAD, LayerShape, layer_shapes, output_projection
+from bonsai.stages.core.working_layers import refresh, working_copy
 
 log = logging.getLogger("bonsai.reconstruct")
 
@@ -345,10 +348,20 @@ def repair(
         calls = [c[index] for c in arguments]
         middle = []  # per batch: the unrepaired stream after the attention sum (its layer output: ``reference``)
         if aimed:
+            unrepaired = working_copy(layer, family, shape, index, lowered) if lowered else layer
             for b, call in enumerate(calls):
                 with _forward_in(lowered, device):
-                    reference[b], after_attention = reference_layer(layer, family, reference[b], call)
+                    reference[b], after_attention = reference_layer(unrepaired, family, reference[b], call)
                 middle.append(after_attention)
+            del unrepaired
+        # the passes run on a working copy (working_layers.py): weights cast once where the passes
+        # are narrower than the model, and under the stream aim, whose fit reads the kept inputs
+        # alone, sliced to the units this repair keeps
+        sliced = aimed
+        work = layer
+        if lowered or sliced:
+            kept_units = (list(keep[(index, HEAD)]), list(keep[(index, CHANNEL)])) if sliced else None
+            work = working_copy(layer, family, shape, index, lowered, kept_units)
         attention = None  # per batch: the attention module's output with the repaired heads
         outputs = None  # per batch: the layer's output with the repaired heads and channels
         for kind in (HEAD, CHANNEL):
@@ -357,6 +370,11 @@ def repair(
             if len(positions) == shape.count(kind):
                 continue  # nothing removed here this iteration
             kept = _columns(kind, shape, positions).to(target.weight.device)
+            # what the fit sees: a sliced copy's inputs are the kept columns alone
+            if sliced:
+                fit_weight, fit_kept = target.weight.index_select(1, kept), torch.arange(len(kept), device=kept.device)
+            else:
+                fit_weight, fit_kept = target.weight, kept
             outcome = Outcome(
                 index,
                 PROJECTIONS[kind],
@@ -373,10 +391,10 @@ def repair(
             take = shortcut and (kind == HEAD or family.mlp_out_adds_to_residual)
             partial = []
             if positions or fit != "weights":  # with a bias, even a projection left with no inputs
-                collect = Collect(target.weight, fit, product, aimed)
+                collect = Collect(fit_weight, fit, product, aimed)
                 for b, (batch, call) in enumerate(zip(hidden, calls)):
                     with _forward_in(lowered, device):
-                        x, part = _pass(layer, family, kind, batch, call, take, attention[b] if attention else None)
+                        x, part = _pass(work, family, kind, batch, call, take, attention[b] if attention else None)
                     t = None
                     if aimed:  # the pruned stream after the sum, the product left out: h + the bias
                         if kind == HEAD:
@@ -395,10 +413,10 @@ def repair(
                 # less shrinkage only with data enough (BENCHMARKS.md, "The last repair shrinks less")
                 enough = final_damping is not None and tokens >= FINAL_TOKENS_PER_COLUMN * len(kept)
                 chosen = final_damping if enough else damping
-                new_kept, shift, used = fit_projection(target.weight, collect.moments(), kept, chosen, fit)
+                new_kept, shift, used = fit_projection(fit_weight, collect.moments(), fit_kept, chosen, fit)
                 collect.fit.gram = None  # consumed by the solve: freed before the check's products
                 if aimed:
-                    before, after = errors_to_target(target.weight, new_kept, collect.held, kept)
+                    before, after = errors_to_target(fit_weight, new_kept, collect.held, fit_kept)
                 else:
                     before, after = relative_errors(target.weight, new_kept, collect.held, kept, shift)
                 del collect  # the held-out inputs, before the next projection's
@@ -420,11 +438,20 @@ def repair(
             removed = torch.ones(target.in_features, dtype=torch.bool, device=kept.device)
             removed[kept] = False
             target.weight[:, removed] = 0  # the removal itself, so that later layers see the pruned model
+            if work is not layer:
+                refresh(work, layer, family, kind, kept if sliced else None)
             outcomes.append(outcome)
             if partial:
                 # float32 passes multiply the kept columns (a float32 run's bytes stay 0.2.0's);
-                # narrow ones all of W, its removed columns zero, cast once as autocast would each call
-                weight, columns = (target.weight.to(lowered), None) if lowered else (target.weight[:, kept], kept)
+                # narrow ones all of W, its removed columns zero, cast once as autocast would each
+                # call; a sliced copy's inputs are the kept columns already
+                if sliced:
+                    weight, columns = target.weight.index_select(1, kept), None
+                    weight = weight.to(lowered) if lowered else weight
+                elif lowered:
+                    weight, columns = target.weight.to(lowered), None
+                else:
+                    weight, columns = target.weight[:, kept], kept
                 with _forward_in(lowered, device):
                     completed = [_complete(part, x, weight, columns, shift) for x, part in partial]
                 attention, outputs = (completed, None) if kind == HEAD else (attention, completed)
@@ -433,7 +460,7 @@ def repair(
             outputs = []
             for b, call in enumerate(calls):
                 with _forward_in(lowered, device):
-                    outputs.append(_run_with(layer, family, hidden[b], call, attention[b] if attention else None))
+                    outputs.append(_run_with(work, family, hidden[b], call, attention[b] if attention else None))
                 hidden[b] = None  # one batch's hidden states at a time live twice
                 if attention:
                     attention[b] = None

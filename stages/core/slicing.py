@@ -12,7 +12,7 @@ from torch import nn
 
 from bonsai.stages.core.families.base import Family
 from bonsai.stages.core.families.remote_code import EmptyAttention, get_module
-from bonsai.stages.core.units import KeepState, layer_shapes
+from bonsai.stages.core.units import KeepState, LayerShape, layer_shapes
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
@@ -44,34 +44,45 @@ def _expand(positions: tuple[int, ...], width: int, device: torch.device) -> tor
 def slice_model(model: nn.Module, family: Family, keep: KeepState) -> None:
     """Keep, in every layer, the KV groups and channels at the given *current* positions."""
     shapes = layer_shapes(model, family)
-    layers = get_module(model, family.layers)
-    for index, (layer, shape) in enumerate(zip(layers, shapes)):
-        groups, channels = keep.groups[index], keep.channels[index]
-        attention = get_module(layer, family.attention)
-        device = getattr(attention, family.attention_out).weight.device
-        if len(groups) != shape.groups or tuple(groups) != tuple(range(shape.groups)):
-            if not groups:
-                out = getattr(attention, family.attention_out)
-                names = list(family.query) + list(family.key_value) + [family.attention_out]
-                biases = {n: getattr(attention, n).bias is not None for n in names}
-                empty = EmptyAttention(out.out_features, shape.head_dim, index, family.layout(), biases)
-                empty.to(device=device, dtype=out.weight.dtype)
-                if out.bias is not None:
-                    getattr(empty, family.attention_out).bias.copy_(out.bias)
-                setattr(layer, family.attention, empty)
-            else:
-                q_rows = _expand(groups, shape.per_group * shape.head_dim, device)
-                kv_rows = _expand(groups, shape.head_dim, device)
-                for name in family.query:
-                    setattr(attention, name, _keep_rows(getattr(attention, name), q_rows))
-                for name in family.key_value:
-                    setattr(attention, name, _keep_rows(getattr(attention, name), kv_rows))
-                out = family.attention_out
-                setattr(attention, out, _keep_cols(getattr(attention, out), q_rows))
-        if len(channels) != shape.channels or tuple(channels) != tuple(range(shape.channels)):
-            mlp = get_module(layer, family.mlp)
-            device = getattr(mlp, family.mlp_out).weight.device
-            rows = torch.tensor(channels, dtype=torch.long, device=device)
-            for name in family.mlp_in:
-                setattr(mlp, name, _keep_rows(getattr(mlp, name), rows))
-            setattr(mlp, family.mlp_out, _keep_cols(getattr(mlp, family.mlp_out), rows))
+    for index, (layer, shape) in enumerate(zip(get_module(model, family.layers), shapes)):
+        slice_layer(layer, family, shape, index, keep.groups[index], keep.channels[index])
+
+
+@torch.no_grad()
+def slice_layer(layer: nn.Module, family: Family, shape: LayerShape, index: int, groups, channels) -> None:
+    """Keep, in decoder layer ``index``, the KV groups ``groups`` and channels ``channels``
+    (current positions): its sliced projections are new modules, the old ones are left as they were."""
+    attention = get_module(layer, family.attention)
+    device = getattr(attention, family.attention_out).weight.device
+    if len(groups) != shape.groups or tuple(groups) != tuple(range(shape.groups)):
+        if not groups:
+            out = getattr(attention, family.attention_out)
+            names = list(family.query) + list(family.key_value) + [family.attention_out]
+            biases = {n: getattr(attention, n).bias is not None for n in names}
+            empty = EmptyAttention(out.out_features, shape.head_dim, index, family.layout(), biases)
+            empty.to(device=device, dtype=out.weight.dtype)
+            if out.bias is not None:
+                getattr(empty, family.attention_out).bias.copy_(out.bias)
+            set_module(layer, family.attention, empty)
+        else:
+            q_rows = _expand(groups, shape.per_group * shape.head_dim, device)
+            kv_rows = _expand(groups, shape.head_dim, device)
+            for name in family.query:
+                setattr(attention, name, _keep_rows(getattr(attention, name), q_rows))
+            for name in family.key_value:
+                setattr(attention, name, _keep_rows(getattr(attention, name), kv_rows))
+            out = family.attention_out
+            setattr(attention, out, _keep_cols(getattr(attention, out), q_rows))
+    if len(channels) != shape.channels or tuple(channels) != tuple(range(shape.channels)):
+        mlp = get_module(layer, family.mlp)
+        device = getattr(mlp, family.mlp_out).weight.device
+        rows = torch.tensor(channels, dtype=torch.long, device=device)
+        for name in family.mlp_in:
+            setattr(mlp, name, _keep_rows(getattr(mlp, name), rows))
+        setattr(mlp, family.mlp_out, _keep_cols(getattr(mlp, family.mlp_out), rows))
+
+
+def set_module(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    """root.<dotted> = module."""
+    parent, _, name = dotted.rpartition(".")
+    setattr(get_module(root, parent) if parent else root, name, module)
