@@ -359,7 +359,7 @@ def repair(
         # alone, sliced to the units this repair keeps
         sliced = aimed
         work = layer
-        if lowered or sliced:
+        if sliced or (lowered and shortcut):  # running each layer again (for memory) makes no copy
             kept_units = (list(keep[(index, HEAD)]), list(keep[(index, CHANNEL)])) if sliced else None
             work = working_copy(layer, family, shape, index, lowered, kept_units)
         attention = None  # per batch: the attention module's output with the repaired heads
@@ -465,5 +465,6 @@ def repair(
                 if attention:
                     attention[b] = None
         hidden = outputs
+        del work  # before the next layer's copies are made
         progress.advance()
     return updated, outcomes

@@ -26,13 +26,16 @@ log = logging.getLogger("bonsai.reconstruct")
 MEMORY_BOUND = 1.15  # the repair's peak over the weights it may reach, as a multiple of them
 
 
-def repair_bytes(*, tokens: int, hidden: int, mlp_width: int, state_bytes: int, pass_bytes: int) -> tuple[int, int]:
+def repair_bytes(
+    *, tokens: int, hidden: int, mlp_width: int, state_bytes: int, pass_bytes: int, copy_bytes: int = 0
+) -> tuple[int, int]:
     """(bytes beyond the weights running each layer again, bytes keeping the activations), an
     estimate for ``tokens`` repair tokens: the hidden states twice (a layer's inputs and the
     outputs being made) and the widest Gram matrix (float64) either way; keeping adds every
-    token's attention output and MLP-output input in the passes' dtype."""
+    token's attention output and MLP-output input in the passes' dtype, and ``copy_bytes``, the
+    layer copy its passes run on (working_layers.py; running the layers again makes none)."""
     rerun = 2 * tokens * hidden * state_bytes + 8 * mlp_width**2
-    return rerun, rerun + tokens * (hidden + mlp_width) * pass_bytes
+    return rerun, rerun + tokens * (hidden + mlp_width) * pass_bytes + copy_bytes
 
 
 def prefers_keeping(*, weight_bytes: int, rerun: int, keep: int) -> bool:
@@ -46,12 +49,14 @@ def keeps_activations(model: nn.Module, family: Family, windows: torch.Tensor, p
     """``prefers_keeping`` for repairing ``model`` on ``windows`` with its passes in ``pass_dtype``."""
     layers = list(get_module(model, family.layers))
     state = next(model.parameters()).dtype
+    largest = max(sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear)) for layer in layers)
     rerun, keep = repair_bytes(
         tokens=windows.numel(),
         hidden=output_projection(layers[0], family, HEAD).out_features,
         mlp_width=max(output_projection(layer, family, CHANNEL).in_features for layer in layers),
         state_bytes=state.itemsize,
         pass_bytes=pass_dtype.itemsize,
+        copy_bytes=largest * pass_dtype.itemsize if pass_dtype != state else 0,
     )
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     kept = prefers_keeping(weight_bytes=weights, rerun=rerun, keep=keep)
