@@ -19,8 +19,9 @@ from bonsai.stages.core.plan import PrunePlan
 # evaluation's: the repair and its relatives run the layers once and solve per projection
 PER_WINDOW = {"priors": 1.0, "saliency": 3.0, "compensate": 3.0, "reconstruct": 3.0, "arbitrate": 2.0}
 # a repair aimed at the parent's stream per window, relative to an iteration's repair: each layer
-# of the parent runs too (1.85-2.1x measured on SmolLM2 at 1,024 and 2,048 windows, BENCHMARKS.md)
-STREAM_AIM_COST = 2.0
+# of the parent runs too, the pruned ones sliced to the kept units (1.73x measured on SmolLM2 at
+# 1,024 windows against 512 in 0.14.0; 1.85-2.1x unsliced; BENCHMARKS.md)
+STREAM_AIM_COST = 1.75
 
 
 def _tokens(plan: PrunePlan, stage: str) -> float:
