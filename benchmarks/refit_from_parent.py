@@ -68,11 +68,13 @@ def main() -> None:
     score = scorer(args.heldout)
     rows_file = OUT / "rows.json"
     rows = json.loads(rows_file.read_text()) if rows_file.is_file() else []
-    key = ("run", "seed", "heldout", "samples", "damping", "aim", "fit")
+    # the repair stage's version is in the key: a row made by an earlier version is made again
+    key = ("run", "seed", "heldout", "samples", "damping", "aim", "fit", "version")
     done = {tuple(r.get(k) for k in key) for r in rows}
+    version = reconstruct.STREAM_VERSION if args.aim == "stream" else reconstruct.VERSION
     for name in args.runs:
         for seed in args.seeds:
-            if (name, seed, args.heldout, args.samples, args.damping, args.aim, args.fit) in done:
+            if (name, seed, args.heldout, args.samples, args.damping, args.aim, args.fit, version) in done:
                 continue
             run = common.RESULTS / name.format(seed=seed)
             before, calibration, after, config = final_damping.last_repair(run)
@@ -97,6 +99,7 @@ def main() -> None:
                     "damping": args.damping,
                     "aim": args.aim,
                     "fit": args.fit,
+                    "version": version,
                     "chained": score(chained, store),
                     "from_parent": score(PrunedModel(before.parent, after, (once,)), store),
                     "applied": once.info()["applied"],
