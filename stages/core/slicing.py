@@ -15,7 +15,8 @@ from bonsai.stages.core.families.remote_code import EmptyAttention, get_module
 from bonsai.stages.core.units import KeepState, LayerShape, layer_shapes
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
+def linear_from(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool) -> nn.Linear:
+    """A new nn.Linear holding ``weight`` and ``bias`` (their storage, not copies)."""
     out_features, in_features = weight.shape
     new = nn.Linear(in_features, out_features, bias=bias is not None, device="meta", dtype=weight.dtype)
     new.weight = nn.Parameter(weight.contiguous(), requires_grad=requires_grad)
@@ -26,12 +27,12 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None, requires_grad: bool
 
 def _keep_rows(linear: nn.Linear, rows: torch.Tensor) -> nn.Linear:
     bias = linear.bias.index_select(0, rows) if linear.bias is not None else None
-    return _linear(linear.weight.index_select(0, rows), bias, linear.weight.requires_grad)
+    return linear_from(linear.weight.index_select(0, rows), bias, linear.weight.requires_grad)
 
 
 def _keep_cols(linear: nn.Linear, cols: torch.Tensor) -> nn.Linear:
     bias = linear.bias.detach().clone() if linear.bias is not None else None
-    return _linear(linear.weight.index_select(1, cols), bias, linear.weight.requires_grad)
+    return linear_from(linear.weight.index_select(1, cols), bias, linear.weight.requires_grad)
 
 
 def _expand(positions: tuple[int, ...], width: int, device: torch.device) -> torch.Tensor:

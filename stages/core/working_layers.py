@@ -2,9 +2,9 @@
 
 The repair runs every calibration batch through each layer, twice under the stream aim, with
 the model's weights in float32 (the least squares needs them wide) and the passes under
-autocast to bfloat16 on a CPU.  Autocast casts each weight again at every call, and a product
-with a freshly cast weight measured 1.3x slower than with a weight kept in bfloat16 at
-SmolLM2's MLP shapes.  So each layer's passes run on a copy whose projections' weights are
+autocast to bfloat16 on a CPU.  Autocast casts each weight again at every call: a product with
+a freshly cast weight took 3-8 % longer than with a weight kept in bfloat16 at SmolLM2's shapes
+(benchmarks/cast_once.py).  So each layer's passes run on a copy whose projections' weights are
 cast once (their biases stay as they are, which autocast casts as before: the same products).
 A copy may also be sliced to the units its pass keeps, where nothing reads the removed units'
 inputs (the stream aim's fit takes the kept columns alone): the removed heads' and channels'
@@ -24,7 +24,7 @@ from torch import nn
 
 from bonsai.stages.core.families.base import Family
 from bonsai.stages.core.families.remote_code import get_module
-from bonsai.stages.core.slicing import set_module, slice_layer
+from bonsai.stages.core.slicing import linear_from, set_module, slice_layer
 from bonsai.stages.core.units import HEAD, LayerShape, output_projection
 
 
@@ -44,13 +44,10 @@ def _owned_path(root: nn.Module, dotted: str) -> nn.Module:
     return root
 
 
-def _cast(linear: nn.Linear, dtype: torch.dtype | None) -> nn.Linear:
-    """A new module: ``linear`` with its weight in ``dtype`` (None: the weight itself), its bias as it is."""
-    weight = linear.weight.detach() if dtype is None else linear.weight.detach().to(dtype)
-    new = nn.Linear(linear.in_features, linear.out_features, bias=False, device="meta")
-    new.weight = nn.Parameter(weight, requires_grad=False)
-    new.bias = linear.bias
-    return new
+def _cast(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None) -> nn.Linear:
+    """A new module: ``weight`` in ``dtype`` (None: the weight itself), ``bias`` as it is."""
+    weight = weight.detach() if dtype is None else weight.detach().to(dtype)
+    return linear_from(weight, None if bias is None else bias.detach(), requires_grad=False)
 
 
 def _projections(family: Family) -> list[tuple[str, str]]:
@@ -76,7 +73,8 @@ def working_copy(
         slice_layer(work, family, shape, index, *keep)
     for path, name in _projections(family):
         module = get_module(work, path)
-        setattr(module, name, _cast(getattr(module, name), dtype))
+        linear = getattr(module, name)
+        setattr(module, name, _cast(linear.weight, linear.bias, dtype))
     return work
 
 
@@ -86,10 +84,7 @@ def refresh(work: nn.Module, layer: nn.Module, family: Family, kind: str, column
     bias (``columns``: the kept columns a sliced copy holds; None: all)."""
     source = output_projection(layer, family, kind)
     weight = source.weight if columns is None else source.weight.index_select(1, columns)
-    mine = output_projection(work, family, kind)
-    updated = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    updated.weight = nn.Parameter(weight.detach().to(mine.weight.dtype), requires_grad=False)
-    updated.bias = source.bias
+    updated = _cast(weight, source.bias, output_projection(work, family, kind).weight.dtype)
     path = family.attention if kind == HEAD else family.mlp
     name = family.attention_out if kind == HEAD else family.mlp_out
     set_module(work, f"{path}.{name}", updated)
