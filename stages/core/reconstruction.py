@@ -442,14 +442,11 @@ def repair(
                 refresh(work, layer, family, kind, kept if sliced else None)
             outcomes.append(outcome)
             if partial:
-                # float32 passes multiply the kept columns (a float32 run's bytes stay 0.2.0's);
-                # narrow ones all of W, its removed columns zero, cast once as autocast would each
-                # call; a sliced copy's inputs are the kept columns already
-                if sliced:
-                    weight, columns = target.weight.index_select(1, kept), None
-                    weight = weight.to(lowered) if lowered else weight
-                elif lowered:
-                    weight, columns = target.weight.to(lowered), None
+                # the copy's refreshed weight: all of W cast once, its removed columns zero, or a
+                # sliced copy's kept columns (its inputs are those alone); without a copy, float32
+                # passes multiply the kept columns (a float32 run's bytes stay 0.2.0's)
+                if work is not layer:
+                    weight, columns = output_projection(work, family, kind).weight, None
                 else:
                     weight, columns = target.weight[:, kept], kept
                 with _forward_in(lowered, device):

@@ -35,13 +35,12 @@ def _detached(module: nn.Module) -> nn.Module:
     return new
 
 
-def _owned_path(root: nn.Module, dotted: str) -> nn.Module:
-    """Give ``root`` (a detached copy) its own copies of the modules along ``dotted``; the last."""
+def _owned_path(root: nn.Module, dotted: str) -> None:
+    """Give ``root`` (a detached copy) its own copies of the modules along ``dotted``."""
     for part in dotted.split("."):
         child = _detached(getattr(root, part))
         setattr(root, part, child)
         root = child
-    return root
 
 
 def _cast(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype | None) -> nn.Linear:
